@@ -1,0 +1,145 @@
+"""One configuration dataclass for spatial-diffusion affine registration.
+
+Two presets:
+
+* ``full``: the published method's sizes (widths 2-64-...-1024, 256^3 grid, T = 65,
+  translation std 0.5-4 voxels, batch 4, 120k steps). Meant for a GPU.
+* ``compact``: a laptop-CPU size (narrow widths, 64^3 grid at 3.5 mm). Voxel-valued
+  parameters (translation std, artifact sizes) are scaled by grid_size / 256 so that they
+  cover the same fraction of the field of view as in the full model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._compat import InputError
+
+MODALITIES = ("mri", "ct", "oct", "octa", "venous", "any")
+
+
+@dataclass
+class AffineConfig:
+    """All hyper-parameters of the network, the diffusion schedule and training."""
+
+    name: str = "compact"
+    # --- network grid -------------------------------------------------------------
+    grid_size: int = 64                 # cubic network grid, voxels per side
+    spacing_mm: float = 3.5             # isotropic spacing of the network grid
+    # --- network ------------------------------------------------------------------
+    widths: tuple[int, ...] = (2, 16, 32, 64, 64, 128, 128)
+    norm_groups: int = 8                # GroupNorm groups (full: 32)
+    time_dim: int = 128                 # sinusoidal embedding size (full: 256)
+    time_hidden: int = 512              # MLP hidden size (full: 1024)
+    n_classes: int = 1                  # modality classes; >1 adds class embeddings
+    class_names: tuple[str, ...] = ("mri",)
+    class_dropout: float = 0.15
+    zero_init_head: bool = True         # reference does not zero-init (full: False)
+    # --- diffusion schedule -------------------------------------------------------
+    timesteps: int = 65
+    schedule: str = "cosine"            # 'cosine' | 'linear'
+    lin_std: tuple[float, float] = (0.01, 0.07)
+    trans_std_vox: tuple[float, float] = (0.125, 1.0)   # full: (0.5, 4.0) at 256^3
+    affine_prob: float = 0.8
+    clamp_sigmas: float = 2.5
+    # --- augmentation -------------------------------------------------------------
+    global_rotation_deg: float = 15.0   # full: 180 (about y only, as the reference)
+    global_rotation_axes: str = "xyz"   # full: 'y'
+    global_shift_vox: float = 6.0       # full: 15
+    global_scale: tuple[float, float] = (0.9, 1.1)   # full: (1, 1)
+    artifact_prob: float = 0.5
+    elastic_grid: tuple[int, int, int] = (14, 7, 7)  # along (axial, en-face, en-face)
+    elastic_std_vox: float = 0.75       # full: 3
+    motion_max: int = 9
+    motion_band: tuple[int, int] = (2, 4)            # frames; full (5, 16)
+    motion_shift: tuple[int, int] = (2, 7)           # voxels; full (5, 29)
+    doubling_alpha: float = 0.35
+    doubling_shift: int = 6             # voxels; full 25
+    shadow_grid: tuple[int, int, int] = (12, 6, 6)
+    stretch_prob: float = 0.25          # the reference never used its stretch artifact
+    stretch_band: tuple[int, int] = (2, 6)
+    crop_floor: float = 0.6             # keep at least this fraction (MRI 0.6, OCT 0.75)
+    gamma_range: tuple[float, float] = (0.7, 1.4)
+    noise_std: float = 0.02
+    # --- optimisation -------------------------------------------------------------
+    lr: float = 1e-4 * 5
+    warmup_steps: int = 300
+    batch_size: int = 4
+    ema_beta: float = 0.995
+    ema_power: float = 0.75
+    ema_start: int = 100
+    seed: int = 42
+    # --- preprocessing ------------------------------------------------------------
+    intensity_percentile: float = 99.8  # upper clip before min-max to [-1, 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AffineConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in known:
+                continue  # forward compatible: ignore unknown keys
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "AffineConfig":
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+    def class_index(self, modality: str | None) -> int:
+        """Class id for a modality: 1..N as listed in class_names, 0 = modality-agnostic."""
+        if self.n_classes <= 1 or modality in (None, "any"):
+            return 0
+        if modality not in self.class_names:
+            return 0
+        return self.class_names.index(modality) + 1
+
+    @property
+    def feature_size(self) -> int:
+        """Spatial size of the last encoder feature map (= head kernel)."""
+        size = (self.grid_size + 2 - 4) // 2 + 1
+        for _ in range(len(self.widths) - 2):
+            size = (size - 1) // 2 + 1
+        return size
+
+
+def compact() -> AffineConfig:
+    return AffineConfig()
+
+
+def full() -> AffineConfig:
+    return AffineConfig(
+        name="full", grid_size=256, spacing_mm=1.0,
+        widths=(2, 64, 128, 256, 256, 512, 1024), norm_groups=32, time_dim=256,
+        time_hidden=1024, zero_init_head=False, trans_std_vox=(0.5, 4.0),
+        global_rotation_deg=180.0, global_rotation_axes="y", global_shift_vox=15.0,
+        global_scale=(1.0, 1.0), elastic_std_vox=3.0, motion_band=(5, 16),
+        motion_shift=(5, 29), doubling_shift=25, stretch_prob=0.0, stretch_band=(5, 16),
+        gamma_range=(1.0, 1.0), noise_std=0.0, lr=1e-4, warmup_steps=5000,
+    )
+
+
+PRESETS = {"compact": compact, "full": full}
+
+
+def get_config(name_or_path: str) -> AffineConfig:
+    """Preset name ('compact' | 'full') or a JSON file written by ``to_json``."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]()
+    if name_or_path.endswith(".json"):
+        try:
+            return AffineConfig.from_json_file(name_or_path)
+        except OSError as exc:
+            raise InputError(f"cannot read config {name_or_path}: {exc}") from exc
+    raise InputError(f"unknown config {name_or_path!r}; use compact, full or a .json file")

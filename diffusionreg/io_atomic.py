@@ -1,0 +1,41 @@
+"""Write outputs under a temporary name and rename them, so nothing is ever half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+# Multi-part suffixes that readers recognise by their full extension.
+_COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
+
+
+def split_suffix(path: Path) -> tuple[str, str]:
+    """Split a file name into (stem, extension), keeping ``.nii.gz`` whole."""
+    name = path.name
+    for suffix in _COMPOUND_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], name[-len(suffix):]
+    return path.stem, path.suffix
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` with the same extension; rename it on success.
+
+    The temporary file keeps the extension because writers (SimpleITK, h5py) choose the
+    format from it. On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    final = Path(path)
+    if final.parent and not final.parent.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+    stem, suffix = split_suffix(final)
+    temporary = final.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, final)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
