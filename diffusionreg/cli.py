@@ -105,7 +105,7 @@ def _add_evaluate(commands, common) -> None:
     which.add_argument("--labels", help="comma-separated labels to score, e.g. 2,3,4 (default: every label in the fixed map)")
     which.add_argument("--labels-file", type=Path, help="file listing labels to score (commas or whitespace)")
     p.add_argument("--landmarks", type=Path, help="CSV of paired landmarks (fixed_x..moving_z in LPS mm, or fixed_i..moving_k voxels)")
-    p.add_argument("--mask", type=Path, help="region on the fixed grid for Jacobian statistics")
+    p.add_argument("--mask", type=Path, help="region for the Jacobian statistics, on the grid of the displacement field")
     p.add_argument("--output-json", type=Path, help="write the results as JSON")
     p.set_defaults(handler=_run_evaluate)
 

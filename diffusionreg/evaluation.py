@@ -17,7 +17,7 @@ import numpy as np
 
 from diffusionreg import metrics
 from diffusionreg.errors import InputError
-from diffusionreg.image import Grid, Image, require_same_grid, resample
+from diffusionreg.image import Grid, Image, resample
 from diffusionreg.spaces import LPS_FROM_RAS, apply_affine
 from diffusionreg.transforms import (
     CompositeTransform,
@@ -107,33 +107,52 @@ def has_dense_part(transform: Transform | None) -> bool:
     return False
 
 
-def deformation_statistics(transform: Transform, grid: Grid, mask: Image | None = None) -> dict:
-    """Jacobian determinant statistics, folding and NDV of ``transform`` sampled on ``grid``.
+def dense_grid(transform: Transform) -> Grid:
+    """The grid of the first displacement field in a chain (where its folding is measured)."""
+    if isinstance(transform, DisplacementFieldTransform):
+        return transform.grid
+    if isinstance(transform, CompositeTransform):
+        for part in transform.transforms:
+            if has_dense_part(part):
+                return dense_grid(part)
+    raise ValueError("transform has no displacement field")
 
-    The whole chain (affine parts included) is sampled as one displacement field on ``grid``
-    and differentiated in voxel units; the determinant is unitless (volume ratio).
+
+def deformation_statistics(transform: Transform, mask: Image | None = None) -> dict:
+    """Jacobian determinant statistics, folding and NDV of a transform with a dense part.
+
+    The whole chain (affine parts included) is sampled as one displacement field on the grid of
+    its displacement field and differentiated in voxel units; the determinant is unitless
+    (volume ratio). ``mask`` (nonzero = counted) must be on that grid.
     """
     import torch
 
     from diffusionreg import fields
 
-    field = to_displacement_field(transform, grid).field
+    grid = dense_grid(transform)
+    if mask is not None and not mask.grid.same_as(grid, 1e-3):
+        raise InputError(
+            f"mask and displacement field are on different grids (shapes {mask.shape} vs {grid.shape}); "
+            "the mask must be on the field's grid"
+        )
+    field = transform.field if isinstance(transform, DisplacementFieldTransform) else to_displacement_field(transform, grid).field
     # LPS mm displacement -> voxel units along the grid's array axes.
-    to_voxel = np.linalg.inv(grid.affine[:3, :3])
-    voxel_field = np.einsum("ab,ijkb->aijk", to_voxel, field.array)
-    tensor = torch.from_numpy(np.ascontiguousarray(voxel_field))[None].to(torch.float64)
-    determinant = fields.jacobian_determinant(tensor)[0].numpy()
-    region = np.ones(grid.shape, dtype=bool)
-    if mask is not None:
-        region = mask.array > 0
-    values = determinant[region]
-    ndv = fields.non_diffeomorphic_volume(tensor)
-    ndv_fraction = float(ndv[1] if isinstance(ndv, tuple) else ndv)
+    to_voxel = np.linalg.inv(grid.affine[:3, :3]).astype(np.float32)
+    voxel_field = np.einsum("ab,ijkb->aijk", to_voxel, field.array.astype(np.float32, copy=False))
+    tensor = torch.from_numpy(np.ascontiguousarray(voxel_field))[None]
+    region = None if mask is None else mask.array > 0
+    with torch.no_grad():
+        determinant = fields.jacobian_determinant(tensor)[0].numpy()
+        ndv_fraction = float(
+            fields.non_diffeomorphic_volume(tensor, None if region is None else torch.from_numpy(region)[None]).fraction[0]
+        )
+    values = determinant if region is None else determinant[region]
     return {
+        "grid_shape": list(grid.shape),
         "jacobian_min": float(values.min()),
         "jacobian_max": float(values.max()),
         "jacobian_mean": float(values.mean()),
-        "jacobian_std_log": float(np.std(np.log(np.clip(values, 1e-9, None)))),
+        "jacobian_std_log": metrics.std_log_jacobian(values),
         "folding_fraction": float(metrics.folding_fraction(values)),
         "ndv_percent": 100.0 * ndv_fraction,
     }
@@ -152,8 +171,6 @@ def evaluate(
     Returns a JSON-ready dict: ``dice``, ``mean_dice``, ``hd95`` (mm), ``mean_hd95``, and
     when relevant ``tre`` (mm, before and after) and ``deformation`` (Jacobian, folding, NDV).
     """
-    if mask is not None:
-        require_same_grid(fixed_labels, mask, "fixed labels", "mask")
     warped = resample(moving_labels, fixed_labels.grid, transform, interpolation="nearest")
     if labels is None:
         present = np.unique(fixed_labels.array)
@@ -180,7 +197,7 @@ def evaluate(
             "initial_mean_mm": float(before.mean()),
         }
     if transform is not None and has_dense_part(transform):
-        result["deformation"] = deformation_statistics(transform, fixed_labels.grid, mask)
+        result["deformation"] = deformation_statistics(transform, mask)
     return result
 
 

@@ -125,8 +125,9 @@ def warp(
     integer_input = not volume.is_floating_point()
     if integer_input and mode != "nearest":
         raise InputError(f"an integer volume ({volume.dtype}) can only be warped with mode='nearest'")
-    volume_values = volume.to(u.dtype) if integer_input or volume.dtype != u.dtype else volume
-    volume_values, u = _broadcast_batch(volume_values, u)
+    # grid_sample wants one dtype: the wider of the two floats (labels take the field's).
+    dtype = u.dtype if integer_input else torch.promote_types(volume.dtype, u.dtype)
+    volume_values, u = _broadcast_batch(volume.to(dtype), u.to(dtype))
     positions = identity_grid(u.shape[2:], device=u.device, dtype=u.dtype) + u
     warped = F.grid_sample(
         volume_values,
@@ -235,10 +236,11 @@ def _anderson_solve(
         if residual_differences:
             # gamma = argmin || residual - sum_j gamma_j dF_j ||, then x <- G(x) - sum_j gamma_j dG_j.
             rhs = torch.stack([_batched_dot(d, residual) for d in residual_differences], dim=1)
-            diagonal_mean = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-            ridge = settings.regularisation * diagonal_mean[:, None, None] * torch.eye(
-                gram.shape[1], dtype=torch.float64, device=x.device
+            # The floor keeps the system solvable for an element whose residual stopped changing.
+            ridge_value = (settings.regularisation * gram.diagonal(dim1=1, dim2=2).mean(dim=1)).clamp_min(
+                torch.finfo(torch.float64).tiny
             )
+            ridge = ridge_value[:, None, None] * torch.eye(gram.shape[1], dtype=torch.float64, device=x.device)
             gamma = torch.linalg.solve(gram + ridge, rhs.unsqueeze(-1)).squeeze(-1).to(x.dtype)
             x = value.clone()
             broadcast = (-1,) + (1,) * (x.dim() - 1)
@@ -317,8 +319,10 @@ def invert(
     Differentiable: the backward pass uses implicit differentiation at the fixed point and
     solves the adjoint system ``y = g + (dG/dw)^T y`` by the same accelerated iteration,
     stopping when its residual is ``<= backward_tolerance`` times the largest voxel norm of the
-    incoming gradient, so memory does not grow with the number of iterations. Convergence
-    (forward and backward) needs ``phi_u`` to be locally invertible with ``|grad u| < 1``-ish.
+    incoming gradient, so memory does not grow with the number of iterations.
+    The plain iteration converges where ``w -> -u(x + w)`` contracts (``|grad u| < 1`` along the
+    way); Anderson mixing speeds it up and widens that somewhat. A folded ``u`` has no inverse:
+    expect the cap to be reached and a large residual there.
     """
     _check_field(u)
     if max_iterations < 1 or backward_max_iterations < 1:
@@ -453,7 +457,8 @@ def non_diffeomorphic_volume(u: torch.Tensor, mask: torch.Tensor | None = None) 
         weights = torch.ones_like(ndv_map[:1])
     else:
         if mask.dim() != 1 + SPATIAL_DIMS or mask.shape[1:] != ndv_map.shape[1:]:
-            raise InputError(f"mask must have shape (B, {', '.join(map(str, ndv_map.shape[1:]))}), got {tuple(mask.shape)}")
+            grid = ", ".join(str(size) for size in ndv_map.shape[1:])
+            raise InputError(f"mask must have shape (B, {grid}), got {tuple(mask.shape)}")
         weights = (mask != 0).to(device=ndv_map.device, dtype=ndv_map.dtype)
     volume = (ndv_map * weights).flatten(1).sum(dim=1)
     counted = weights.expand_as(ndv_map).flatten(1).sum(dim=1)

@@ -12,8 +12,10 @@ works in LPS; nibabel is used only in tests as an independent reader.
 
 from __future__ import annotations
 
+import gzip
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
@@ -29,6 +31,8 @@ from diffusionreg.spaces import affine_from_itk, apply_affine, itk_geometry
 Interpolation = Literal["linear", "nearest", "bspline"]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+_GZIP_CHECK_CHUNK = 1 << 24
 
 # Points per resampling chunk: bounds the temporary coordinate arrays (3 x float64 each).
 _RESAMPLE_CHUNK_POINTS = 2_000_000
@@ -165,6 +169,8 @@ def read_image(
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
+    if path.name.lower().endswith(".gz"):
+        _check_gzip(path, what)
     try:
         if path.is_dir():
             if not _is_dicom_directory(path):
@@ -195,6 +201,16 @@ def read_image(
     if not allow_nan and np.issubdtype(result.array.dtype, np.floating) and not np.all(np.isfinite(result.array)):
         raise InputError(f"{what} {path} contains NaN or infinite values")
     return result
+
+
+def _check_gzip(path: Path, what: str) -> None:
+    """Decompress a ``.gz`` file fully: SimpleITK reads a truncated gzip without complaint."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(_GZIP_CHECK_CHUNK):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"cannot read {what} {path}: corrupted gzip ({_short(str(error))})") from None
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -234,7 +250,7 @@ def resample(
     (cubic B-spline with mirror boundary, as ITK's BSplineInterpolateImageFunction).
     """
     grid = reference.grid if isinstance(reference, Image) else reference
-    mapping = _as_point_map(transform)
+    mapping = _as_transform(transform)
     world_to_index = np.linalg.inv(image.affine)
     out_dtype = dtype if dtype is not None else (image.array.dtype if interpolation == "nearest" else np.float32)
     components = image.components
@@ -250,10 +266,10 @@ def resample(
     upper = np.asarray(image.shape, dtype=np.float64) - 0.5
     for start in range(0, total, _RESAMPLE_CHUNK_POINTS):
         stop = min(start + _RESAMPLE_CHUNK_POINTS, total)
-        voxel = np.stack(np.unravel_index(np.arange(start, stop), grid.shape), -1).astype(np.float64)
-        points = apply_affine(grid.affine, voxel)
-        if mapping is not None:
-            points = mapping(points)
+        if mapping is None:
+            points = grid_points(grid, start, stop)
+        else:
+            points = mapping.map_voxel_centres(grid, start, stop)
         index = apply_affine(world_to_index, points)
         inside = np.all((index >= -0.5) & (index < upper), axis=1)
         for c, channel in enumerate(source_channels):
@@ -279,26 +295,39 @@ def _sample(channel: np.ndarray, index: np.ndarray, interpolation: Interpolation
     raise InputError(f"unknown interpolation {interpolation!r}; use linear, nearest or bspline")
 
 
-def _as_point_map(transform: Any):
-    """Normalise the ``transform`` argument of :func:`resample` into a function on (N, 3) points."""
+def grid_points(grid: Grid, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """LPS coordinates ``(N, 3)`` of the grid's voxel centres ``start:stop`` in C order."""
+    stop = int(np.prod(grid.shape)) if stop is None else stop
+    voxel = np.stack(np.unravel_index(np.arange(start, stop), grid.shape), -1).astype(np.float64)
+    return apply_affine(grid.affine, voxel)
+
+
+def _as_transform(transform: Any):
+    """Normalise the ``transform`` argument of :func:`resample` into one transform object."""
     if transform is None:
         return None
+    # Imported here: transforms builds on this module.
+    from diffusionreg.transforms import AffineTransform, compose
+
     if isinstance(transform, np.ndarray):
-        matrix = np.asarray(transform, dtype=np.float64)
-        return lambda points: apply_affine(matrix, points)
-    if hasattr(transform, "map_points"):
-        return transform.map_points
+        return AffineTransform(transform)
     if isinstance(transform, (list, tuple)):
-        maps = [_as_point_map(t) for t in transform]
-
-        def composed(points: np.ndarray) -> np.ndarray:
-            for step in reversed(maps):  # Tn first
-                if step is not None:
-                    points = step(points)
-            return points
-
-        return composed
+        return compose([_as_transform(t) for t in transform])
+    if hasattr(transform, "map_voxel_centres"):
+        return transform
+    if hasattr(transform, "map_points"):
+        return _PointMapAdapter(transform)
     raise TypeError(f"cannot use {type(transform).__name__} as a transform")
+
+
+class _PointMapAdapter:
+    """Gives any ``map_points`` object the grid interface :func:`resample` uses."""
+
+    def __init__(self, point_map: PointMap) -> None:
+        self._point_map = point_map
+
+    def map_voxel_centres(self, grid: Grid, start: int, stop: int) -> np.ndarray:
+        return self._point_map.map_points(grid_points(grid, start, stop))
 
 
 # --- grids for networks and crops ----------------------------------------------------------

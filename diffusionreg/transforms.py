@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from diffusionreg.errors import InputError
-from diffusionreg.image import IMAGE_SUFFIXES, Grid, Image, read_image, write_image
+from diffusionreg.image import IMAGE_SUFFIXES, Grid, Image, grid_points, read_image, write_image
 from diffusionreg.io_atomic import atomic_output
 from diffusionreg.spaces import apply_affine
 
@@ -49,6 +49,10 @@ class AffineTransform:
 
     def map_points(self, points: np.ndarray) -> np.ndarray:
         return apply_affine(self.matrix, points)
+
+    def map_voxel_centres(self, grid: Grid, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """``map_points`` of the grid's voxel centres ``start:stop`` (C order)."""
+        return self.map_points(grid_points(grid, start, stop))
 
     def inverse(self) -> "AffineTransform":
         return AffineTransform(np.linalg.inv(self.matrix))
@@ -91,6 +95,13 @@ class DisplacementFieldTransform:
         points = np.asarray(points, dtype=np.float64)
         return points + self.displacement_at(points)
 
+    def map_voxel_centres(self, grid: Grid, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """On the field's own grid the displacement is read, not interpolated (exact and fast)."""
+        points = grid_points(grid, start, stop)
+        if grid.same_as(self.field.grid, tolerance_mm=1e-6):
+            return points + self.field.array.reshape(-1, 3)[start:stop]
+        return points + self.displacement_at(points)
+
 
 @dataclass
 class CompositeTransform:
@@ -101,6 +112,12 @@ class CompositeTransform:
     def map_points(self, points: np.ndarray) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)
         for transform in reversed(self.transforms):
+            points = transform.map_points(points)
+        return points
+
+    def map_voxel_centres(self, grid: Grid, start: int = 0, stop: int | None = None) -> np.ndarray:
+        points = self.transforms[-1].map_voxel_centres(grid, start, stop)
+        for transform in reversed(self.transforms[:-1]):
             points = transform.map_points(points)
         return points
 
@@ -130,8 +147,7 @@ def compose(transforms: Sequence[Transform]) -> Transform:
 
 def to_displacement_field(transform: Transform, grid: Grid, dtype=np.float64) -> DisplacementFieldTransform:
     """Sample any transform as a displacement field ``u(x) = T(x) - x`` on ``grid`` (LPS mm)."""
-    points = grid.voxel_centres_world().reshape(-1, 3)
-    displacement = transform.map_points(points) - points
+    displacement = transform.map_voxel_centres(grid) - grid_points(grid)
     return DisplacementFieldTransform(Image(displacement.reshape(grid.shape + (3,)).astype(dtype), grid.affine.copy()))
 
 
