@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,10 +148,6 @@ class PointMap(Protocol):
 
 
 # --- reading and writing ------------------------------------------------------------------
-def _is_dicom_directory(path: Path) -> bool:
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
-
-
 def read_image(
     path: str | os.PathLike,
     *,
@@ -162,7 +157,8 @@ def read_image(
 ) -> Image:
     """Read a 3D image (NIfTI, NRRD, MHA, a single DICOM file or a DICOM series folder).
 
-    Geometry, oblique direction cosines included, comes from SimpleITK in LPS.
+    Geometry, oblique direction cosines included, comes from SimpleITK in LPS; DICOM series go
+    through :mod:`diffusionreg.dicom`, which places gantry-tilted and unevenly spaced slices exactly.
     ``what`` names the input in error messages ("fixed image", "moving labels", ...).
     Raises :class:`InputError` for a missing or unreadable file, a non-3D image or NaNs.
     """
@@ -171,20 +167,25 @@ def read_image(
         raise InputError(f"{what} not found: {path}")
     if path.name.lower().endswith(".gz"):
         _check_gzip(path, what)
+    if path.is_dir():
+        from diffusionreg.dicom import read_dicom_series
+
+        try:
+            result = read_dicom_series(path, what)
+        except RuntimeError as error:
+            raise InputError(f"cannot read {what} {path}: {_short(str(error))}") from None
+    else:
+        result = _read_file(path, what)
+    if dtype is not None:
+        result.array = result.array.astype(dtype, copy=False)
+    if not allow_nan and np.issubdtype(result.array.dtype, np.floating) and not np.all(np.isfinite(result.array)):
+        raise InputError(f"{what} {path} contains NaN or infinite values")
+    return result
+
+
+def _read_file(path: Path, what: str) -> Image:
     try:
-        if path.is_dir():
-            if not _is_dicom_directory(path):
-                raise InputError(f"{what} is a folder with no DICOM series: {path}")
-            reader = sitk.ImageSeriesReader()
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                image = reader.Execute()
-        else:
-            image = sitk.ReadImage(str(path))
-    except InputError:
-        raise
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()
         detail = next((line for line in reason if "rror" in line or "exception" in line.lower()), reason[-1] if reason else "")
@@ -193,14 +194,9 @@ def read_image(
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
         raise InputError(f"{what} must be 3D, but {path} is {image.GetDimension()}D (size {image.GetSize()})")
-    if 1 in image.GetSize() and image.GetNumberOfComponentsPerPixel() == 1 and min(image.GetSize()) == 1:
+    if image.GetNumberOfComponentsPerPixel() == 1 and min(image.GetSize()) == 1:
         raise InputError(f"{what} must be 3D, but {path} is a single slice (size {image.GetSize()})")
-    result = Image.from_sitk(image)
-    if dtype is not None:
-        result.array = result.array.astype(dtype, copy=False)
-    if not allow_nan and np.issubdtype(result.array.dtype, np.floating) and not np.all(np.isfinite(result.array)):
-        raise InputError(f"{what} {path} contains NaN or infinite values")
-    return result
+    return Image.from_sitk(image)
 
 
 def _check_gzip(path: Path, what: str) -> None:
