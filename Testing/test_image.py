@@ -263,3 +263,54 @@ def test_grid_validates_shape() -> None:
     with pytest.raises(ValueError):
         Image(np.zeros((4, 4)), np.eye(4))
     assert Grid((2, 3, 4), np.eye(4)).shape == (2, 3, 4)
+
+
+def _write_dicom_series(folder: Path, volume: np.ndarray, affine: np.ndarray, keep: list[int]) -> None:
+    """Write slices ``keep`` of ``volume`` ([i, j, k], int16) as a DICOM series with IPP/IOP tags."""
+    folder.mkdir()
+    row, column = affine[:3, 0] / np.linalg.norm(affine[:3, 0]), affine[:3, 1] / np.linalg.norm(affine[:3, 1])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for number, k in enumerate(keep):
+        image = sitk.GetImageFromArray(volume[:, :, k].T[None].astype(np.int16))
+        position = affine[:3, :3] @ np.array([0.0, 0.0, k]) + affine[:3, 3]
+        image.SetSpacing((float(spacing[0]), float(spacing[1]), float(spacing[2])))
+        image.SetOrigin(tuple(position))
+        image.SetDirection(tuple(np.stack([row, column, np.cross(row, column)], 1).ravel()))
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|0013": str(number + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in np.concatenate([row, column])),
+            "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
+            "0018|0050": f"{spacing[2]:.6f}",
+            "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{number + 1}",
+        }
+        for key, value in tags.items():
+            image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{number:03d}.dcm"))
+        writer.Execute(image)
+
+
+def test_synthetic_dicom_series_uniform_and_with_missing_slice(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    rotation = random_rotation(rng, 25)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.8, 0.8, 2.5])
+    affine[:3, 3] = [-30.0, 20.0, 15.0]
+    volume = rng.integers(-1000, 1000, size=(12, 10, 8)).astype(np.int16)
+
+    _write_dicom_series(tmp_path / "uniform", volume, affine, list(range(8)))
+    uniform = read_image(tmp_path / "uniform")
+    np.testing.assert_allclose(uniform.affine, affine, atol=1e-4)
+    np.testing.assert_array_equal(uniform.array, volume)
+
+    _write_dicom_series(tmp_path / "gap", volume, affine, [0, 1, 2, 4, 5, 6, 7])  # slice 3 missing
+    gapped = read_image(tmp_path / "gap")
+    np.testing.assert_allclose(gapped.affine, affine, atol=1e-4)
+    for k in (0, 1, 2, 4, 7):  # acquired slices come back exactly, at their own positions
+        np.testing.assert_allclose(gapped.array[:, :, k], volume[:, :, k], atol=1e-3)
+    np.testing.assert_allclose(gapped.array[:, :, 3], (volume[:, :, 2] + volume[:, :, 4].astype(float)) / 2, atol=1e-3)

@@ -23,6 +23,8 @@ from diffusionreg.errors import InputError
 
 # Positions agree when closer than this (mm): DICOM stores them as decimal strings.
 POSITION_TOLERANCE_MM = 1e-3
+# In-plane offsets this close to a whole pixel are rounding, not tilt.
+SNAP_TOLERANCE_PIXELS = 1e-3
 # Steps shorter than this fraction of the median are gaps between blocks, not a sampling rate.
 TYPICAL_STEP_FRACTION = 0.5
 # Relative spread of slice steps still called uniform.
@@ -121,8 +123,9 @@ def _regularise(volume: np.ndarray, depth: np.ndarray, along_row: np.ndarray, al
     step = float(np.min(steps[steps >= TYPICAL_STEP_FRACTION * np.median(steps)]))
     count = int(round((depth[-1] - depth[0]) / step)) + 1
     step = (depth[-1] - depth[0]) / (count - 1)
-    shift_row = along_row / spacing_row  # in-plane offset of each slice, in pixels
-    shift_column = along_column / spacing_column
+    # In-plane offset of each slice, in pixels; decimal-string rounding is snapped away.
+    shift_row = _snap(along_row / spacing_row)
+    shift_column = _snap(along_column / spacing_column)
     low_row, low_column = np.floor(shift_row.min()), np.floor(shift_column.min())
     size_row = volume.shape[0] + int(np.ceil(shift_row.max() - low_row))
     size_column = volume.shape[1] + int(np.ceil(shift_column.max() - low_column))
@@ -151,6 +154,11 @@ def _regularise(volume: np.ndarray, depth: np.ndarray, along_row: np.ndarray, al
     affine[:3, 2] = normal * step
     affine[:3, 3] = first.position + low_row * spacing_row * first.row + low_column * spacing_column * first.column
     return Image(output, affine)
+
+
+def _snap(shift: np.ndarray) -> np.ndarray:
+    nearest = np.round(shift)
+    return np.where(np.abs(shift - nearest) < SNAP_TOLERANCE_PIXELS, nearest, shift)
 
 
 def read_dicom_series(folder: Path, what: str = "image"):
