@@ -25,6 +25,7 @@ from diffusionreg.image import (
     read_image,
     require_same_grid,
     resample,
+    resize,
     write_image,
 )
 from diffusionreg.spaces import (
@@ -206,6 +207,19 @@ def test_crop_or_pad_keeps_world_positions() -> None:
     back = resample(image, cropped.grid, None, "nearest")
     inside = cropped.array != -1.0
     np.testing.assert_array_equal(back.array[inside], cropped.array[inside])
+
+
+def test_resize_keeps_field_of_view_like_torch_interpolate() -> None:
+    image = _oblique_image(np.random.default_rng(6))
+    resized = resize(image, (8, 9, 7))
+    corner_old = apply_affine(image.affine, np.array([-0.5, -0.5, -0.5]))
+    corner_new = apply_affine(resized.affine, np.array([-0.5, -0.5, -0.5]))
+    far_old = apply_affine(image.affine, np.asarray(image.shape) - 0.5)
+    far_new = apply_affine(resized.affine, np.asarray(resized.shape) - 0.5)
+    np.testing.assert_allclose(corner_new, corner_old, atol=1e-9)
+    np.testing.assert_allclose(far_new, far_old, atol=1e-9)
+    expected = F.interpolate(torch.from_numpy(image.array)[None, None].double(), size=(8, 9, 7), mode="trilinear", align_corners=False)
+    np.testing.assert_allclose(resized.array, expected[0, 0].numpy(), atol=1e-5)
 
 
 def test_nearest_axis_direction_is_signed_permutation() -> None:

@@ -367,6 +367,26 @@ def nearest_axis_direction(direction: np.ndarray) -> np.ndarray:
     return result
 
 
+def resized_grid(grid: Grid, shape: Sequence[int]) -> Grid:
+    """The grid covering the same box as ``grid`` (outer voxel faces kept) with ``shape`` voxels.
+
+    This is the ``align_corners=False`` resize of ``torch.nn.functional.interpolate``: the new
+    spacing is ``old_spacing * old_shape / new_shape`` and voxel centres shift accordingly.
+    """
+    shape = tuple(int(s) for s in shape)
+    scale = np.asarray(grid.shape, dtype=np.float64) / np.asarray(shape, dtype=np.float64)
+    # New voxel n sits at old continuous index (n + 0.5) * scale - 0.5.
+    voxel_map = np.eye(4)
+    voxel_map[:3, :3] = np.diag(scale)
+    voxel_map[:3, 3] = 0.5 * scale - 0.5
+    return Grid(shape, grid.affine @ voxel_map)
+
+
+def resize(image: Image, shape: Sequence[int], interpolation: Interpolation = "linear") -> Image:
+    """Resample ``image`` onto :func:`resized_grid` (same field of view, new shape), exactly placed."""
+    return resample(image, resized_grid(image.grid, shape), None, interpolation)
+
+
 def crop_or_pad(image: Image, start: Sequence[int], shape: Sequence[int], fill: float = 0.0) -> Image:
     """Take the box ``[start, start + shape)`` in voxels (negative or overflowing parts are padded).
 
