@@ -27,6 +27,8 @@ MODULE_DIR = LIB_DIR.parent
 BACKEND_ROOT_ENV = "DIFFUSIONREG_BACKEND_ROOT"
 #: Environment variable that overrides the user model folder.
 MODELS_DIR_ENV = "DIFFUSIONREG_MODELS_DIR"
+#: The backend's override of its model registry (path to another Models.json).
+MODELS_REGISTRY_ENV = "DIFFUSIONREG_MODELS"
 
 
 def backendRoot() -> Path:
@@ -69,3 +71,9 @@ def userModelsDir() -> Path:
     """Where imported and downloaded models live (``$DIFFUSIONREG_MODELS_DIR`` overrides)."""
     override = os.environ.get(MODELS_DIR_ENV)
     return Path(override) if override else userDataDir() / "models"
+
+
+def modelsRegistryPath() -> Path:
+    """The model registry the backend uses: ``$DIFFUSIONREG_MODELS`` or ``Resources/Models.json``."""
+    override = os.environ.get(MODELS_REGISTRY_ENV)
+    return Path(override) if override else extensionResourcePath("Models.json")

@@ -1,0 +1,516 @@
+"""Checks of the Slicer modules that run outside Slicer (no GUI, no slicer-core needed).
+
+- every module file compiles; every ``.ui`` parses; every ``self.ui.NAME`` the code uses
+  exists in its ``.ui``; every ``SlicerParameterName`` is a parameter-node field of a type
+  the bound widget can show;
+- the CMake lists name exactly the scripts and resources on disk; the top-level CMakeLists has
+  the extension metadata; the backend package and Resources are installed with the extension;
+- ``DiffusionRegCoreLib`` keeps Qt and ``slicer.util`` out, and the module files import nothing
+  heavy (torch, the backend) at load time;
+- the pure parts of ``DiffusionRegCoreLib`` (progress lines, command lines, the process runner
+  with cancel, the device probe, the model manager, the dependency plan) behave.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import py_compile
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = ("DiffusionRegCore", "SpatialDiffusionReg")
+CORE = REPO / "DiffusionRegCore"
+if str(CORE) not in sys.path:
+    sys.path.insert(0, str(CORE))
+
+from DiffusionRegCoreLib import command, device, install, models, paths, process, progress  # noqa: E402
+
+HEAVY_MODULES = {"torch", "monai", "diffusionreg", "numpy.testing", "SimpleITK", "nibabel", "scipy"}
+
+
+def _module_python_files(module: str) -> list[Path]:
+    root = REPO / module
+    return sorted(p for p in root.rglob("*.py") if "Testing" not in p.relative_to(root).parts)
+
+
+def _ui_files(module: str) -> list[Path]:
+    return sorted((REPO / module / "Resources" / "UI").glob("*.ui"))
+
+
+# --- files parse ------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", MODULES)
+def test_module_files_compile(module: str, tmp_path: Path) -> None:
+    files = _module_python_files(module)
+    assert (REPO / module / f"{module}.py") in files
+    for path in files:
+        py_compile.compile(str(path), cfile=str(tmp_path / (path.name + "c")), doraise=True)
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if _ui_files(m)])
+def test_ui_files_parse_and_have_a_mrml_widget_root(module: str) -> None:
+    for path in _ui_files(module):
+        root = ET.parse(path).getroot()
+        assert root.tag == "ui"
+        top = root.find("widget")
+        assert top is not None and top.get("class") == "qMRMLWidget", f"{path.name}: root widget must be qMRMLWidget"
+        assert root.findtext("class") == top.get("name")
+        names = [w.get("name") for w in root.iter("widget")]
+        assert len(names) == len(set(names)), f"{path.name}: duplicate widget names"
+        declared = {c.findtext("class") for c in root.iter("customwidget")}
+        used = {w.get("class") for w in root.iter("widget")}
+        custom = {c for c in used if c.startswith(("ctk", "qMRML", "qSlicer"))}
+        assert custom <= declared, f"{path.name}: custom widgets not declared: {custom - declared}"
+
+
+def _ui_names(path: Path) -> set[str]:
+    root = ET.parse(path).getroot()
+    return {e.get("name") for e in root.iter() if e.tag in ("widget", "layout", "spacer", "action") and e.get("name")}
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if _ui_files(m)])
+def test_every_ui_name_used_in_code_exists(module: str) -> None:
+    code = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", code))
+    assert used, "the module uses no widgets?"
+    available = set().union(*(_ui_names(p) for p in _ui_files(module)))
+    assert not used - available, f"widgets used in {module}.py but missing from its .ui: {sorted(used - available)}"
+
+
+def _parameter_fields(path: Path) -> dict[str, str]:
+    """Field name -> annotation source of the @parameterNodeWrapper class in a module file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+            (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") or (isinstance(d, ast.Call) and getattr(d.func, "id", "") == "parameterNodeWrapper")
+            for d in node.decorator_list
+        ):
+            return {
+                s.target.id: ast.unparse(s.annotation)
+                for s in node.body
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+            }
+    return {}
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if _ui_files(m)])
+def test_parameter_names_in_ui_are_fields_of_a_matching_type(module: str) -> None:
+    fields = _parameter_fields(REPO / module / f"{module}.py")
+    assert fields, f"{module}.py has no @parameterNodeWrapper class"
+    expected = {
+        "qMRMLNodeComboBox": lambda a: a.startswith("vtkMRML"),
+        "QComboBox": lambda a: "Choice(" in a,  # the string connector needs Choice
+        "QSpinBox": lambda a: a == "int" or a.startswith("Annotated[int"),
+        "QCheckBox": lambda a: a == "bool",
+        "QDoubleSpinBox": lambda a: a == "float" or a.startswith("Annotated[float"),
+        "ctkSliderWidget": lambda a: "WithinRange" in a and "float" in a,
+        "QLineEdit": lambda a: a == "str",
+    }
+    for path in _ui_files(module):
+        for widget in ET.parse(path).getroot().iter("widget"):
+            for prop in widget.findall("property"):
+                if prop.get("name") != "SlicerParameterName":
+                    continue
+                parameter = prop.findtext("string")
+                assert parameter in fields, f"{widget.get('name')}: parameter {parameter!r} is not a field"
+                check = expected.get(widget.get("class"))
+                assert check is not None, f"{widget.get('class')} has no parameterNodeWrapper connector here"
+                assert check(fields[parameter]), f"{widget.get('name')} ({widget.get('class')}) cannot show {fields[parameter]}"
+
+
+# --- CMake --------------------------------------------------------------------------------------
+def _cmake_list(text: str, variable: str, module: str) -> list[str]:
+    match = re.search(rf"set\(\s*{variable}\b(.*?)\)", text, re.S)
+    assert match, f"{variable} not set"
+    items = [line.split("#", 1)[0].strip() for line in match.group(1).splitlines()]
+    return [i.replace("${MODULE_NAME}", module) for i in items if i]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_cmake_lists_every_script_and_resource(module: str) -> None:
+    root = REPO / module
+    text = (root / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(rf"set\(\s*MODULE_NAME\s+{module}\s*\)", text)
+    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS", module)
+    resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES", module)
+    on_disk_scripts = {p.relative_to(root).as_posix() for p in _module_python_files(module)}
+    on_disk_resources = {
+        p.relative_to(root).as_posix() for p in (root / "Resources").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert set(scripts) == on_disk_scripts, f"scripts: listed-not-found {set(scripts) - on_disk_scripts}, unlisted {on_disk_scripts - set(scripts)}"
+    assert set(resources) == on_disk_resources, f"resources: listed-not-found {set(resources) - on_disk_resources}, unlisted {on_disk_resources - set(resources)}"
+    assert len(scripts) == len(set(scripts)) and len(resources) == len(set(resources))
+    call = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", text, re.S)
+    assert call, "slicerMacroBuildScriptedModule missing"
+    for keyword in ("NAME ${MODULE_NAME}", "SCRIPTS ${MODULE_PYTHON_SCRIPTS}", "RESOURCES ${MODULE_PYTHON_RESOURCES}", "WITH_GENERIC_TESTS"):
+        assert keyword in call.group(1)
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert (root / "Testing" / "CMakeLists.txt").is_file() and (root / "Testing" / "Python" / "CMakeLists.txt").is_file()
+    assert f"Resources/Icons/{module}.png" in resources
+
+
+def test_top_level_cmake_is_an_extension_with_every_module() -> None:
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"cmake_minimum_required\(VERSION [\d.]+", text)
+    assert re.search(r"^project\(DiffusionReg\)", text, re.M)
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({variable} \S", text), f"{variable} not set"
+    assert re.search(r'set\(EXTENSION_CATEGORY "Registration"\)', text)
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
+    assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
+    assert text.index("include(${Slicer_EXTENSION_GENERATE_CONFIG})") < text.index("include(${Slicer_EXTENSION_CPACK})")
+    subdirs = re.findall(r"^add_subdirectory\((\w+)\)", text, re.M)
+    module_dirs = sorted(p.parent.name for p in REPO.glob("*/CMakeLists.txt") if (p.parent / f"{p.parent.name}.py").is_file())
+    assert sorted(subdirs) == module_dirs
+    assert subdirs[0] == "DiffusionRegCore", "the shared module comes first"
+    icon = REPO / "Resources" / "Icons" / "DiffusionReg.png"
+    assert icon.is_file() and text.count("Resources/Icons/DiffusionReg.png") == 1
+    assert _png_size(icon) == (128, 128)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_backend_and_extension_resources_are_installed_with_the_extension() -> None:
+    text = (CORE / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "ctkMacroCompilePythonScript(" in text and "SOURCE_DIR ${PROJECT_SOURCE_DIR}" in text
+    assert "INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}" in text and "NO_INSTALL_SUBDIR" in text
+    patterns = re.findall(r"\$\{PROJECT_SOURCE_DIR\}/(\S+)", text)
+    globbed = set()
+    for pattern in patterns:
+        if "*" in pattern or (REPO / pattern).exists():
+            globbed |= {p.relative_to(REPO).as_posix() for p in REPO.glob(pattern.replace("*.py", "**/*.py")) if p.is_file()}
+    backend = {p.relative_to(REPO).as_posix() for p in (REPO / "diffusionreg").rglob("*.py")}
+    assert backend and backend <= globbed, f"backend files not installed: {sorted(backend - globbed)[:5]}"
+    for needed in ("Resources/Sample/sample_fixed.nii.gz", "Resources/Sample/sample_moving.nii.gz"):
+        if (REPO / needed).exists():
+            assert needed in globbed
+    assert "Resources/Models.json" in text
+
+
+# --- imports ------------------------------------------------------------------------------------
+def _top_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Try):
+            for inner in node.body:
+                if isinstance(inner, ast.ImportFrom) and inner.module:
+                    names.add(inner.module)
+    return names
+
+
+def test_core_lib_keeps_qt_and_slicer_util_out() -> None:
+    for path in sorted((CORE / "DiffusionRegCoreLib").glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        imports = _top_level_imports(path)
+        assert not {i for i in imports if i.split(".")[0] in ("qt", "ctk", "PythonQt")}, f"{path.name} imports Qt"
+        assert "slicer.util" not in imports and "import slicer\n" not in source.split("# --- Slicer")[0], path.name
+        slicer_names = {i for i in imports if i.startswith("slicer.")}
+        assert all(re.fullmatch(r"slicer\.vtk\w+", n) for n in slicer_names), f"{path.name}: {slicer_names}"
+        assert not {i for i in imports if i.split(".")[0] in HEAVY_MODULES - {"numpy.testing"}}, f"{path.name} imports heavy modules"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_files_import_nothing_heavy_at_load(module: str) -> None:
+    imports = _top_level_imports(REPO / module / f"{module}.py")
+    heavy = {i for i in imports if i.split(".")[0] in HEAVY_MODULES}
+    assert not heavy, f"{module}.py imports {heavy} when Slicer loads it"
+
+
+def test_pure_lib_imports_without_slicer_or_qt() -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(CORE)!r})
+        from DiffusionRegCoreLib import command, device, install, models, paths, process, progress
+        bad = sorted(m for m in sys.modules if m.split('.')[0] in ('slicer', 'qt', 'ctk', 'torch', 'vtk'))
+        print(bad)
+        sys.exit(1 if bad else 0)
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_requirements_are_pinned_and_leave_slicer_packages_alone() -> None:
+    lines = install.readRequirements(CORE / "Resources" / "requirements.txt")
+    assert lines
+    protected = {install.normalizeName(p) for p in install.PROTECTED_PACKAGES}
+    for line in lines:
+        name = install.normalizeName(install.requirementName(line))
+        assert name not in protected, f"{line} would replace a package Slicer (or PyTorch Utils) owns"
+        assert "<" in line and ">=" in line, f"{line} must have a lower and an upper bound"
+    project = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    dependencies = re.search(r"dependencies = \[(.*?)\]", project, re.S).group(1)
+    needed = {install.normalizeName(install.requirementName(d.strip().strip('",'))) for d in dependencies.split("\n") if d.strip()}
+    listed = {install.normalizeName(install.requirementName(l)) for l in lines}
+    assert needed - protected <= listed, f"backend dependencies missing from requirements.txt: {needed - protected - listed}"
+
+
+# --- DiffusionRegCoreLib: progress and commands -------------------------------------------------------
+def test_progress_lines_parse_and_log_lines_do_not() -> None:
+    event = progress.parseProgressLine('{"stage": "reverse diffusion", "fraction": 0.25, "message": "step 4/16"}')
+    assert event == progress.ProgressEvent("reverse diffusion", 0.25, "step 4/16")
+    assert event.text() == "reverse diffusion 25%: step 4/16"
+    assert progress.parseProgressLine('{"stage": "x", "fraction": 7}').fraction == 1.0
+    assert progress.parseProgressLine('{"stage": "x", "fraction": -1, "message": 3}') == progress.ProgressEvent("x", 0.0, "3")
+    for line in ("wrote t.h5", "{not json}", '{"stage": 1, "fraction": 0.5}', '{"fraction": 0.5}', '{"stage": "s", "fraction": true}', "[1, 2]", ""):
+        assert progress.parseProgressLine(line) is None, line
+    assert progress.parseErrorLine("error: moving image not found: m.nrrd") == "moving image not found: m.nrrd"
+    assert progress.parseErrorLine("no error here") is None
+    assert progress.describeExitCode(2) == "bad input" and progress.describeExitCode(130) == "cancelled"
+
+
+def test_affine_command_line() -> None:
+    line = command.affineCommand("PythonSlicer", "f.nrrd", "m.nrrd", "t.h5", "w.nrrd", model="brain-mri", modality="mri",
+                                 steps=12, bidirectional=True, initialize="center", seed=3, device="cuda:1")
+    assert line[:4] == ["PythonSlicer", "-m", "diffusionreg", "affine"]
+    assert line[-2:] == ["--progress", "json"]
+    text = " ".join(line)
+    for part in ("--fixed f.nrrd", "--moving m.nrrd", "--output-transform t.h5", "--output-volume w.nrrd", "--model brain-mri",
+                 "--modality mri", "--steps 12", "--bidirectional", "--initialize center", "--seed 3", "--device cuda:1"):
+        assert part in text
+    minimal = command.affineCommand("py", "f", "m", "t.h5", steps=0, model="")
+    assert "--steps" not in minimal and "--model" not in minimal and "--output-volume" not in minimal
+    with pytest.raises(ValueError):
+        command.affineCommand("py", "f", "m", "t.h5", modality="xray")
+    with pytest.raises(ValueError):
+        command.affineCommand("py", "f", "m", "t.h5", device="gpu")
+    env = command.backendEnvironment("/opt/ext", base={"PYTHONPATH": "/a" + os.pathsep + "/opt/ext"})
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/opt/ext", "/a"] and env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_affine_command_matches_the_backend_parser() -> None:
+    """Every option the module passes exists in ``diffusionreg affine`` with the same choices."""
+    pytest.importorskip("torch", reason="the affine command module is part of the torch backend")
+    from diffusionreg.cli import build_parser
+
+    parser = build_parser()
+    line = command.affineCommand("py", "f.nrrd", "m.nrrd", "t.h5", "w.nrrd", model="x", modality="octa", steps=3,
+                                 bidirectional=True, initialize="none", seed=1, device="cpu")
+    args = parser.parse_args(line[3:])
+    assert (args.command, args.modality, args.steps, args.bidirectional, args.initialize, args.device, args.progress) == (
+        "affine", "octa", 3, True, "none", "cpu", "json")
+    from diffusionreg.affine.config import MODALITIES
+
+    assert tuple(MODALITIES) == command.MODALITIES
+    assert set(command.INITIALIZATIONS) == set(parser._subparsers._group_actions[0].choices["affine"]._option_string_actions["--initialize"].choices)
+
+
+def test_paths_find_the_backend_and_resources() -> None:
+    assert paths.backendRoot() == REPO
+    assert paths.coreResourcePath("requirements.txt").is_file()
+    assert paths.extensionResourcePath("Sample", "sample_fixed.nii.gz") == REPO / "Resources" / "Sample" / "sample_fixed.nii.gz"
+
+
+# --- process runner --------------------------------------------------------------------------------------
+WORKER = textwrap.dedent(
+    """
+    import json, sys, time
+    print("hello log", flush=True)
+    for i in range(3):
+        print(json.dumps({"stage": "work", "fraction": (i + 1) / 3, "message": f"{i + 1}/3"}), flush=True)
+    print("warning on stderr", file=sys.stderr, flush=True)
+    code = int(sys.argv[1])
+    if code == 2:
+        print("error: fixed image not found: x.nrrd", file=sys.stderr, flush=True)
+    sys.exit(code)
+    """
+)
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_process_runner_reports_progress_log_and_errors(code: int) -> None:
+    events, lines, finished = [], [], []
+    runner = process.BackendProcess([sys.executable, "-c", WORKER, str(code)], onProgress=events.append,
+                                    onLog=lambda line, stream: lines.append((stream, line)), onFinished=finished.append)
+    result = runner.start().wait(timeout=60)
+    assert [e.fraction for e in events] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert ("stdout", "hello log") in lines and ("stderr", "warning on stderr") in lines
+    assert not any("fraction" in line for _, line in lines)
+    assert finished == [runner] and not runner.running
+    assert result.returncode == code and result.succeeded == (code == 0) and not result.cancelled
+    if code == 2:
+        assert result.error == "fixed image not found: x.nrrd"
+        assert result.summary() == "bad input: fixed image not found: x.nrrd"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():  # a zombie waiting for its (foreign) parent counts as dead
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process groups; Windows uses taskkill /T")
+@pytest.mark.parametrize("ignore_sigterm", [False, True])
+def test_cancel_ends_the_whole_process_tree(ignore_sigterm: bool) -> None:
+    """Like PythonSlicer -> python-real: the worker runs in a child of the launched process."""
+    child = "import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "") + "time.sleep(120)"
+    launcher = textwrap.dedent(
+        f"""
+        import subprocess, sys, time
+        worker = subprocess.Popen([sys.executable, "-c", {child!r}])
+        print("child", worker.pid, flush=True)
+        worker.wait()
+        """
+    )
+    lines = []
+    runner = process.BackendProcess([sys.executable, "-c", launcher], onLog=lambda line, stream: lines.append(line)).start()
+    deadline = time.monotonic() + 30
+    while not any(l.startswith("child ") for l in lines) and time.monotonic() < deadline:
+        runner.poll()
+        time.sleep(0.05)
+    childPid = int(next(l for l in lines if l.startswith("child ")).split()[1])
+    assert _alive(childPid)
+    runner.cancel(grace=0.5)
+    result = runner.wait(timeout=30)
+    assert result.cancelled and not result.succeeded and result.summary() == "cancelled by the user"
+    deadline = time.monotonic() + 10
+    while _alive(childPid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(childPid), "the grandchild (the real worker) survived Cancel"
+
+
+def test_work_folder_is_removed_unless_kept(tmp_path: Path) -> None:
+    folder = process.WorkFolder(tmp_path / "parent")
+    folder.file("a.txt").write_text("x")
+    assert folder.cleanup(keep=True) is False and folder.path.exists()
+    assert folder.cleanup() is True and not folder.path.exists()
+
+
+# --- device probe ---------------------------------------------------------------------------------------
+def test_device_probe_parsing_and_choices() -> None:
+    record = {"torch": "2.5.1+cu124", "cuda_built": True, "cuda_available": True, "cuda_version": "12.4",
+              "devices": [{"index": 0, "name": "RTX 4090", "total_memory_gb": 23.6}, {"index": 1, "name": "T400", "total_memory_gb": 1.9}]}
+    info = device.parseProbeOutput("some warning\n" + device.PROBE_MARKER + json.dumps(record) + "\n")
+    assert info.torchInstalled and [g.name for g in info.gpus] == ["RTX 4090", "T400"]
+    assert [v for _, v in device.deviceChoices(info)] == ["auto", "cpu", "cuda:0", "cuda:1"]
+    assert "GPU 0: RTX 4090, 23.6 GB" in info.summary()
+    assert any("1.9 GB" in w for w in device.deviceWarnings(info, "cuda:1"))
+    assert not device.deviceWarnings(info, "cuda:0")
+    broken = device.parseProbeOutput(device.PROBE_MARKER + json.dumps({"torch": "2.3", "cuda_built": True, "cuda_available": False}))
+    assert any("built with CUDA" in w for w in device.deviceWarnings(broken, "auto"))
+    missing = device.parseProbeOutput("Traceback ...\nImportError: x")
+    assert missing.error and not missing.torchInstalled
+    assert device.deviceChoices(None) == [("Auto (GPU if available)", "auto"), ("CPU", "cpu")]
+
+
+def test_device_probe_runs_in_a_subprocess() -> None:
+    """The probe script itself, with this interpreter (torch CPU here)."""
+    completed = subprocess.run(device.probeCommand(sys.executable), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    info = device.parseProbeOutput(completed.stdout)
+    assert info.error is None, info.error
+    try:
+        import importlib.metadata as metadata
+
+        expected = metadata.version("torch")
+    except Exception:  # noqa: BLE001 - torch not installed: the probe must say so
+        expected = None
+    assert (info.torch is None) == (expected is None)
+    if expected is not None:
+        assert info.torch.split("+")[0] == expected.split("+")[0]
+
+
+# --- model manager -----------------------------------------------------------------------------------------
+def test_model_manager_lists_imports_and_verifies(tmp_path: Path) -> None:
+    resources = tmp_path / "Resources"
+    (resources / "Models" / "shipped").mkdir(parents=True)
+    weights = resources / "Models" / "shipped" / "model.safetensors"
+    weights.write_bytes(b"weights")
+    (resources / "Models.json").write_text(json.dumps({"models": [
+        {"name": "shipped", "task": "affine", "modality": "mri", "file": "Models/shipped/model.safetensors",
+         "sha256": models.sha256File(weights), "config": "Models/shipped/config.json"},
+        {"name": "remote", "task": "affine", "modality": "ct", "file": "https://example.org/remote.safetensors", "sha256": "0" * 64},
+        {"name": "deform", "task": "deformable", "file": "Models/d.safetensors"},
+    ]}))
+    manager = models.ModelManager(resources / "Models.json", tmp_path / "user")
+    assert [e.name for e in manager.models("affine")] == ["shipped", "remote"]
+    assert [e.name for e in manager.models("affine", "MRI")] == ["shipped"]
+    shipped = manager.find("shipped")
+    assert shipped.available and shipped.modelArgument() == "shipped"
+    assert manager.verify(shipped).status == "ok"
+    assert manager.verify(manager.find("remote")).status == "not downloaded"
+    assert manager.verify(manager.find("deform")).status == "missing"
+
+    outside = tmp_path / "downloads"
+    outside.mkdir()
+    (outside / "mine.safetensors").write_bytes(b"my weights")
+    (outside / "config.json").write_text("{}")
+    entry = manager.importFile(outside / "mine.safetensors", task="affine")
+    assert entry.source == "imported" and Path(entry.path).is_file()
+    assert (Path(entry.path).parent / "config.json").is_file(), "the backend expects config.json beside the weights"
+    assert entry.modelArgument() == entry.path and entry.sha256 == models.sha256File(outside / "mine.safetensors")
+    again = manager.importFile(outside / "mine.safetensors")
+    assert again.name != entry.name
+    assert {e.name for e in manager.models("affine")} >= {"shipped", "remote", entry.name, again.name}
+    assert manager.verify(entry).status == "ok"
+    Path(entry.path).write_bytes(b"tampered")
+    assert manager.verify(entry).status == "mismatch"
+    with pytest.raises(ValueError, match="does not match"):
+        manager.importFile(outside / "mine.safetensors", expectedSha256="f" * 64)
+    with pytest.raises(ValueError, match="must be"):
+        manager.importFile(outside / "config.json")
+    assert manager.removeImported(again.name) and again.name not in {e.name for e in manager.models()}
+
+
+def test_model_manager_reads_the_repository_registry() -> None:
+    registry = REPO / "Resources" / "Models.json"
+    manager = models.ModelManager(registry, REPO / "no-user-models")
+    entries = manager.models()
+    if registry.exists():
+        for entry in entries:
+            assert entry.task and entry.file
+            if not entry.isRemote:
+                assert manager.verify(entry).status in ("ok", "no checksum"), manager.verify(entry).text()
+    else:
+        assert entries == []
+
+
+# --- dependency plan ----------------------------------------------------------------------------------------
+def test_install_plan_installs_only_what_is_missing_and_pins_slicer_packages() -> None:
+    installed = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "requests": "2.32.0", "vtk": "9.3.0", "scipy": "1.13.0", "tqdm": "4.66.0"}
+    plan = install.planInstall(["monai>=1.3,<1.7", "scipy>=1.10,<2", "tqdm>=4.67,<5", "pywin32>=1; sys_platform == 'win32'"],
+                               installed.get)
+    assert plan.torchMissing
+    assert plan.pipRequirements == ["monai>=1.3,<1.7", "tqdm>=4.67,<5"] + (["pywin32>=1; sys_platform == 'win32'"] if os.name == "nt" else [])
+    assert set(plan.constraints) == {"numpy==1.26.4", "SimpleITK==2.4.0", "requests==2.32.0", "vtk==9.3.0"}
+    described = plan.describe()
+    assert described[0].startswith("PyTorch") and "monai>=1.3,<1.7 (pip)" in described
+    arguments = install.pipInstallArguments(plan, "c.txt")
+    assert arguments[:5] == ["install", "--upgrade-strategy", "only-if-needed", "-c", "c.txt"]
+    assert "numpy" not in " ".join(arguments[5:])
+    with pytest.raises(ValueError, match="numpy"):
+        install.planInstall(["numpy>=2"], installed.get)
+    old = install.planInstall([], {"torch": "1.13.1"}.get)
+    assert not old.torchMissing and old.torchTooOld == "1.13.1" and old.empty
+    assert install.changedImportedPackages({"scipy": "1.10", "monai": None}, {"scipy": "1.13", "monai": "1.4"}, ["scipy.ndimage"]) == ["scipy"]
