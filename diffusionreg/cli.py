@@ -2,13 +2,15 @@
 
 Every command shares ``--device``, ``--progress`` and ``--quiet``. Exit codes: 0 success,
 2 bad input (one line on stderr naming the problem, no output left behind), 130 cancelled,
-1 any other failure. Capability packages add their own commands through ``add_commands``.
+1 any other failure (set DIFFUSIONREG_TRACEBACK=1 to see the traceback). Capability packages
+add their own commands through ``add_commands``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -199,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CANCELLED
     except Exception as error:  # noqa: BLE001 - last resort: one line, non-zero exit
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-        if "--debug-traceback" in sys.argv or __import__("os").environ.get("DIFFUSIONREG_TRACEBACK"):
+        if os.environ.get("DIFFUSIONREG_TRACEBACK"):  # developers: the full traceback
             raise
         return EXIT_FAILURE
 
