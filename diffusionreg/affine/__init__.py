@@ -1,10 +1,19 @@
 """Spatial-diffusion affine registration (issue 3).
 
-Public API:
-    AffineConfig, get_config           -- configuration (presets 'compact', 'full')
-    AffineDiffusionNet                 -- the network
-    register_affine(fixed, moving, ...)-- world-space affine registration -> AffineTransform
+Public API::
+
+    from diffusionreg.affine import load_model, register_affine
+    model = load_model("brain-mri")            # or a path; None = default for the modality
+    result = register_affine(fixed, moving, model, modality="mri", steps=None,
+                             bidirectional=False, initialize="moments")
+    result.transform                           # AffineTransform, fixed LPS -> moving LPS (ITK)
+
+Modules: config (AffineConfig, presets compact/full), schedule, network (AffineDiffusionNet),
+gabor, sampling (one-jump forward process), artifacts, preprocess (network grids),
+reverse (reverse process, bidirectional), training, register, commands (CLI).
 """
 from .config import AffineConfig, get_config
+from .register import AffineResult, build_model, load_model, register_affine
 
-__all__ = ["AffineConfig", "get_config"]
+__all__ = ["AffineConfig", "get_config", "AffineResult", "build_model", "load_model",
+           "register_affine"]

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._compat import InputError
+from diffusionreg.errors import InputError
 
 MODALITIES = ("mri", "ct", "oct", "octa", "venous", "any")
 

@@ -1,0 +1,416 @@
+"""Affine benchmark: spatial diffusion vs ANTs affine vs SimpleITK (Mattes MI), same run.
+
+Real pairs (Dice of shared deep structures through the estimated transform, labels warped
+nearest-neighbour onto the fixed grid) among the labelled brains of ../shared/data/brain,
+including a pair whose moving image is rotated 25 deg about an oblique axis (a header-only
+rotation, exact for image and labels); plus synthetic known-affine recoveries on the
+held-out subject oasis_B (never used in training): rotation up to 30 deg about a random
+axis, translation up to 20 mm, per-axis scale 0.85-1.15, with a bias field, noise and a
+field-of-view cut. Recovery error = mean |T_est(x) - T_true(x)| (mm) over brain voxels;
+failure = error > 2 mm. Every method runs with the same thread count.
+
+    .venv/bin/python bench/affine.py --threads 1 [--methods ours,ants,sitk] [--synthetic 10]
+
+Writes bench/out/affine.md, bench/out/affine.json and bench/out/affine_overlay.png.
+Results of each method are cached in bench/out/affine_<method>.json; ``--reuse`` keeps the
+cached results of methods not listed in --methods.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+
+# Shared deep structures: name -> labels per label map.
+ASEG = {"thalamus": [10, 49], "caudate": [11, 50], "putamen": [12, 51], "pallidum": [13, 52],
+        "hippocampus": [17, 53], "amygdala": [18, 54], "lateral ventricle": [4, 43],
+        "brainstem": [16], "cerebellum": [7, 8, 46, 47], "3rd ventricle": [14],
+        "4th ventricle": [15]}
+SEG13 = {"thalamus": [1], "caudate": [6], "putamen": [5], "pallidum": [7], "hippocampus": [8],
+         "amygdala": [9], "lateral ventricle": [3], "brainstem": [13], "cerebellum": [2, 4],
+         "3rd ventricle": [11], "4th ventricle": [12]}
+MNI9 = {"caudate": [1], "cerebellum": [2], "putamen": [7], "thalamus": [9]}
+SEG4 = {"caudate": [1], "cerebellum": [2], "putamen": [3], "thalamus": [4]}
+
+
+def rotation(axis, degrees):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def about(centre, linear, translation=(0, 0, 0)):
+    m = np.eye(4)
+    m[:3, :3] = linear
+    m[:3, 3] = np.asarray(centre) + np.asarray(translation) - linear @ np.asarray(centre)
+    return m
+
+
+# --- data ------------------------------------------------------------------------------------
+def load_subjects(data: Path):
+    from diffusionreg.image import read_image
+    b = data / "brain"
+    subj = {
+        "vxm": (read_image(b / "vxm_test_scan_T1.nii.gz", dtype=np.float32),
+                {"aseg": read_image(b / "vxm_test_scan_aseg.nii.gz")}),
+        "oasisA": (read_image(b / "oasis_A_norm.nii.gz", dtype=np.float32),
+                   {"seg13": read_image(b / "oasis_A_seg13.nii.gz"),
+                    "seg4": read_image(b / "oasis_A_seg4_mni.nii.gz")}),
+        "mni": (read_image(b / "mni152_T1_1mm.nii.gz", dtype=np.float32),
+                {"mni9": read_image(b / "mni152_maxprob9_on_mni152_T1_1mm_grid.nii.gz")}),
+    }
+    return subj
+
+
+def label_sets(a: str, b: str):
+    """(labels key of a, mapping a, labels key of b, mapping b) for the structures both have."""
+    maps = {"vxm": ("aseg", ASEG), "oasisA": ("seg13", SEG13), "mni": ("mni9", MNI9)}
+    ka, ma = maps[a]
+    kb, mb = maps[b]
+    if "mni" in (a, b):   # only the 4 MNI structures are shared
+        if a == "oasisA":
+            ka, ma = "seg4", SEG4
+        if b == "oasisA":
+            kb, mb = "seg4", SEG4
+        ma = {k: v for k, v in ma.items() if k in MNI9}
+        mb = {k: v for k, v in mb.items() if k in MNI9}
+    names = [n for n in ma if n in mb]
+    return ka, {n: ma[n] for n in names}, kb, {n: mb[n] for n in names}
+
+
+def rotated(image, angle_deg, axis):
+    """Header-only rotation about the image centre (content rotated in world, exact)."""
+    from diffusionreg.image import Image
+    r = about(image.grid.centre_world(), rotation(axis, angle_deg))
+    return Image(image.array, r @ image.affine)
+
+
+def real_cases(subj):
+    cases = [("mni", "vxm"), ("mni", "oasisA"), ("vxm", "oasisA"), ("oasisA", "vxm"),
+             ("vxm", "mni"), ("oasisA", "mni")]
+    out = [{"name": f"{f} <- {m}", "fixed": f, "moving": m, "rot": None} for f, m in cases]
+    out.append({"name": "mni <- oasisA rot25 oblique", "fixed": "mni", "moving": "oasisA",
+                "rot": (25.0, (1.0, 1.0, 1.0))})
+    out.append({"name": "vxm <- oasisA rot25 oblique", "fixed": "vxm", "moving": "oasisA",
+                "rot": (25.0, (1.0, -0.5, 0.8))})
+    return out
+
+
+def dice(fixed_labels, moving_labels, transform, map_f, map_m) -> dict:
+    """Dice per structure; moving labels warped nearest-neighbour onto the fixed grid through
+    the fixed->moving LPS transform (SimpleITK's resampler, same convention as ours)."""
+    import SimpleITK as sitk
+
+    from diffusionreg.image import Image
+    from diffusionreg.transforms import AffineTransform, to_sitk_transform
+    ref = fixed_labels.to_sitk()
+    mov = Image(moving_labels.array.astype(np.int16), moving_labels.affine).to_sitk()
+    out = sitk.Resample(mov, ref, to_sitk_transform(AffineTransform(np.asarray(transform))),
+                        sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
+    warped = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+    fl = fixed_labels.array
+    res = {}
+    for name in map_f:
+        a = np.isin(fl, map_f[name])
+        b = np.isin(warped, map_m[name])
+        s = a.sum() + b.sum()
+        res[name] = float(2 * (a & b).sum() / s) if s else float("nan")
+    return res
+
+
+def synthetic_cases(n: int, seed: int, image):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        axis = rng.normal(size=3)
+        ang = rng.uniform(-30, 30)
+        scale = rng.uniform(0.85, 1.15, size=3)
+        d = rng.normal(size=3)
+        trans = d / np.linalg.norm(d) * rng.uniform(0, 20)
+        lin = rotation(axis, ang) @ np.diag(scale)
+        truth = about(image.grid.centre_world(), lin, trans)
+        cases.append({"name": f"synthetic {i}", "truth": truth, "angle": float(ang),
+                      "scale": scale.tolist(), "translation_mm": float(np.linalg.norm(trans)),
+                      "seed": int(rng.integers(1 << 30))})
+    return cases
+
+
+def synthetic_moving(image, truth, seed):
+    """moving(truth(x)) = image(x) on a fresh 1 mm grid, with a smooth bias field (+-20 %),
+    Gaussian noise (2 % of the max) and a 0-15 mm cut of the field of view on one side."""
+    from scipy import ndimage
+
+    from diffusionreg.image import centred_grid, crop_or_pad, resample
+    rng = np.random.default_rng(seed)
+    centre = truth[:3, :3] @ image.grid.centre_world() + truth[:3, 3]
+    grid = centred_grid((192, 208, 208), 1.0, centre)
+    mov = resample(image, grid, np.linalg.inv(truth), default=0.0)
+    coarse = rng.normal(size=(4, 4, 4))
+    field = ndimage.zoom(coarse, np.array(mov.shape) / 4.0, order=3)[: mov.shape[0], : mov.shape[1], : mov.shape[2]]
+    field = np.exp(0.2 * field / max(np.abs(field).max(), 1e-6))
+    arr = mov.array * field + rng.normal(scale=0.02 * float(mov.array.max()), size=mov.shape)
+    arr = np.clip(arr, 0, None).astype(np.float32)
+    mov = mov.with_array(arr)
+    axis = int(rng.integers(3))
+    cut = int(rng.integers(0, 16))
+    start = [0, 0, 0]
+    shape = list(mov.shape)
+    shape[axis] -= cut
+    if rng.random() < 0.5:
+        start[axis] = cut
+    return crop_or_pad(mov, start, shape)
+
+
+def mean_error_mm(est, truth, image) -> float:
+    from diffusionreg.spaces import apply_affine
+    idx = np.argwhere(image.array[::3, ::3, ::3] > 0.1 * image.array.max()) * 3.0
+    pts = apply_affine(image.affine, idx)
+    return float(np.linalg.norm(apply_affine(est, pts) - apply_affine(truth, pts), axis=1).mean())
+
+
+# --- methods ---------------------------------------------------------------------------------
+class Ours:
+    def __init__(self, bidirectional=False, model=None):
+        from diffusionreg.affine.register import load_model
+        self.model = load_model(model, "mri")
+        self.bidirectional = bidirectional
+
+    def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:
+        from diffusionreg.affine.register import register_affine
+        start, cpu0 = time.perf_counter(), time.process_time()
+        mat = register_affine(fixed, moving, self.model, bidirectional=self.bidirectional).transform.matrix
+        self.last_seconds = time.perf_counter() - start
+        self.last_cpu = time.process_time() - cpu0
+        return mat
+
+
+class Ants:
+    def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:
+        import ants
+
+        from diffusionreg.image import write_image
+        from diffusionreg.transforms import read_transform
+        write_image(fixed, tmp / "f.nii")
+        write_image(moving, tmp / "m.nii")
+        f = ants.image_read(str(tmp / "f.nii"))
+        m = ants.image_read(str(tmp / "m.nii"))
+        start, cpu0 = time.perf_counter(), time.process_time()
+        reg = ants.registration(fixed=f, moving=m, type_of_transform="Affine",
+                                outprefix=str(tmp / "ants_"), random_seed=1)
+        self.last_seconds = time.perf_counter() - start
+        self.last_cpu = time.process_time() - cpu0
+        return read_transform(reg["fwdtransforms"][0]).matrix
+
+
+class Sitk:
+    def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:
+        import SimpleITK as sitk
+
+        from diffusionreg.transforms import from_sitk_transform
+        f = sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32)
+        m = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
+        start, cpu0 = time.perf_counter(), time.process_time()
+        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
+                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.05, seed=1)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
+                                                     numberOfIterations=300,
+                                                     gradientMagnitudeTolerance=1e-6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4, 2, 1])
+        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        reg.SetInitialTransform(init, inPlace=False)
+        out = reg.Execute(f, m)
+        self.last_seconds = time.perf_counter() - start
+        self.last_cpu = time.process_time() - cpu0
+        t = from_sitk_transform(out)
+        if hasattr(t, "matrix"):
+            return t.matrix
+        pts = np.eye(4)  # composite: evaluate on 4 points and solve
+        p = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100.0]])
+        q = t.map_points(p)
+        a = np.linalg.lstsq(np.c_[p, np.ones(4)], q, rcond=None)[0].T
+        pts[:3] = a
+        return pts
+
+
+def _timed(method, fixed, moving, tmp):
+    """(matrix, wall seconds, CPU seconds) of the registration itself (file writing for ANTs
+    excluded). CPU time (this process, all threads) is the fair measure when the machine is
+    shared; wall time is reported too."""
+    if method is None:
+        return np.eye(4), 0.0, 0.0
+    start = time.perf_counter()
+    mat = method(fixed, moving, tmp)
+    wall = getattr(method, "last_seconds", time.perf_counter() - start)
+    return mat, wall, getattr(method, "last_cpu", wall)
+
+
+def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log) -> dict:
+    rows = {"real": [], "synthetic": []}
+    for case in real:
+        fixed, flabels = subj[case["fixed"]]
+        moving, mlabels = subj[case["moving"]]
+        if case["rot"] is not None:
+            moving = rotated(moving, *case["rot"])
+            mlabels = {k: rotated(v, *case["rot"]) for k, v in mlabels.items()}
+        mat, sec, cpu = _timed(method, fixed, moving, tmp)
+        ka, ma, kb, mb = label_sets(case["fixed"], case["moving"])
+        d = dice(flabels[ka], mlabels[kb], mat, ma, mb)
+        rows["real"].append({"case": case["name"], "dice": d, "mean_dice": float(np.nanmean(list(d.values()))),
+                             "seconds": sec, "cpu_seconds": cpu, "matrix": mat.tolist()})
+        log(f"{name:12s} {case['name']:32s} dice {rows['real'][-1]['mean_dice']:.3f}  {sec:6.1f} s (cpu {cpu:.1f} s)")
+    for case in synth:
+        moving = case["moving"]
+        mat, sec, cpu = _timed(method, synth_image, moving, tmp)
+        err = mean_error_mm(mat, case["truth"], synth_image)
+        rows["synthetic"].append({"case": case["name"], "error_mm": err, "seconds": sec, "cpu_seconds": cpu,
+                                  "angle": case["angle"], "scale": case["scale"],
+                                  "translation_mm": case["translation_mm"]})
+        log(f"{name:12s} {case['name']:32s} error {err:6.2f} mm {sec:6.1f} s (cpu {cpu:.1f} s) "
+            f"(rot {case['angle']:.0f} deg, |t| {case['translation_mm']:.0f} mm)")
+    return rows
+
+
+def summarise(name, rows) -> dict:
+    real = rows["real"]
+    syn = rows["synthetic"]
+    errs = np.array([r["error_mm"] for r in syn]) if syn else np.array([np.nan])
+    secs = [r["seconds"] for r in real + syn]
+    cpus = [r.get("cpu_seconds", r["seconds"]) for r in real + syn]
+    return {"method": name,
+            "mean_dice": float(np.mean([r["mean_dice"] for r in real])) if real else float("nan"),
+            "per_pair": {r["case"]: r["mean_dice"] for r in real},
+            "synthetic_median_mm": float(np.median(errs)), "synthetic_mean_mm": float(np.mean(errs)),
+            "synthetic_max_mm": float(np.max(errs)),
+            "failures": int((errs > 2.0).sum()) if syn else 0, "n_synthetic": len(syn),
+            "seconds_mean": float(np.mean(secs)) if secs else float("nan"),
+            "real_seconds_mean": float(np.mean([r["seconds"] for r in real])) if real else float("nan"),
+            "real_cpu_seconds_mean": float(np.mean([r.get("cpu_seconds", r["seconds"]) for r in real])) if real else float("nan"),
+            "cpu_seconds_mean": float(np.mean(cpus)) if cpus else float("nan")}
+
+
+def write_markdown(summaries, cases, args, path: Path):
+    names = [s["method"] for s in summaries]
+    lines = ["# Affine benchmark", "",
+             f"Command: `.venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` "
+             f"({args.threads} thread(s) for every method; CPU).", "",
+             "## Real pairs: mean Dice of shared deep structures (fixed <- moving)", "",
+             "| pair | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in cases:
+        lines.append(f"| {c['name']} | " + " | ".join(
+            f"{s['per_pair'].get(c['name'], float('nan')):.3f}" for s in summaries) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{s['mean_dice']:.3f}**" for s in summaries) + " |")
+    lines.append("| mean wall / CPU time per pair (s) | " + " | ".join(
+        f"{s['real_seconds_mean']:.1f} / {s['real_cpu_seconds_mean']:.1f}" for s in summaries) + " |")
+    lines += ["", f"## Synthetic known affines on the held-out oasis_B ({summaries[0]['n_synthetic']} cases)", "",
+              "| method | median error (mm) | mean (mm) | max (mm) | failures (> 2 mm) | mean wall time (s) | mean CPU time (s) |",
+              "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['method']} | {s['synthetic_median_mm']:.2f} | {s['synthetic_mean_mm']:.2f} | "
+                     f"{s['synthetic_max_mm']:.2f} | {s['failures']}/{s['n_synthetic']} | {s['seconds_mean']:.1f} | "
+                     f"{s['cpu_seconds_mean']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def overlay(subj, case, results, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffusionreg.image import resample
+    fixed, _ = subj[case["fixed"]]
+    moving, _ = subj[case["moving"]]
+    if case["rot"] is not None:
+        moving = rotated(moving, *case["rot"])
+    n = len(results)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.4), squeeze=False)
+    f = fixed.array / np.percentile(fixed.array, 99.5)
+    for col, (name, mat) in enumerate(results):
+        w = resample(moving, fixed.grid, np.asarray(mat), default=0.0).array
+        w = w / max(np.percentile(w, 99.5), 1e-6)
+        for row, sl in enumerate([(slice(None), fixed.shape[1] // 2, slice(None)),
+                                  (fixed.shape[0] // 2, slice(None), slice(None))]):
+            rgb = np.stack([np.clip(f[sl], 0, 1), np.clip(w[sl], 0, 1), np.clip(f[sl], 0, 1)], -1)
+            axes[row, col].imshow(np.rot90(rgb), interpolation="nearest")
+            axes[row, col].set_axis_off()
+        axes[0, col].set_title(name, fontsize=9)
+    fig.suptitle(f"{case['name']}: fixed magenta, warped moving green", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--methods", default="none,ours,ants,sitk")
+    p.add_argument("--model", default=None, help="model name or path (default brain-mri)")
+    p.add_argument("--synthetic", type=int, default=10)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse", action="store_true", help="reuse cached results of other methods")
+    p.add_argument("--real", default="all", help="'all' or 'none'")
+    args = p.parse_args()
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import SimpleITK as sitk
+    import torch
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    from diffusionreg.image import crop_or_pad, read_image
+    subj = load_subjects(args.data)
+    real = real_cases(subj) if args.real == "all" else []
+    b_img = read_image(args.data / "brain" / "oasis_B_norm.nii.gz", dtype=np.float32)
+    b_img = crop_or_pad(b_img, (40, 30, 30), (176, 190, 200))
+    synth = synthetic_cases(args.synthetic, args.seed, b_img)
+    for case in synth:   # generated once, shared by every method
+        case["moving"] = synthetic_moving(b_img, case["truth"], case["seed"])
+    factories = {"none": lambda: None, "ours": lambda: Ours(False, args.model),
+                 "ours-bidir": lambda: Ours(True, args.model), "ants": Ants, "sitk": Sitk}
+    labels = {"none": "identity (no registration)", "ours": "spatial diffusion",
+              "ours-bidir": "spatial diffusion (bidir)", "ants": "ANTs affine", "sitk": "SimpleITK MI"}
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    order = ["none", "ours", "ours-bidir", "ants", "sitk"]
+    all_rows = {}
+    with tempfile.TemporaryDirectory() as tmpd:
+        for m in wanted:
+            method = factories[m]()
+            rows = run_method(labels[m], method, subj, real, synth, b_img, Path(tmpd), print)
+            (OUT / f"affine_{m}.json").write_text(json.dumps(rows, indent=1))
+            all_rows[m] = rows
+    if args.reuse:
+        for m in order:
+            if m not in all_rows and (OUT / f"affine_{m}.json").exists():
+                all_rows[m] = json.loads((OUT / f"affine_{m}.json").read_text())
+    summaries = [summarise(labels[m], all_rows[m]) for m in order if m in all_rows]
+    (OUT / "affine.json").write_text(json.dumps({"summaries": summaries, "rows": all_rows}, indent=1))
+    write_markdown(summaries, real, args, OUT / "affine.md")
+    if real:
+        case = next(c for c in real if c["rot"] is not None)
+        res = [(labels[m], all_rows[m]["real"][[c["name"] for c in real].index(case["name"])]["matrix"])
+               for m in order if m in all_rows and all_rows[m]["real"]]
+        overlay(subj, case, res, OUT / "affine_overlay.png")
+    print((OUT / "affine.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""CLI: ``diffusionreg affine`` and ``diffusionreg train affine``."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from diffusionreg.errors import InputError
+from diffusionreg.reporting import add_report_options, check_report_options
+
+from .config import MODALITIES
+
+EXIT_OK = 0
+
+
+def add_commands(commands, train_commands, common) -> None:
+    """Register the affine registration command and its training command."""
+    p = commands.add_parser(
+        "affine", parents=[common],
+        help="spatial-diffusion affine registration (writes an ITK transform)",
+        description=("Affine registration of MOVING onto FIXED with the spatial-diffusion "
+                     "network. The output transform maps fixed LPS points to moving LPS points "
+                     "(ITK resampling convention): SimpleITK, 'diffusionreg resample' and Slicer "
+                     "put the moving image onto the fixed one with it."))
+    p.add_argument("--fixed", required=True, type=Path, help="fixed (reference) image")
+    p.add_argument("--moving", required=True, type=Path, help="moving image")
+    p.add_argument("--output-transform", required=True, type=Path,
+                   help="output transform (.h5, .tfm or .txt)")
+    p.add_argument("--output-volume", type=Path,
+                   help="moving image resampled onto the fixed grid (.nrrd, .nii.gz, .mha)")
+    p.add_argument("--model", default=None,
+                   help="model name from Resources/Models.json or a path to a .safetensors "
+                        "file / model folder (default: the model registered for the modality)")
+    p.add_argument("--modality", default="mri", choices=MODALITIES,
+                   help="image type: picks the default model, preprocessing and class (default mri)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="reverse-process steps (default: the model's T)")
+    p.add_argument("--bidirectional", action="store_true",
+                   help="refine with a second pass in the other direction (twice the time)")
+    p.add_argument("--initialize", default="moments", choices=("moments", "center", "none"),
+                   help="pre-alignment of the network grids: intensity centroids (default), "
+                        "image centres, or none")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the method is deterministic)")
+    p.add_argument("--output-json", type=Path, help="write the matrix and timings as JSON")
+    p.add_argument("--refine-iterations", type=int, default=DEFAULT_REFINE_ITERATIONS,
+                   help=("Adam steps of the test-time NCC refinement after the diffusion (4 mm grid); "
+                         f"0 runs the published method alone (default {DEFAULT_REFINE_ITERATIONS})"))
+    add_report_options(p)
+    p.set_defaults(handler=_run_affine)
+
+    t = train_commands.add_parser(
+        "affine", parents=[common], help="train a spatial-diffusion affine model",
+        description="Self-supervised training; run under torchrun for DDP (gloo on CPU).")
+    t.add_argument("--data", required=True, nargs="+", help="training volumes or folders")
+    t.add_argument("--val", nargs="+", default=None,
+                   help="held-back validation volumes (excluded from training)")
+    t.add_argument("--modality", default="mri", choices=MODALITIES[:-1])
+    t.add_argument("--config", default="compact", help="compact | full | path to config JSON")
+    t.add_argument("--steps", type=int, default=1000, help="optimisation steps")
+    t.add_argument("--batch-size", type=int, default=None, help="override the config batch size")
+    t.add_argument("--output", required=True, type=Path, help="run folder (checkpoints, EMA)")
+    t.add_argument("--resume", action="store_true", help="continue from output/checkpoint.pt")
+    t.add_argument("--checkpoint-minutes", type=float, default=4.0)
+    t.add_argument("--val-every", type=int, default=1000, help="validation interval (steps)")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="stop cleanly (checkpoint + EMA export) after this wall time")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    t.add_argument("--seed", type=int, default=None, help="override the config seed")
+    t.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace, progress) -> int:
+    from .config import get_config
+    from .training import TrainOptions, train
+
+    cfg = get_config(args.config)
+    if args.batch_size:
+        cfg.batch_size = args.batch_size
+    if args.seed is not None:
+        cfg.seed = args.seed
+    if args.steps < 1:
+        raise InputError("--steps must be >= 1")
+    mode = "none" if args.quiet or args.progress != "tqdm" else "tqdm"
+    summary = train(TrainOptions(
+        data=args.data, output=str(args.output), config=cfg, steps=args.steps,
+        modality=args.modality, val=args.val, resume=args.resume,
+        checkpoint_minutes=args.checkpoint_minutes, val_every=args.val_every,
+        threads=args.threads, progress=mode, max_minutes=args.max_minutes))
+    progress.log("training finished: " + json.dumps(summary))
+    return EXIT_OK
+
+
+# Refinement steps by default: the benchmark (bench/affine.py) measures both settings.
+DEFAULT_REFINE_ITERATIONS = 50
+
+
+def _run_affine(args: argparse.Namespace, progress) -> int:
+    from diffusionreg.devices import resolve_device
+    from diffusionreg.image import IMAGE_SUFFIXES, read_image, resample, write_image
+    from diffusionreg.transforms import AFFINE_SUFFIXES, write_transform
+
+    from diffusionreg.reporting import report
+
+    from .refine import RefineConfig, RefineLevel
+    from .register import load_model, register_affine
+
+    out_t = str(args.output_transform).lower()
+    if not out_t.endswith((".h5", ".hdf5", ".tfm", ".txt")):
+        raise InputError(f"--output-transform {args.output_transform}: use .h5, .tfm or .txt")
+    for flag, path, suffixes in (("--output-transform", args.output_transform, AFFINE_SUFFIXES),
+                                 ("--output-volume", args.output_volume, IMAGE_SUFFIXES),
+                                 ("--output-json", args.output_json, (".json",))):
+        if path is None:
+            continue
+        if not str(path).lower().endswith(tuple(suffixes)):
+            raise InputError(f"{flag} {path}: unsupported extension; use one of {', '.join(suffixes)}")
+        if path.parent and not path.parent.exists():
+            raise InputError(f"{flag} {path}: folder {path.parent} does not exist")
+    if args.steps is not None and args.steps < 1:
+        raise InputError("--steps must be >= 1")
+    if args.refine_iterations < 0:
+        raise InputError("--refine-iterations must be >= 0")
+    check_report_options(args)
+    with progress.stage("read", total=3) as stage:
+        fixed = read_image(args.fixed, what="fixed image")
+        stage.update(message="fixed")
+        moving = read_image(args.moving, what="moving image")
+        stage.update(message="moving")
+        model = load_model(args.model, args.modality, device=resolve_device(args.device))
+        stage.update(message="model")
+    refine = RefineConfig(levels=(RefineLevel(RefineConfig().levels[0].spacing_mm, args.refine_iterations),)
+                          if args.refine_iterations else ())
+    result = register_affine(fixed, moving, model, modality=args.modality, steps=args.steps,
+                             bidirectional=args.bidirectional, initialize=args.initialize,
+                             seed=args.seed, progress=progress, refine=refine)
+    write_transform(result.transform, args.output_transform)
+    if args.output_volume:
+        with progress.stage("resample", total=1) as stage:
+            warped = resample(moving, fixed.grid, result.transform, "linear", default=0.0)
+            stage.update()
+        write_image(warped, args.output_volume)
+    if args.output_json:
+        from diffusionreg.io_atomic import atomic_output
+        with atomic_output(args.output_json) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2))
+    progress.log(f"wrote {args.output_transform} ({result.seconds:.1f} s, model {model.name})")
+    report(args, fixed, moving, result.transform, progress)
+    return EXIT_OK

@@ -1,0 +1,182 @@
+"""World-space affine registration with a spatial-diffusion model.
+
+Chain (all matrices exact, 4x4, LPS mm):
+
+    T_world = G_mov N^-1 C N G_fix^-1
+
+G_fix, G_mov: voxel -> LPS matrices of the fixed / moving network grids (cubic, identity
+direction, centred on the fixed / moving intensity centroid for 'moments', on the image
+centres for 'center', both on the fixed centre for 'none'); N: voxel -> torch-normalised
+(align_corners=False); C: the composed reverse-process matrix (fixed normalised -> moving
+normalised). T_world maps fixed points to moving points (ITK resampling convention).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from diffusionreg.image import Image
+from diffusionreg.spaces import world_transform_from_normalized
+from diffusionreg.transforms import AffineTransform
+
+from diffusionreg.errors import InputError
+from .config import AffineConfig
+from .network import AffineDiffusionNet
+from .preprocess import foreground_centroid, intensity_window, network_grid, to_network
+from .refine import RefineConfig, refine_affine
+from .reverse import bidirectional as run_bidirectional
+from .reverse import reverse_process, step_plan
+from .schedule import Schedule
+
+PREPROCESS = {"oct": "oct", "octa": "octa"}  # every other modality: no filtering
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    net: AffineDiffusionNet
+    cfg: AffineConfig
+    sched: Schedule
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def build_model(cfg: AffineConfig, state: dict | None = None, name: str = "model",
+                device: str | torch.device = "cpu") -> LoadedModel:
+    net = AffineDiffusionNet(cfg)
+    if state is not None:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(f"model {name}: weights do not match its config "
+                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    net.eval().to(device)
+    return LoadedModel(name, net, cfg, Schedule.from_config(cfg), torch.device(device))
+
+
+def load_model(name_or_path=None, modality: str = "mri", device="cpu") -> LoadedModel:
+    """Registered name, path or None (the default model for ``modality``); sha256 checked."""
+    from diffusionreg import models
+
+    entry = models.resolve(name_or_path, "affine", modality)
+    state = models.load_state_dict(entry)
+    cfg = AffineConfig.from_dict(models.load_config_json(entry))
+    return build_model(cfg, state, entry.name, device)
+
+
+@dataclass
+class AffineResult:
+    transform: AffineTransform           # fixed LPS -> moving LPS
+    theta: np.ndarray                    # 4x4 normalised (fixed net grid -> moving net grid)
+    fixed_grid_affine: np.ndarray
+    moving_grid_affine: np.ndarray
+    grid_shape: tuple[int, int, int]
+    seconds: float
+    unidirectional: AffineTransform | None = None
+    diffusion_only: AffineTransform | None = None   # before the optional refinement
+    refine_ncc: tuple[float, float] | None = None   # NCC before/after refinement
+
+    def to_dict(self) -> dict:
+        d = {"matrix_lps": self.transform.matrix.tolist(), "theta_normalized": self.theta.tolist(),
+             "fixed_network_grid": self.fixed_grid_affine.tolist(),
+             "moving_network_grid": self.moving_grid_affine.tolist(),
+             "grid_shape": list(self.grid_shape), "seconds": self.seconds}
+        if self.unidirectional is not None:
+            d["matrix_lps_unidirectional"] = self.unidirectional.matrix.tolist()
+        return d
+
+
+def _check_image(image: Image, what: str) -> tuple[float, float]:
+    if image.array.ndim != 3:
+        raise InputError(f"{what} must be a scalar 3D image, got shape {image.array.shape}")
+    if min(image.shape) < 2:
+        raise InputError(f"{what} must be 3D, got shape {image.shape}")
+    arr = np.asarray(image.array)
+    if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
+        raise InputError(f"{what} contains NaN or infinite values")
+    if float(arr.max()) <= float(arr.min()):
+        raise InputError(f"{what} is constant: nothing to register")
+    if abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
+        raise InputError(f"{what} has a singular voxel-to-world matrix")
+    return intensity_window(arr, 99.8)
+
+
+def centres(fixed: Image, moving: Image, initialize: str, windows) -> tuple[np.ndarray, np.ndarray]:
+    """World centres (LPS) of the fixed and moving network grids."""
+    if initialize == "moments":
+        return foreground_centroid(fixed, windows[0]), foreground_centroid(moving, windows[1])
+    if initialize == "center":
+        return fixed.grid.centre_world(), moving.grid.centre_world()
+    if initialize == "none":
+        c = fixed.grid.centre_world()
+        return c, c
+    raise InputError(f"unknown initialisation {initialize!r}; use moments, center or none")
+
+
+def register_affine(fixed: Image, moving: Image, model: LoadedModel, modality: str = "mri",
+                    steps: int | None = None, bidirectional: bool = False,
+                    initialize: str = "moments", seed: int = 0, progress=None,
+                    refine: "RefineConfig | None" = None) -> AffineResult:
+    """Register ``moving`` onto ``fixed``; returns the fixed->moving LPS AffineTransform.
+
+    ``refine`` (see :mod:`diffusionreg.affine.refine`) polishes the diffusion result by a short
+    intensity optimisation; ``None`` or no levels runs the method exactly as published.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    cfg = model.cfg
+    w_fix = _check_image(fixed, "fixed image")
+    w_mov = _check_image(moving, "moving image")
+    c_fix, c_mov = centres(fixed, moving, initialize, (w_fix, w_mov))
+    g_fix = network_grid(cfg, c_fix)
+    g_mov = network_grid(cfg, c_mov)
+    f_in = to_network(fixed, g_fix, cfg, w_fix)
+    m_in = to_network(moving, g_mov, cfg, w_mov)
+    dev = model.device
+    f_t = torch.from_numpy(f_in.array)[None, None].to(dev)
+    m_t = torch.from_numpy(m_in.array)[None, None].to(dev)
+    cls = None
+    if cfg.n_classes > 1:
+        cls = torch.tensor([cfg.class_index(modality)], dtype=torch.long, device=dev)
+    prep = PREPROCESS.get(modality, "none")
+    n_steps = len(step_plan(model.sched, steps))
+    stage = progress.stage("affine", total=n_steps * (2 if bidirectional else 1)) if progress else None
+    cb = (lambda n: stage.update()) if stage is not None else None
+    uni = None
+    try:
+        if bidirectional:
+            comp, _, c1 = run_bidirectional(model.net, f_t, m_t, model.sched, steps, cls, prep,
+                                            callback=cb)
+            uni = c1[0].numpy()
+        else:
+            comp, _ = reverse_process(model.net, f_t, m_t, model.sched, steps, cls, prep,
+                                      callback=cb)
+    finally:
+        if stage is not None:
+            stage.__exit__(None, None, None)
+    theta = comp[0].numpy()
+    shape = (cfg.grid_size,) * 3
+
+    def world(th):
+        return AffineTransform(world_transform_from_normalized(th, g_fix.affine, shape,
+                                                               g_mov.affine, shape))
+
+    diffusion = world(theta)
+    final, ncc = diffusion, None
+    if refine is not None and refine.levels:
+        pivot = c_fix if initialize == "moments" else foreground_centroid(fixed, w_fix)
+        with (progress.stage("refine", total=1) if progress else _no_stage()) as refine_stage:
+            refined = refine_affine(fixed, moving, diffusion, pivot, refine, device=dev)
+            if refine_stage is not None:
+                refine_stage.update(message=f"NCC {refined.ncc_before:.3f} -> {refined.ncc_after:.3f}")
+        final, ncc = refined.transform, (refined.ncc_before, refined.ncc_after)
+    return AffineResult(final, theta, g_fix.affine, g_mov.affine, shape,
+                        time.perf_counter() - start, world(uni) if uni is not None else None,
+                        diffusion_only=diffusion, refine_ncc=ncc)
+
+
+@contextlib.contextmanager
+def _no_stage():
+    yield None
