@@ -181,15 +181,19 @@ def mean_error_mm(est, truth, image) -> float:
 
 # --- methods ---------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, bidirectional=False, model=None):
+    def __init__(self, bidirectional=False, model=None, refine=False):
+        from diffusionreg.affine.refine import RefineConfig
         from diffusionreg.affine.register import load_model
         self.model = load_model(model, "mri")
         self.bidirectional = bidirectional
+        # refine=True: the command-line default (diffusion, then the test-time NCC refinement).
+        self.refine = RefineConfig() if refine else None
 
     def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:
         from diffusionreg.affine.register import register_affine
         start, cpu0 = time.perf_counter(), time.process_time()
-        mat = register_affine(fixed, moving, self.model, bidirectional=self.bidirectional).transform.matrix
+        mat = register_affine(fixed, moving, self.model, bidirectional=self.bidirectional,
+                              refine=self.refine).transform.matrix
         self.last_seconds = time.perf_counter() - start
         self.last_cpu = time.process_time() - cpu0
         return mat
@@ -262,8 +266,12 @@ def _timed(method, fixed, moving, tmp):
     return mat, wall, getattr(method, "last_cpu", wall)
 
 
-def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log) -> dict:
+def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log, partial: Path | None = None) -> dict:
     rows = {"real": [], "synthetic": []}
+
+    def save():
+        if partial is not None:
+            partial.write_text(json.dumps(rows, indent=1))
     for case in real:
         fixed, flabels = subj[case["fixed"]]
         moving, mlabels = subj[case["moving"]]
@@ -276,6 +284,7 @@ def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log) -> 
         rows["real"].append({"case": case["name"], "dice": d, "mean_dice": float(np.nanmean(list(d.values()))),
                              "seconds": sec, "cpu_seconds": cpu, "matrix": mat.tolist()})
         log(f"{name:12s} {case['name']:32s} dice {rows['real'][-1]['mean_dice']:.3f}  {sec:6.1f} s (cpu {cpu:.1f} s)")
+        save()
     for case in synth:
         moving = case["moving"]
         mat, sec, cpu = _timed(method, synth_image, moving, tmp)
@@ -285,6 +294,30 @@ def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log) -> 
                                   "translation_mm": case["translation_mm"]})
         log(f"{name:12s} {case['name']:32s} error {err:6.2f} mm {sec:6.1f} s (cpu {cpu:.1f} s) "
             f"(rot {case['angle']:.0f} deg, |t| {case['translation_mm']:.0f} mm)")
+        save()
+    return rows
+
+
+def parse_log(path: Path, label: str) -> dict:
+    """Per-case results from the lines this script prints (for a run that was interrupted
+    before it wrote its JSON). Matrices are not in the log, so such rows have none."""
+    import re
+    rows = {"real": [], "synthetic": []}
+    for line in path.read_text().splitlines():
+        if not line.startswith(label + " "):
+            continue
+        rest = line[len(label):].strip()
+        m = re.match(r"(.+?)\s+dice ([0-9.]+)\s+([0-9.]+) s \(cpu ([0-9.]+) s\)", rest)
+        if m:
+            rows["real"].append({"case": m.group(1).strip(), "mean_dice": float(m.group(2)),
+                                 "seconds": float(m.group(3)), "cpu_seconds": float(m.group(4)),
+                                 "matrix": None, "from_log": True})
+            continue
+        m = re.match(r"(synthetic \d+)\s+error\s+([0-9.]+) mm\s+([0-9.]+) s \(cpu ([0-9.]+) s\)", rest)
+        if m:
+            rows["synthetic"].append({"case": m.group(1), "error_mm": float(m.group(2)),
+                                      "seconds": float(m.group(3)), "cpu_seconds": float(m.group(4)),
+                                      "from_log": True})
     return rows
 
 
@@ -306,11 +339,16 @@ def summarise(name, rows) -> dict:
             "cpu_seconds_mean": float(np.mean(cpus)) if cpus else float("nan")}
 
 
-def write_markdown(summaries, cases, args, path: Path):
+def write_markdown(summaries, cases, args, path: Path, partial_methods=()):
     names = [s["method"] for s in summaries]
     lines = ["# Affine benchmark", "",
              f"Command: `.venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` "
-             f"({args.threads} thread(s) for every method; CPU).", "",
+             f"({args.threads} thread(s) for every method; CPU; the machine was shared, so CPU "
+             "time is the comparable cost and wall time is inflated for every method).", ""]
+    if partial_methods:
+        lines += [f"Interrupted before all cases finished (rows listed as nan are missing): "
+                  f"{', '.join(partial_methods)}.", ""]
+    lines += [
              "## Real pairs: mean Dice of shared deep structures (fixed <- moving)", "",
              "| pair | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in cases:
@@ -367,6 +405,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true", help="reuse cached results of other methods")
     p.add_argument("--real", default="all", help="'all' or 'none'")
+    p.add_argument("--import-log", nargs=2, action="append", metavar=("METHOD", "LOG"),
+                   help="recover the per-case lines of an interrupted run's log as partial results")
     args = p.parse_args()
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -382,32 +422,49 @@ def main():
     b_img = read_image(args.data / "brain" / "oasis_B_norm.nii.gz", dtype=np.float32)
     b_img = crop_or_pad(b_img, (40, 30, 30), (176, 190, 200))
     synth = synthetic_cases(args.synthetic, args.seed, b_img)
-    for case in synth:   # generated once, shared by every method
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for case in synth if wanted else []:   # generated once, shared by every method
         case["moving"] = synthetic_moving(b_img, case["truth"], case["seed"])
     factories = {"none": lambda: None, "ours": lambda: Ours(False, args.model),
-                 "ours-bidir": lambda: Ours(True, args.model), "ants": Ants, "sitk": Sitk}
+                 "ours-bidir": lambda: Ours(True, args.model),
+                 "ours-refine": lambda: Ours(False, args.model, refine=True), "ants": Ants, "sitk": Sitk}
     labels = {"none": "identity (no registration)", "ours": "spatial diffusion",
-              "ours-bidir": "spatial diffusion (bidir)", "ants": "ANTs affine", "sitk": "SimpleITK MI"}
+              "ours-bidir": "spatial diffusion (bidir)", "ours-refine": "spatial diffusion + refinement (default)",
+              "ants": "ANTs affine", "sitk": "SimpleITK MI"}
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    order = ["none", "ours", "ours-bidir", "ants", "sitk"]
+    order = ["none", "ours", "ours-bidir", "ours-refine", "ants", "sitk"]
     all_rows = {}
     with tempfile.TemporaryDirectory() as tmpd:
         for m in wanted:
             method = factories[m]()
-            rows = run_method(labels[m], method, subj, real, synth, b_img, Path(tmpd), print)
+            rows = run_method(labels[m], method, subj, real, synth, b_img, Path(tmpd), print,
+                              OUT / f"affine_{m}.partial.json")
             (OUT / f"affine_{m}.json").write_text(json.dumps(rows, indent=1))
             all_rows[m] = rows
+    for m, log in args.import_log or []:
+        (OUT / f"affine_{m}.partial.json").write_text(json.dumps(parse_log(Path(log), labels[m]), indent=1))
+    partial_methods = []
     if args.reuse:
         for m in order:
-            if m not in all_rows and (OUT / f"affine_{m}.json").exists():
+            if m in all_rows:
+                continue
+            if (OUT / f"affine_{m}.json").exists():
                 all_rows[m] = json.loads((OUT / f"affine_{m}.json").read_text())
+            elif (OUT / f"affine_{m}.partial.json").exists():   # an interrupted run
+                all_rows[m] = json.loads((OUT / f"affine_{m}.partial.json").read_text())
+                partial_methods.append(labels[m])
     summaries = [summarise(labels[m], all_rows[m]) for m in order if m in all_rows]
     (OUT / "affine.json").write_text(json.dumps({"summaries": summaries, "rows": all_rows}, indent=1))
-    write_markdown(summaries, real, args, OUT / "affine.md")
+    write_markdown(summaries, real, args, OUT / "affine.md", partial_methods)
     if real:
         case = next(c for c in real if c["rot"] is not None)
-        res = [(labels[m], all_rows[m]["real"][[c["name"] for c in real].index(case["name"])]["matrix"])
-               for m in order if m in all_rows and all_rows[m]["real"]]
+        res = []
+        for m in order:
+            if m not in all_rows:
+                continue
+            hit = [r for r in all_rows[m]["real"] if r["case"] == case["name"] and r.get("matrix")]
+            if hit:
+                res.append((labels[m], hit[0]["matrix"]))
         overlay(subj, case, res, OUT / "affine_overlay.png")
     print((OUT / "affine.md").read_text())
 
