@@ -1,0 +1,209 @@
+"""Deformable registration path: exact world geometry, CLI end to end, bad inputs, DDP training."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusionreg.deformable.config import DeformableConfig, ICONConfig, SITRegConfig
+from diffusionreg.deformable.register import (DeformableModel, build_network, export_model, register_deformable,
+                                              world_field)
+from diffusionreg.image import Image, Grid, centred_grid, read_image, write_image
+from diffusionreg.spaces import apply_affine
+from diffusionreg.transforms import AffineTransform, read_transform, write_transform
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SITREG = DeformableConfig(name="test-sitreg", method="sitreg", grid_shape=(16, 16, 16), spacing_mm=12.0,
+                               sitreg=SITRegConfig(feature_channels=(4, 8, 8), head_channels=(4, 8, 8)))
+TINY_ICON = DeformableConfig(name="test-icon", method="icon", grid_shape=(16, 16, 16), spacing_mm=12.0,
+                             icon=ICONConfig(channels=(4, 8, 8, 8, 8, 8), smoothing_kernel=3, squarings=6),
+                             io_steps=2, io_lr=1e-3)
+
+
+def rotation(axis, degrees):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+@pytest.fixture(scope="module")
+def ct(shared_data) -> Image:
+    return read_image(shared_data / "lung" / "elastix_lung" / "3DCT_lung_baseline_small.mha")
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for cfg in (TINY_SITREG, TINY_ICON):
+        torch.manual_seed(0)
+        out[cfg.method] = root / cfg.method
+        export_model(build_network(cfg), cfg, out[cfg.method])
+    return out
+
+
+def moved_copy(image: Image, matrix: np.ndarray) -> Image:
+    """The same voxels placed elsewhere: moving(T x) = fixed(x) for the 4x4 fixed->moving map T."""
+    return Image(image.array.copy(), matrix @ image.affine)
+
+
+def test_identity_network_gives_exactly_the_initial_transform(ct):
+    """Untrained SITReg heads are zero: D must be T0 - id on the fixed grid, Dinv its inverse."""
+    model = DeformableModel(build_network(TINY_SITREG).eval(), TINY_SITREG)
+    t0 = np.eye(4)
+    t0[:3, :3] = rotation((1, 2, 3), 7.0)
+    t0[:3, 3] = (4.0, -3.0, 2.5)
+    moving = moved_copy(ct, t0)
+    result = register_deformable(ct, moving, model, AffineTransform(t0), io_steps=0, want_inverse=True,
+                                 want_jacobian=True)
+    assert float(result.u.abs().max()) == 0.0
+    fixed_points = ct.grid.voxel_centres_world().reshape(-1, 3)
+    expected = apply_affine(t0, fixed_points) - fixed_points
+    np.testing.assert_allclose(result.forward.field.array.reshape(-1, 3), expected, atol=2e-4)
+    assert result.forward.grid.same_as(ct.grid)
+    assert result.inverse.grid.same_as(moving.grid)
+    moving_points = moving.grid.voxel_centres_world().reshape(-1, 3)
+    expected_inv = apply_affine(np.linalg.inv(t0), moving_points) - moving_points
+    np.testing.assert_allclose(result.inverse.field.array.reshape(-1, 3), expected_inv, atol=2e-4)
+    np.testing.assert_allclose(result.jacobian.array, 1.0, atol=1e-5)
+    assert result.metrics["folding_percent"] == 0.0
+
+
+def test_network_field_becomes_world_millimetres_exactly():
+    """One network voxel along axis 0 is the grid's first column in LPS mm, for an oblique fixed grid."""
+    direction = rotation((0, 1, 1), 20.0)
+    fixed_grid = centred_grid((10, 12, 9), (1.5, 1.0, 2.0), (10.0, -5.0, 3.0), direction)
+    net_grid = centred_grid((16, 16, 16), 3.0, (10.0, -5.0, 3.0), np.eye(3))
+    u = torch.zeros(1, 3, 16, 16, 16)
+    u[:, 0] = 1.0
+    u[:, 2] = -0.5
+    d = world_field(u, net_grid, fixed_grid)
+    expected = net_grid.affine[:3, 0] * 1.0 - 0.5 * net_grid.affine[:3, 2]
+    np.testing.assert_allclose(d.reshape(-1, 3), np.broadcast_to(expected, (d.size // 3, 3)), atol=1e-5)
+
+
+def test_cli_end_to_end_on_real_ct(ct, tmp_path, cli, model_dirs):
+    t0 = np.eye(4)
+    t0[:3, 3] = (6.0, -4.0, 3.0)
+    fixed_path, moving_path = tmp_path / "fixed.nii.gz", tmp_path / "moving.nrrd"
+    write_image(ct, fixed_path)
+    write_image(moved_copy(ct, t0), moving_path)
+    write_transform(AffineTransform(t0), tmp_path / "init.h5")
+    out = {k: tmp_path / v for k, v in dict(d="D.nii.gz", dinv="Dinv.nii.gz", vol="W.nrrd", jac="J.nii.gz",
+                                           js="R.json").items()}
+    r = cli("deformable", "--fixed", str(fixed_path), "--moving", str(moving_path), "--initial-transform",
+            str(tmp_path / "init.h5"), "--output-transform", str(out["d"]), "--output-inverse-transform",
+            str(out["dinv"]), "--output-volume", str(out["vol"]), "--output-jacobian", str(out["jac"]),
+            "--model", str(model_dirs["icon"]), "--method", "icon", "--instance-optimization", "2",
+            "--output-json", str(out["js"]), "--device", "cpu", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "inverse consistency" in r.stdout
+    d = read_transform(out["d"])
+    dinv = read_transform(out["dinv"])
+    assert d.grid.same_as(ct.grid, 1e-3)
+    assert dinv.grid.same_as(moved_copy(ct, t0).grid, 1e-3)
+    # D o Dinv = id on moving points (up to trilinear resampling of both fields)
+    q = moved_copy(ct, t0).grid.voxel_centres_world().reshape(-1, 3)[::7]
+    p = dinv.map_points(q)
+    inside = np.all((apply_affine(np.linalg.inv(ct.affine), p) > 1) &
+                    (apply_affine(np.linalg.inv(ct.affine), p) < np.array(ct.shape) - 2), axis=1)
+    err = np.linalg.norm(d.map_points(p[inside]) - q[inside], axis=1)
+    assert np.median(err) < 0.05 and err.max() < 1.0
+    # near-identity network: D is close to the initial translation
+    assert np.abs(d.field.array.reshape(-1, 3).mean(0) - t0[:3, 3]).max() < 1.0
+    result = json.loads(out["js"].read_text())
+    for key in ("folding_percent", "ndv_percent", "ice_mean_mm", "ice_max_mm", "seconds_total"):
+        assert key in result
+    assert result["instance_optimization_steps"] == 2
+    warped = read_image(out["vol"])
+    assert warped.grid.same_as(ct.grid, 1e-3)
+    centre = tuple(slice(s // 4, 3 * s // 4) for s in ct.shape)
+    assert np.corrcoef(warped.array[centre].ravel(), ct.array[centre].ravel())[0, 1] > 0.95
+    assert read_image(out["jac"]).array.min() > 0
+
+
+@pytest.mark.parametrize("case", ["missing", "suffix", "io", "vector", "model", "dense-inverse"])
+def test_bad_inputs_exit_2(case, ct, tmp_path, cli, model_dirs):
+    fixed = tmp_path / "f.nii.gz"
+    write_image(ct, fixed)
+    args = ["deformable", "--fixed", str(fixed), "--moving", str(fixed), "--output-transform",
+            str(tmp_path / "D.nii.gz"), "--model", str(model_dirs["sitreg"]), "--progress", "none"]
+    if case == "missing":
+        args[2] = str(tmp_path / "nope.nii.gz")
+    elif case == "suffix":
+        args[6] = str(tmp_path / "D.txt")
+    elif case == "io":
+        args += ["--instance-optimization", "-1"]
+    elif case == "vector":
+        vec = tmp_path / "v.nii.gz"
+        write_image(Image(np.zeros(ct.shape + (3,), np.float32), ct.affine), vec)
+        args[4] = str(vec)
+    elif case == "model":
+        args[8] = "no-such-model"
+    elif case == "dense-inverse":
+        field = tmp_path / "init.nii.gz"
+        write_image(Image(np.zeros(ct.shape + (3,), np.float32), ct.affine), field)
+        args += ["--initial-transform", str(field), "--output-inverse-transform", str(tmp_path / "Di.nii.gz")]
+    r = cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "D.nii.gz").exists()
+
+
+def test_ddp_training_smoke_and_resume(tmp_path):
+    """torchrun, 2 processes, gloo: trains, checkpoints, exports and resumes."""
+    rng = np.random.default_rng(0)
+    idx = np.stack(np.meshgrid(*[np.arange(20)] * 3, indexing="ij"), -1).astype(np.float32)
+    files = []
+    for n in range(3):
+        c = np.array([10.0, 10.0, 10.0]) + rng.normal(size=3)
+        vol = np.exp(-((idx - c) ** 2).sum(-1) / 30.0).astype(np.float32)
+        path = tmp_path / f"vol{n}.nii.gz"
+        write_image(Image(vol, np.diag([8.0, 8.0, 8.0, 1.0])), path)
+        files.append(str(path))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(TINY_SITREG.to_json())
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffusionreg",
+            "train", "deformable", "--method", "sitreg", "--config", str(cfg), "--pairs", *files,
+            "--val-pairs", f"{files[0]},{files[1]}", "--output", str(out), "--threads", "1", "--progress", "none",
+            "--val-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(base + ["--steps", "2"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    r = subprocess.run(base + ["--steps", "3", "--resume"], capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "start step 2/3" in r.stdout
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 3
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert any("validation" in h for h in history)
+
+
+def test_shipped_lung_model_improves_landmarks(shared_data):
+    """The registered lung-vessels model loads by name (sha256 checked) and, zero-shot on the
+    network grid, brings the landmarks of a validation pair closer than the initial TRE."""
+    from diffusionreg import models
+    from diffusionreg.deformable.register import load_model
+    from diffusionreg.deformable.training import landmark_tre, load_pair
+
+    if not any(e.name == "lung-vessels" for e in models.list_models("deformable")):
+        pytest.skip("lung-vessels model not registered in Resources/Models.json")
+    model = load_model("lung-vessels")
+    assert model.cfg.method == "icon"
+    folder = shared_data / "lung" / "vessels_val_cc_by"
+    pair = load_pair(folder / "case_094_1.nii.gz", folder / "case_094_2.nii.gz",
+                     folder / "case_094_landmarks_voxel.csv", model.cfg)
+    with torch.no_grad():
+        u, w = model.net(pair.moving, pair.fixed)
+    initial = np.linalg.norm(pair.landmarks[0] - pair.landmarks[1], axis=1).mean()
+    assert landmark_tre(u, pair.grid, *pair.landmarks).mean() < 0.6 * initial

@@ -1,0 +1,220 @@
+"""Configuration dataclasses of the deformable networks, with compact CPU and ``full`` presets.
+
+A :class:`DeformableConfig` holds the method (``sitreg`` or ``icon``), the network grid
+(shape in voxels and isotropic spacing in mm, array axes i, j, k), the intensity
+normalisation the model was trained with, the network sub-config, the loss weights, training
+and instance-optimisation settings. It is stored as ``config.json`` beside the weights.
+
+Presets (``get_config(name)``):
+
+* ``compact-sitreg``, ``compact-icon``: CPU sizes (a few hundred K parameters, 64-96^3 grids).
+* ``lung-icon``: the compact lung-vessel model (ICON, binary vessel maps, 3 mm grid).
+* ``full-lumir``, ``full-oasis``, ``full-lung250m``: SITReg as the reference configs
+  (LUMIR 2024: 6 levels 12..128 features, 12..256 head channels, GN 4, 160x224x192 at 1 mm,
+  window 11, lr 4e-4; OASIS aligned: 4 levels, 8/40/40/40, 16/72/72/72, GN 2 none in heads;
+  Lung250M-4B: 6 levels 8/36x5, 16/62x5, GN 2, 160x112x160 at 2 mm).
+* ``full-unleashing``: the two-step ICON network of Unleashing Registration (128x104x128
+  at 2 mm, channels 8..64, lr 0.015, batch 8, 50 instance-optimisation steps at lr 0.005).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffusionreg.errors import InputError
+
+METHODS = ("sitreg", "icon")
+NORMALISATIONS = ("binary", "minmax", "percentile", "clip", "none")
+
+
+@dataclass
+class SITRegConfig:
+    """Sizes of the SITReg network (one entry per level, level 0 = full resolution)."""
+
+    feature_channels: tuple[int, ...] = (8, 16, 32, 32)
+    head_channels: tuple[int, ...] = (8, 32, 64, 64)
+    convs_per_level: int = 2
+    norm_groups: int = 2                 # GroupNorm groups in the encoder (0 = none)
+    head_norm_groups: int = 2            # GroupNorm groups in the heads (0 = none, OASIS)
+    predict_affine: bool = False         # symmetric half-affine stage from the coarsest features
+    affine_hidden: int = 64              # MLP width of the affine stage (input is projected first)
+    affine_input_channels: int = 4       # 1x1 projection of the coarsest features before the MLP
+    invert_tolerance: float = 1e-2       # fixed-point stop, voxels (reference: 0.01)
+    invert_max_iterations: int = 50
+    invert_backward_tolerance: float = 1e-2
+    invert_backward_max_iterations: int = 50
+
+    @property
+    def levels(self) -> int:
+        return len(self.feature_channels)
+
+
+@dataclass
+class ICONConfig:
+    """Two-step inverse-consistent network (Unleashing Registration / ConstrICON)."""
+
+    channels: tuple[int, ...] = (8, 16, 32, 64, 64, 64)
+    strides: tuple[int, ...] = (2, 2, 1, 2, 1)
+    output_bound: float = 0.35           # a = bound * tanh(U(.)), normalised units
+    smoothing_kernel: int = 7            # box-pool kernel of the velocity smoothing P
+    squarings: int = 12                  # scaling-and-squaring steps
+    steps: int = 2                       # 1 = single SVF, 2 = two-step (midpoint) network
+    exp_factor: int = 1                  # >1: scaling and squaring on a grid this much coarser
+
+
+@dataclass
+class DeformableConfig:
+    """Everything needed to rebuild, train and apply one deformable model."""
+
+    name: str = "compact-sitreg"
+    method: str = "sitreg"
+    grid_shape: tuple[int, int, int] = (64, 64, 64)
+    spacing_mm: float = 3.0
+    normalisation: str = "percentile"    # how raw intensities become network inputs
+    clip_range: tuple[float, float] = (0.0, 1.0)   # for 'clip': clip then scale to [0, 1]
+    sitreg: SITRegConfig = field(default_factory=SITRegConfig)
+    icon: ICONConfig = field(default_factory=ICONConfig)
+    # --- losses ------------------------------------------------------------------------
+    similarity: str = "ncc"              # 'ncc' (squared local NCC) | 'l1' | 'mse'
+    ncc_window: int = 7
+    regularisation_weight: float = 1.0   # SITReg gradient loss lambda (ICON: 0.5)
+    ndv_weight: float = 0.0              # LUMIR fine-tune 1e-5
+    cycle_weight: float = 0.0            # group (3-cycle) consistency, LUMIR fine-tune 40
+    # --- training ----------------------------------------------------------------------
+    lr: float = 1e-4
+    batch_size: int = 1
+    seed: int = 0
+    augment_rotation_deg: float = 5.0
+    augment_translation: float = 0.025   # std, normalised units (NLST)
+    augment_log_scale: float = 0.05
+    augment_log_shear: float = 0.025
+    augment_affine_prob: float = 0.9
+    augment_elastic_mm: float = 4.0      # std of a smooth random deformation (0 = off)
+    augment_intensity: bool = True       # random gamma / scale (not for binary inputs)
+    # --- instance optimisation -----------------------------------------------------------
+    io_steps: int = 0                    # default Adam steps per pair at registration time
+    io_lr: float = 1e-4
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DeformableConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InputError(f"unknown deformable config keys: {', '.join(sorted(unknown))}")
+        sit = SITRegConfig(**_tuples(data.pop("sitreg", {})))
+        icon = ICONConfig(**_tuples(data.pop("icon", {})))
+        cfg = cls(sitreg=sit, icon=icon, **_tuples(data))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.normalisation not in NORMALISATIONS:
+            raise InputError(f"unknown normalisation {self.normalisation!r}")
+        if len(self.grid_shape) != 3 or min(self.grid_shape) < 4:
+            raise InputError(f"grid_shape must be 3 sizes >= 4, got {self.grid_shape}")
+        if self.method == "sitreg":
+            if len(self.sitreg.head_channels) != self.sitreg.levels:
+                raise InputError("sitreg.head_channels needs one entry per level")
+        else:
+            factor = 1
+            for s in self.icon.strides:
+                factor *= s
+            factor = max(factor, 4)
+            if any(s % factor for s in self.grid_shape):
+                raise InputError(f"grid_shape {self.grid_shape} must be divisible by {factor} for ICON")
+        if self.spacing_mm <= 0:
+            raise InputError("spacing_mm must be positive")
+
+
+def _tuples(data: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
+def _presets() -> dict[str, DeformableConfig]:
+    p: dict[str, DeformableConfig] = {}
+    p["compact-sitreg"] = DeformableConfig()
+    p["compact-icon"] = DeformableConfig(
+        name="compact-icon", method="icon", grid_shape=(64, 64, 64), spacing_mm=3.0,
+        icon=ICONConfig(channels=(8, 16, 32, 32, 32, 32), exp_factor=2), regularisation_weight=0.5,
+        lr=2e-3, io_steps=50, io_lr=5e-3)
+    p["lung-icon"] = DeformableConfig(
+        name="lung-icon", method="icon", grid_shape=(80, 64, 80), spacing_mm=3.6,
+        normalisation="binary", similarity="l1", regularisation_weight=0.5,
+        icon=ICONConfig(exp_factor=2), lr=2e-3, batch_size=1, augment_elastic_mm=3.0,
+        augment_intensity=False, io_steps=50, io_lr=5e-3)
+    p["lung-sitreg"] = DeformableConfig(
+        name="lung-sitreg", method="sitreg", grid_shape=(96, 80, 96), spacing_mm=3.0,
+        normalisation="binary", similarity="ncc", ncc_window=7,
+        sitreg=SITRegConfig(feature_channels=(8, 16, 32, 32), head_channels=(8, 32, 48, 48)),
+        lr=1e-3, augment_intensity=False, io_steps=20, io_lr=1e-4)
+    p["brain-sitreg"] = DeformableConfig(
+        name="brain-sitreg", method="sitreg", grid_shape=(64, 80, 64), spacing_mm=2.5,
+        normalisation="percentile",
+        sitreg=SITRegConfig(feature_channels=(8, 16, 32, 32), head_channels=(8, 32, 48, 48)),
+        lr=5e-4, io_steps=20, io_lr=1e-4)
+    # ---- reference-sized presets (GPU) -------------------------------------------------
+    p["full-lumir"] = DeformableConfig(
+        name="full-lumir", method="sitreg", grid_shape=(160, 224, 192), spacing_mm=1.0,
+        normalisation="minmax",
+        sitreg=SITRegConfig(feature_channels=(12, 32, 64, 128, 128, 128),
+                            head_channels=(12, 64, 128, 256, 256, 256), norm_groups=4,
+                            head_norm_groups=4),
+        ncc_window=11, lr=4e-4, batch_size=4, augment_elastic_mm=0.0, augment_affine_prob=0.0,
+        augment_intensity=False, io_steps=0)
+    p["full-oasis"] = DeformableConfig(
+        name="full-oasis", method="sitreg", grid_shape=(160, 144, 192), spacing_mm=1.0,
+        normalisation="none",
+        sitreg=SITRegConfig(feature_channels=(8, 40, 40, 40), head_channels=(16, 72, 72, 72),
+                            norm_groups=2, head_norm_groups=0),
+        ncc_window=7, lr=1e-4, augment_elastic_mm=0.0, augment_affine_prob=0.0,
+        augment_intensity=False)
+    p["full-lung250m"] = DeformableConfig(
+        name="full-lung250m", method="sitreg", grid_shape=(160, 112, 160), spacing_mm=2.0,
+        normalisation="clip", clip_range=(0.0, 1024.0),
+        sitreg=SITRegConfig(feature_channels=(8, 36, 36, 36, 36, 36),
+                            head_channels=(16, 62, 62, 62, 62, 62), norm_groups=2,
+                            head_norm_groups=2),
+        ncc_window=7, lr=1e-4, augment_elastic_mm=0.0, augment_affine_prob=0.0,
+        augment_intensity=False)
+    p["full-unleashing"] = DeformableConfig(
+        name="full-unleashing", method="icon", grid_shape=(128, 104, 128), spacing_mm=2.0,
+        normalisation="binary", similarity="l1", regularisation_weight=0.5, icon=ICONConfig(),
+        lr=0.015, batch_size=8, augment_affine_prob=0.0, augment_elastic_mm=0.0,
+        augment_intensity=False, io_steps=50, io_lr=5e-3)
+    return p
+
+
+PRESETS = tuple(_presets())
+
+
+def get_config(name_or_path: str, method: str | None = None) -> DeformableConfig:
+    """A preset by name (``compact`` = ``compact-<method>``) or a config JSON file."""
+    presets = _presets()
+    name = str(name_or_path)
+    if name in ("compact", "full"):
+        name = {"compact": f"compact-{method or 'sitreg'}",
+                "full": "full-lumir" if (method or "sitreg") == "sitreg" else "full-unleashing"}[name]
+    if name in presets:
+        cfg = presets[name]
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise InputError(f"unknown deformable config {name_or_path!r}: not one of "
+                             f"{', '.join(presets)} nor a JSON file")
+        try:
+            cfg = DeformableConfig.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"cannot parse config {path}: {exc}") from exc
+    if method is not None and cfg.method != method:
+        raise InputError(f"config {cfg.name} is for method {cfg.method}, not {method}")
+    cfg.validate()
+    return cfg

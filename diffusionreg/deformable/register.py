@@ -1,0 +1,396 @@
+"""File-pair deformable registration with exact geometry.
+
+Pipeline (all world coordinates LPS mm):
+
+1. A network grid ``G`` (config shape and isotropic spacing, axes of the fixed image without
+   obliquity, centred on the fixed image's foreground box) is built with
+   :func:`diffusionreg.image.centred_grid`.
+2. The fixed image is resampled onto ``G``; the moving image through the initial transform
+   ``T0`` (fixed -> moving) onto ``G``; both are normalised as the model was trained.
+3. The network (optionally after instance optimisation on the pair) gives voxel-unit fields
+   on ``G``: ``u`` with ``moving_G(x + u(x)) ~ fixed_G(x)`` and its inverse ``w``.
+4. The output field on the fixed grid is exact in world terms:
+   ``D(p) = T0(G (x + u(x))) - p`` with ``x = G^-1 p`` (``u`` trilinear, border-extended
+   outside ``G``); the inverse on the moving grid is ``Dinv(q) = G (y + w(y)) - q`` with
+   ``y = G^-1 T0^-1 q`` (``T0`` must then be affine).
+
+So ``D`` alone (an ITK displacement field) carries the moving image onto the fixed one.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from diffusionreg import fields
+from diffusionreg.errors import InputError
+from diffusionreg.image import Grid, Image, centred_grid, nearest_axis_direction, resample
+from diffusionreg.spaces import apply_affine
+from diffusionreg.transforms import (AffineTransform, CompositeTransform, DisplacementFieldTransform,
+                                     compose)
+
+from .config import DeformableConfig, get_config
+from .icon import TwoStepICON
+from .losses import gradient_loss, ndv_loss, similarity_loss
+from .sitreg import SITReg
+
+
+# ----------------------------------------------------------------------------- models
+def build_network(cfg: DeformableConfig) -> nn.Module:
+    cfg.validate()
+    if cfg.method == "sitreg":
+        return SITReg(cfg.sitreg, cfg.grid_shape)
+    return TwoStepICON(cfg.icon, cfg.grid_shape)
+
+
+@dataclass
+class DeformableModel:
+    net: nn.Module
+    cfg: DeformableConfig
+    name: str = "untrained"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def export_model(net: nn.Module, cfg: DeformableConfig, out_dir: Path, name: str = "model",
+                 meta: dict | None = None) -> Path:
+    """Write ``<name>.safetensors`` and ``config.json`` atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
+    path = out_dir / f"{name}.safetensors"
+    tmp = out_dir / f".{name}.tmp.safetensors"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "task": "deformable", "method": cfg.method,
+                                           **{k: str(v) for k, v in (meta or {}).items()}})
+    os.replace(tmp, path)
+    cfg_tmp = out_dir / ".config.json.tmp"
+    cfg_tmp.write_text(cfg.to_json())
+    os.replace(cfg_tmp, out_dir / "config.json")
+    return path
+
+
+def load_model(name_or_path: str | None, device: torch.device | str = "cpu", method: str | None = None,
+               modality: str | None = None) -> DeformableModel:
+    """A registered deformable model (Models.json, sha256-checked) or a weights file/folder."""
+    from diffusionreg import models
+
+    if name_or_path is None:
+        entry = None
+        for candidate in models.list_models("deformable"):
+            if modality is not None and candidate.modality not in (modality, "any"):
+                continue
+            if method is not None:
+                try:
+                    if models.load_config_json(candidate).get("method") != method:
+                        continue
+                except InputError:
+                    continue
+            entry = candidate
+            break
+        if entry is None:
+            raise InputError(f"no deformable model registered for method {method or 'any'} and modality "
+                             f"{modality or 'any'}; pass --model NAME|PATH")
+    else:
+        entry = models.resolve(name_or_path, task="deformable", modality=modality)
+    cfg = DeformableConfig.from_dict(models.load_config_json(entry))
+    if method is not None and cfg.method != method:
+        raise InputError(f"model {entry.name} is a {cfg.method} model, not {method}")
+    state = models.load_state_dict(entry)
+    net = build_network(cfg)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InputError(f"model {entry.name}: weights do not match its config ({str(exc).splitlines()[0]})") from None
+    device = torch.device(device)
+    net.to(device).eval()
+    return DeformableModel(net, cfg, entry.name, device)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def normalise(array: np.ndarray, cfg: DeformableConfig) -> np.ndarray:
+    """Raw intensities -> the network's input range (float32)."""
+    a = np.asarray(array)
+    mode = cfg.normalisation
+    if mode == "binary":
+        return (a > 0).astype(np.float32)
+    a = a.astype(np.float32)
+    if mode == "none":
+        return a
+    if mode == "clip":
+        lo, hi = cfg.clip_range
+        return ((np.clip(a, lo, hi) - lo) / max(hi - lo, 1e-12)).astype(np.float32)
+    if mode == "minmax":
+        lo, hi = float(a.min()), float(a.max())
+    else:  # percentile
+        lo, hi = (float(v) for v in np.percentile(a[::2, ::2, ::2], (1.0, 99.5)))
+    if hi <= lo:
+        return np.zeros_like(a)
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def network_grid(fixed: Image, cfg: DeformableConfig) -> Grid:
+    """The network grid: config shape and spacing, the fixed image's (un-obliqued) axes, centred
+    on the bounding box of the fixed foreground (normalised value > 0.05; whole image if none)."""
+    values = normalise(fixed.array if fixed.array.ndim == 3 else fixed.array[..., 0], cfg)
+    fg = np.argwhere(values > 0.05)
+    if len(fg):
+        centre_index = (fg.min(0) + fg.max(0)) / 2.0
+    else:
+        centre_index = (np.asarray(fixed.shape, dtype=np.float64) - 1.0) / 2.0
+    centre = apply_affine(fixed.affine, centre_index)
+    return centred_grid(cfg.grid_shape, cfg.spacing_mm, centre, nearest_axis_direction(fixed.grid.direction))
+
+
+def to_network(image: Image, grid: Grid, cfg: DeformableConfig, transform=None) -> torch.Tensor:
+    """Normalise, then resample (linear) onto ``grid`` through ``transform``: ``(1, 1, *shape)``."""
+    scalar = image.array if image.array.ndim == 3 else image.array[..., 0]
+    normalised = Image(normalise(scalar, cfg), image.affine)
+    on_grid = resample(normalised, grid, transform, "linear", default=0.0)
+    return torch.from_numpy(np.ascontiguousarray(on_grid.array, dtype=np.float32))[None, None]
+
+
+# ----------------------------------------------------------------------------- network + IO
+def pair_loss(net: nn.Module, cfg: DeformableConfig, image1: torch.Tensor, image2: torch.Tensor,
+              return_fields: bool = False):
+    """Training / instance-optimisation loss of one batch of pairs (image1 -> image2).
+
+    SITReg: ``1/2 [S(I1 o phi_fwd, I2) + S(I2 o phi_inv, I1)] + lambda 1/2 [R(phi_fwd) + R(phi_inv)]``
+    (+ NDV); ICON: the sum of the greedy per-step losses. ``return_fields`` (SITReg) also returns
+    ``(phi_fwd, phi_inv)``.
+    """
+    if cfg.method == "icon":
+        losses = net.step_losses(image1, image2, cfg.similarity, cfg.regularisation_weight, cfg.ncc_window)
+        total = sum(losses)
+        return total, {f"step{i + 1}": float(v.detach()) for i, v in enumerate(losses)}
+    phi_fwd, phi_inv, dense_fwd, dense_inv = net(image1, image2, return_dense=True)
+    sim = 0.5 * (similarity_loss(fields.warp(image1, phi_fwd), image2, cfg.similarity, cfg.ncc_window)
+                 + similarity_loss(fields.warp(image2, phi_inv), image1, cfg.similarity, cfg.ncc_window))
+    reg = 0.5 * (gradient_loss(dense_fwd) + gradient_loss(dense_inv))
+    total = sim + cfg.regularisation_weight * reg
+    stats = {"similarity": float(sim.detach()), "regulariser": float(reg.detach())}
+    if cfg.ndv_weight > 0:
+        ndv = 0.5 * (ndv_loss(phi_fwd) + ndv_loss(phi_inv))
+        total = total + cfg.ndv_weight * ndv
+        stats["ndv"] = float(ndv.detach())
+    if return_fields:
+        return total, stats, phi_fwd, phi_inv
+    return total, stats
+
+
+def triplet_loss(net: nn.Module, cfg: DeformableConfig, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
+    """Group consistency (SITReg): mean of the three pair losses + ``cycle_weight`` x
+    :func:`.losses.cycle_consistency_loss` of ``phi_ab o phi_bc o phi_ca`` and the reverse chain.
+    (The reference spreads the three pairs over 3 GPUs; here they run in one process.)"""
+    from .losses import cycle_consistency_loss
+
+    if cfg.method != "sitreg":
+        raise InputError("group consistency is implemented for SITReg")
+    l1, s1, u_ab, u_ba = pair_loss(net, cfg, a, b, return_fields=True)
+    l2, _, u_bc, u_cb = pair_loss(net, cfg, b, c, return_fields=True)
+    l3, _, u_ca, u_ac = pair_loss(net, cfg, c, a, return_fields=True)
+    cycle = cycle_consistency_loss(u_ab, u_bc, u_ca, u_ba, u_cb, u_ac)
+    return (l1 + l2 + l3) / 3.0 + cfg.cycle_weight * cycle, {**s1, "cycle": float(cycle.detach())}
+
+
+def predict(model: DeformableModel, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int = 0,
+            io_lr: float | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """``(u, w, io_losses)``: ``warp(moving, u) ~ fixed``, ``w = u^-1``; optional instance optimisation
+    (``io_steps`` Adam steps on this pair from the trained weights; the model is not changed)."""
+    net = model.net
+    moving = moving.to(model.device)
+    fixed = fixed.to(model.device)
+    losses: list[float] = []
+    if io_steps > 0:
+        net = copy.deepcopy(model.net)
+        net.train()
+        opt = torch.optim.Adam(net.parameters(), lr=io_lr if io_lr is not None else model.cfg.io_lr)
+        stage = progress.stage("instance optimisation", total=io_steps) if progress is not None else None
+        for _ in range(io_steps):
+            loss, _ = pair_loss(net, model.cfg, moving, fixed)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if stage is not None:
+                stage.update(message=f"loss {losses[-1]:.4f}")
+        if stage is not None:
+            stage.__exit__(None, None, None)
+    net.eval()
+    with torch.no_grad():
+        u, w = net(moving, fixed)
+    return u, w, losses
+
+
+def _sample_field(u: torch.Tensor, index) -> np.ndarray:
+    """Trilinear values ``(N, 3)`` of the voxel field ``u`` ``(1, 3, ...)`` at float indices ``(N, 3)``
+    (numpy or torch; border-extended outside the grid)."""
+    shape = u.shape[2:]
+    index = torch.as_tensor(index, dtype=torch.float64)
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], dtype=torch.float64)
+    normalised = index * scale - 1.0
+    grid = normalised.flip(1).to(u.dtype).reshape(1, -1, 1, 1, 3)
+    values = torch.nn.functional.grid_sample(u.cpu(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return values.view(3, -1).T.double().numpy()
+
+
+def _map_points(transform, points: np.ndarray) -> np.ndarray:
+    return points if transform is None else transform.map_points(points)
+
+
+def _affine_slab(matrix: np.ndarray, start: int, stop: int, shape) -> torch.Tensor:
+    """``matrix @ (i, j, k, 1)`` for ``i`` in ``[start, stop)`` and all ``j, k``: ``(rows, n1, n2, 3)`` float64."""
+    m = torch.as_tensor(matrix, dtype=torch.float64)
+    i = torch.arange(start, stop, dtype=torch.float64).view(-1, 1, 1, 1)
+    j = torch.arange(shape[1], dtype=torch.float64).view(1, -1, 1, 1)
+    k = torch.arange(shape[2], dtype=torch.float64).view(1, 1, -1, 1)
+    return i * m[:3, 0] + j * m[:3, 1] + k * m[:3, 2] + m[:3, 3]
+
+
+def world_field(u: torch.Tensor, net_grid: Grid, target: Grid, outer=None, slab_points: int = 4_000_000,
+                reference: np.ndarray | None = None) -> np.ndarray:
+    """``outer(G (x + u(x))) - r`` at every voxel of ``target`` (``x = G^-1 p``, ``p`` the voxel
+    centre): ``(*shape, 3)`` mm. ``r`` is ``p`` itself, or ``reference @ (i, j, k, 1)`` when a
+    4x4 ``reference`` is given. Computed slab by slab in float64 (``u`` trilinear,
+    border-extended outside ``G``); ``outer`` is the initial transform or None.
+    """
+    shape = target.shape
+    out = np.empty(shape + (3,), dtype=np.float32)
+    to_net = np.linalg.inv(net_grid.affine) @ target.affine       # target index -> network index
+    ref = target.affine if reference is None else reference
+    g = torch.as_tensor(net_grid.affine, dtype=torch.float64)
+    rows = max(1, slab_points // (shape[1] * shape[2]))
+    for start in range(0, shape[0], rows):
+        stop = min(start + rows, shape[0])
+        x = _affine_slab(to_net, start, stop, shape).reshape(-1, 3)
+        y = x + torch.from_numpy(_sample_field(u, x))
+        q = y @ g[:3, :3].T + g[:3, 3]
+        if outer is not None:
+            q = torch.from_numpy(outer.map_points(q.numpy()))
+        r = _affine_slab(ref, start, stop, shape).reshape(-1, 3)
+        out[start:stop] = (q - r).reshape(stop - start, shape[1], shape[2], 3).numpy()
+    return out
+
+
+def _affine_part(transform):
+    """The 4x4 matrix of an all-affine transform, else None."""
+    if transform is None:
+        return np.eye(4)
+    t = compose([transform])
+    return t.matrix if isinstance(t, AffineTransform) else None
+
+
+@dataclass
+class DeformableResult:
+    forward: DisplacementFieldTransform          # on the fixed grid, fixed -> moving (mm)
+    inverse: DisplacementFieldTransform | None   # on the moving grid, moving -> fixed (mm)
+    jacobian: Image | None                       # det of D's map on the fixed grid
+    metrics: dict
+    u: torch.Tensor                              # network-grid fields (voxels)
+    w: torch.Tensor
+    grid: Grid
+
+    def to_dict(self) -> dict:
+        return dict(self.metrics)
+
+
+def field_metrics(u: torch.Tensor, w: torch.Tensor, spacing: float) -> dict:
+    """Folding (% det J <= 0), NDV (%), inverse-consistency error (mm) on the network grid."""
+    from diffusionreg import metrics
+
+    u = u.detach().cpu().double()
+    w = w.detach().cpu().double()
+    det = fields.jacobian_determinant(u)[0]
+    det_inv = fields.jacobian_determinant(w)[0]
+    ice = metrics.inverse_consistency_summary(u, w, (spacing,) * 3)
+    ice_rev = metrics.inverse_consistency_summary(w, u, (spacing,) * 3)
+    return {
+        "folding_percent": 100.0 * metrics.folding_fraction(det),
+        "folding_percent_inverse": 100.0 * metrics.folding_fraction(det_inv),
+        "ndv_percent": metrics.ndv_percent(u),
+        "ndv_percent_inverse": metrics.ndv_percent(w),
+        "min_jacobian": float(det.min()),
+        "ice_mean_mm": max(ice.mean_mm, ice_rev.mean_mm),
+        "ice_p95_mm": max(ice.p95_mm, ice_rev.p95_mm),
+        "ice_max_mm": max(ice.max_mm, ice_rev.max_mm),
+    }
+
+
+def register_deformable(fixed: Image, moving: Image, model: DeformableModel, initial=None,
+                        io_steps: int | None = None, want_inverse: bool = True, want_jacobian: bool = False,
+                        progress=None) -> DeformableResult:
+    """Register ``moving`` onto ``fixed`` (see the module docstring for the geometry)."""
+    cfg = model.cfg
+    t0 = time.perf_counter()
+    steps = cfg.io_steps if io_steps is None else int(io_steps)
+    if steps < 0:
+        raise InputError("--instance-optimization must be >= 0")
+    initial_matrix = _affine_part(initial)
+    if want_inverse and initial_matrix is None:
+        raise InputError("the inverse field needs an affine (or no) initial transform")
+    grid = network_grid(fixed, cfg)
+    fixed_t = to_network(fixed, grid, cfg)
+    moving_t = to_network(moving, grid, cfg, initial)
+    t_pre = time.perf_counter()
+    u, w, io_losses = predict(model, moving_t, fixed_t, steps, progress=progress)
+    u, w = u.cpu(), w.cpu()
+    t_net = time.perf_counter()
+    forward = DisplacementFieldTransform(Image(world_field(u, grid, fixed.grid, initial), fixed.affine.copy()))
+    inverse = None
+    if want_inverse:
+        # Dinv(q) = G (y + w(y)) - q with y = G^-1 T0^-1 q: w seen on the moving grid pulled back
+        # through T0^-1 (an affine, so it folds into the grid matrix), relative to q itself.
+        mgrid = moving.grid
+        pulled = Grid(mgrid.shape, np.linalg.inv(initial_matrix) @ mgrid.affine)
+        field_inv = world_field(w, grid, pulled, reference=mgrid.affine)
+        inverse = DisplacementFieldTransform(Image(field_inv, moving.affine.copy()))
+    jac_image = None
+    if want_jacobian:
+        det = fields.jacobian_determinant(u.double())[0].float()[None, None]
+        det_world = world_field_scalar(det, grid, fixed.grid)
+        if initial_matrix is not None:
+            det_world = det_world * float(np.linalg.det(initial_matrix[:3, :3]))
+        else:
+            det_world = _finite_difference_det(forward.field)
+        jac_image = Image(det_world.astype(np.float32), fixed.affine.copy())
+    metrics = field_metrics(u, w, cfg.spacing_mm)
+    metrics.update({
+        "method": cfg.method, "model": model.name, "instance_optimization_steps": steps,
+        "io_loss_first": io_losses[0] if io_losses else None,
+        "io_loss_last": io_losses[-1] if io_losses else None,
+        "network_grid_shape": list(cfg.grid_shape), "network_spacing_mm": cfg.spacing_mm,
+        "seconds_preprocess": round(t_pre - t0, 3), "seconds_network": round(t_net - t_pre, 3),
+        "seconds_total": round(time.perf_counter() - t0, 3),
+    })
+    return DeformableResult(forward, inverse, jac_image, metrics, u, w, grid)
+
+
+def world_field_scalar(values: torch.Tensor, net_grid: Grid, target: Grid, slab_points: int = 4_000_000) -> np.ndarray:
+    """A scalar network-grid map ``(1, 1, ...)`` sampled (trilinear, border) at ``target``'s voxels."""
+    shape = target.shape
+    to_net = np.linalg.inv(net_grid.affine) @ target.affine
+    rep = values.expand(1, 3, *values.shape[2:]).contiguous()
+    out = np.empty(shape, dtype=np.float32)
+    rows = max(1, slab_points // (shape[1] * shape[2]))
+    for start_row in range(0, shape[0], rows):
+        stop = min(start_row + rows, shape[0])
+        x = _affine_slab(to_net, start_row, stop, shape).reshape(-1, 3)
+        out[start_row:stop] = _sample_field(rep, x)[:, 0].reshape(stop - start_row, shape[1], shape[2])
+    return out
+
+
+def _finite_difference_det(field_image: Image) -> np.ndarray:
+    """det(I + dD/dp) of an LPS-mm displacement image by central differences in world units."""
+    d = field_image.array.astype(np.float64)
+    lin_inv = np.linalg.inv(field_image.affine[:3, :3])
+    grads = [np.stack(np.gradient(d[..., c]), -1) for c in range(3)]  # d D_c / d index
+    jac = np.stack(grads, -2) @ lin_inv  # (..., 3 comp, 3 world)
+    jac = jac + np.eye(3)
+    return np.linalg.det(jac)

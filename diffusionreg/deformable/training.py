@@ -1,0 +1,334 @@
+"""Training of the deformable networks (single process or torchrun/DDP, gloo on CPU).
+
+Pairs are loaded once onto their network grids (:func:`.register.network_grid` of the fixed
+image; the moving image resampled onto the same grid) and augmented on the fly per image:
+random affine (probability ``augment_affine_prob``; translation std in normalised units,
+rotation, log-scale, log-shear), a smooth random deformation (std ``augment_elastic_mm``) and,
+for non-binary inputs, random gamma and scale. Rank 0 writes ``output/``: ``checkpoint.pt``
+(model, optimiser, step, RNG states; resumable), ``model.safetensors`` + ``config.json``
+(latest), ``best.safetensors`` (best validation), ``history.jsonl``.
+
+Validation (zero-shot network, rank 0): landmark TRE in mm (when the pairs have
+``case_XXX_landmarks_voxel.csv``), similarity, folding and inverse consistency.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffusionreg import fields
+from diffusionreg.errors import InputError
+from diffusionreg.image import IMAGE_SUFFIXES, read_image
+from diffusionreg.spaces import apply_affine
+
+from .config import DeformableConfig
+from .register import _sample_field, build_network, export_model, network_grid, pair_loss, to_network, triplet_loss
+
+
+# ----------------------------------------------------------------------------- data
+def _is_image(path: Path) -> bool:
+    return path.is_file() and any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES)
+
+
+def list_pairs(items: list[str]) -> list[tuple[Path, Path, Path | None]]:
+    """``(fixed, moving, landmarks)`` triples from folders (``*_1``/``*_2`` files paired), explicit
+    ``FIXED,MOVING`` items, or a list of single volumes (all ordered pairs among them)."""
+    pairs: list[tuple[Path, Path, Path | None]] = []
+    singles: list[Path] = []
+    for item in items:
+        if "," in item:
+            a, b = (Path(p) for p in item.split(",", 1))
+            for p in (a, b):
+                if not _is_image(p):
+                    raise InputError(f"training image not found: {p}")
+            pairs.append((a, b, None))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if _is_image(p))
+            byname = {p.name: p for p in files}
+            found = False
+            for p in files:
+                m = re.match(r"(.*)_1(\.nii\.gz|\.nii|\.nrrd|\.mha)$", p.name)
+                if m and f"{m.group(1)}_2{m.group(2)}" in byname:
+                    lm = path / f"{m.group(1)}_landmarks_voxel.csv"
+                    pairs.append((p, byname[f"{m.group(1)}_2{m.group(2)}"], lm if lm.exists() else None))
+                    found = True
+            if not found:
+                singles.extend(files)
+        elif _is_image(path):
+            singles.append(path)
+        else:
+            raise InputError(f"training data not found: {item}")
+    for a in singles:
+        for b in singles:
+            if a != b:
+                pairs.append((a, b, None))
+    if not pairs:
+        raise InputError("no training pairs found (give folders with *_1/*_2 files, FIXED,MOVING items or 2+ volumes)")
+    return pairs
+
+
+@dataclass
+class LoadedPair:
+    fixed: torch.Tensor      # (1, 1, *grid)
+    moving: torch.Tensor
+    grid: object
+    landmarks: tuple[np.ndarray, np.ndarray] | None   # world mm (fixed, moving)
+    name: str
+
+
+def load_pair(fixed_path: Path, moving_path: Path, landmarks: Path | None, cfg: DeformableConfig) -> LoadedPair:
+    fixed = read_image(fixed_path, what="fixed image")
+    moving = read_image(moving_path, what="moving image")
+    grid = network_grid(fixed, cfg)
+    lms = None
+    if landmarks is not None:
+        from diffusionreg.evaluation import read_landmarks
+
+        lm = read_landmarks(landmarks, fixed.grid, moving.grid)
+        lms = (lm.fixed, lm.moving)
+    return LoadedPair(to_network(fixed, grid, cfg), to_network(moving, grid, cfg), grid, lms,
+                      fixed_path.name.split(".")[0])
+
+
+# ----------------------------------------------------------------------------- augmentation
+def _random_affine(cfg: DeformableConfig, gen: torch.Generator) -> torch.Tensor:
+    """A random ``(3, 4)`` affine in normalised coordinates (identity with prob 1 - p)."""
+    if float(torch.rand((), generator=gen)) > cfg.augment_affine_prob:
+        return torch.eye(3, 4)
+    r = torch.randn(3, generator=gen) * math.radians(cfg.augment_rotation_deg)
+    s = torch.randn(3, generator=gen) * cfg.augment_log_scale
+    h = torch.randn(3, generator=gen) * cfg.augment_log_shear
+    t = torch.randn(3, generator=gen) * cfg.augment_translation
+    from .sitreg import HalfAffine
+
+    m = HalfAffine.matrix(torch.cat([s, h, r, t])[None].double())[0].float()
+    return m[:3]
+
+
+def augment(image: torch.Tensor, cfg: DeformableConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random affine + smooth deformation (+ intensity) of a ``(1, 1, *grid)`` volume."""
+    shape = image.shape[2:]
+    theta = _random_affine(cfg, gen)[None]
+    grid = F.affine_grid(theta, (1, 1, *shape), align_corners=False)
+    if cfg.augment_elastic_mm > 0:
+        coarse = torch.randn(1, 3, 5, 5, 5, generator=gen) * (cfg.augment_elastic_mm / cfg.spacing_mm)
+        disp = F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
+        # voxels along array axis c -> normalised grid_sample component (x, y, z) = axes (2, 1, 0)
+        scale = torch.tensor([2.0 / s for s in shape]).view(1, 3, 1, 1, 1)
+        grid = grid + (disp * scale).flip(1).permute(0, 2, 3, 4, 1)
+    out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.augment_intensity and cfg.normalisation != "binary":
+        gamma = float(torch.exp(torch.randn((), generator=gen) * 0.2))
+        scale = float(1.0 + 0.1 * torch.randn((), generator=gen))
+        out = out.clamp_min(0).pow(gamma) * scale
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+def landmark_tre(u: torch.Tensor, grid, fixed_mm: np.ndarray, moving_mm: np.ndarray) -> np.ndarray:
+    """Per-landmark TRE (mm): ``|G(x + u(x)) - p_moving|`` with ``x = G^-1 p_fixed``."""
+    x = apply_affine(np.linalg.inv(grid.affine), fixed_mm)
+    mapped = apply_affine(grid.affine, x + _sample_field(u, x))
+    return np.linalg.norm(mapped - moving_mm, axis=1)
+
+
+def validate(net: nn.Module, cfg: DeformableConfig, pairs: list[LoadedPair]) -> dict:
+    net.eval()
+    tre, tre0, sims, fold, ice = [], [], [], [], []
+    with torch.no_grad():
+        for pair in pairs:
+            u, w = net(pair.moving, pair.fixed)
+            warped = fields.warp(pair.moving, u)
+            sims.append(float((warped - pair.fixed).abs().mean()))
+            fold.append(float((fields.jacobian_determinant(u) <= 0).float().mean()) * 100)
+            ice.append(float(fields.compose(u, w).norm(dim=1).mean()) * cfg.spacing_mm)
+            if pair.landmarks is not None:
+                tre.extend(landmark_tre(u, pair.grid, *pair.landmarks).tolist())
+                tre0.extend(np.linalg.norm(pair.landmarks[0] - pair.landmarks[1], axis=1).tolist())
+    net.train()
+    out = {"val_l1": float(np.mean(sims)), "val_folding_percent": float(np.mean(fold)),
+           "val_ice_mm": float(np.mean(ice))}
+    if tre:
+        out.update(val_tre_mm=float(np.mean(tre)), val_tre_initial_mm=float(np.mean(tre0)))
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+class _LossModule(nn.Module):
+    """Wraps the network so DDP sees one forward per step (the loss)."""
+
+    def __init__(self, net: nn.Module, cfg: DeformableConfig) -> None:
+        super().__init__()
+        self.net = net
+        self.cfg = cfg
+
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor, image3: torch.Tensor | None = None):
+        if image3 is not None:
+            return triplet_loss(self.net, self.cfg, image1, image2, image3)
+        return pair_loss(self.net, self.cfg, image1, image2)
+
+
+@dataclass
+class TrainOptions:
+    pairs: list[str]
+    output: str
+    config: DeformableConfig
+    steps: int = 1000
+    val_pairs: list[str] | None = None
+    resume: bool = False
+    checkpoint_minutes: float = 4.0
+    val_every: int = 250
+    threads: int | None = None
+    progress: str = "tqdm"
+    max_minutes: float | None = None
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(opts: TrainOptions) -> dict:
+    import torch.distributed as dist
+
+    cfg = opts.config
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo")
+    out = Path(opts.output)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    train_list = list_pairs(opts.pairs)
+    val_list = list_pairs(opts.val_pairs) if opts.val_pairs else []
+    data = [load_pair(a, b, lm, cfg) for a, b, lm in train_list]
+    val = [load_pair(a, b, lm, cfg) for a, b, lm in val_list] if rank == 0 else []
+
+    torch.manual_seed(cfg.seed)
+    net = build_network(cfg)
+    optim = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    step, elapsed, best = 0, 0.0, math.inf
+    ckpt = out / "checkpoint.pt"
+    if opts.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        step, elapsed, best = int(state["step"]), float(state["elapsed"]), float(state.get("best", math.inf))
+        rngs = state["rng"]
+        gen.set_state(rngs[rank % len(rngs)])
+    module: nn.Module = _LossModule(net, cfg)
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(module)
+
+    def save() -> None:
+        rng = [gen.get_state()]
+        if world > 1:
+            gathered = [torch.empty_like(rng[0]) for _ in range(world)]
+            dist.all_gather(gathered, rng[0])
+            rng = gathered
+        if rank != 0:
+            return
+        _atomic_save({"model": net.state_dict(), "optim": optim.state_dict(), "step": step, "elapsed": elapsed,
+                      "best": best, "rng": rng, "config": json.loads(cfg.to_json())}, ckpt)
+        export_model(net, cfg, out, "model", {"step": step})
+
+    if rank == 0:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"deformable training ({cfg.method}, config {cfg.name}): {len(data)} pairs, {len(val)} validation "
+              f"pairs, {n_params} parameters, world {world}, start step {step}/{opts.steps}", flush=True)
+    bar = None
+    if rank == 0 and opts.progress == "tqdm":
+        from tqdm import tqdm
+
+        bar = tqdm(total=opts.steps, initial=step, desc=f"train {cfg.method}", mininterval=10, dynamic_ncols=True)
+    history = out / "history.jsonl"
+    t0 = time.monotonic() - elapsed
+    run_start = last_ckpt = time.monotonic()
+    summary: dict = {}
+    loss_avg = None
+    net.train()
+    while step < opts.steps:
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
+        a, b = [], []
+        for i in idx:
+            pair = data[i]
+            first, second = (pair.moving, pair.fixed)
+            if float(torch.rand((), generator=gen)) < 0.5:  # both orders: the method is symmetric
+                first, second = second, first
+            a.append(augment(first, cfg, gen))
+            b.append(augment(second, cfg, gen))
+        if cfg.cycle_weight > 0:
+            # group consistency: a third image, the fixed image of another random pair (same grid
+            # shape; pairs have their own world placement, which the images do not carry)
+            j = int(torch.randint(len(data), (1,), generator=gen))
+            third = torch.cat([augment(data[j].fixed, cfg, gen) for _ in idx])
+            loss, stats = module(torch.cat(a), torch.cat(b), third)
+        else:
+            loss, stats = module(torch.cat(a), torch.cat(b))
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        step += 1
+        lv = float(loss.detach())
+        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
+        elapsed = time.monotonic() - t0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
+        if rank == 0 and (step % 25 == 0 or step == 1):
+            with open(history, "a", encoding="utf-8") as h:
+                h.write(json.dumps({"step": step, "loss": lv, "loss_avg": loss_avg, **stats,
+                                    "elapsed_s": round(elapsed, 1)}) + "\n")
+        done = step >= opts.steps
+        out_of_time = opts.max_minutes is not None and time.monotonic() - run_start > 60 * opts.max_minutes
+        if world > 1:
+            flag = torch.tensor([1.0 if out_of_time else 0.0])
+            dist.all_reduce(flag)
+            out_of_time = bool(flag.item() > 0)
+        if rank == 0 and val and ((opts.val_every and step % opts.val_every == 0) or done or out_of_time):
+            summary = validate(net, cfg, val)
+            summary.update(step=step, loss_avg=loss_avg, elapsed_s=round(elapsed, 1))
+            print("validation " + json.dumps(summary), flush=True)
+            with open(history, "a", encoding="utf-8") as h:
+                h.write(json.dumps({"validation": summary}) + "\n")
+            key = summary.get("val_tre_mm", summary["val_l1"])
+            if key < best:
+                best = key
+                export_model(net, cfg, out, "best", {"step": step, "val": json.dumps(summary)})
+        tick = time.monotonic() - last_ckpt > 60 * opts.checkpoint_minutes
+        if world > 1:
+            flag = torch.tensor([1.0 if tick else 0.0])
+            dist.all_reduce(flag)
+            tick = bool(flag.item() > 0)
+        if tick or done or out_of_time:
+            save()
+            last_ckpt = time.monotonic()
+        if out_of_time:
+            break
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        dist.barrier()
+        if owns_group:
+            dist.destroy_process_group()  # an undestroyed gloo group can abort the process at exit
+    summary.setdefault("step", step)
+    summary["loss_avg"] = loss_avg
+    summary["elapsed_s"] = round(elapsed, 1)
+    return summary
