@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusionreg.distributed import any_rank, end_process_group, start_process_group
 from diffusionreg.image import Image, read_image
 
 from diffusionreg.errors import InputError
@@ -235,8 +236,7 @@ def train(opts: TrainOptions) -> dict:
     rank = int(os.environ.get("RANK", "0"))
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    owns_group = start_process_group(world)
     out = Path(opts.output)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -326,10 +326,7 @@ def train(opts: TrainOptions) -> dict:
         done = step >= opts.steps
         out_of_time = (opts.max_minutes is not None
                        and time.monotonic() - run_start > 60 * opts.max_minutes)
-        if world > 1:
-            flag = torch.tensor([1.0 if out_of_time else 0.0])
-            dist.all_reduce(flag)
-            out_of_time = bool(flag.item() > 0)
+        out_of_time = any_rank(out_of_time, world)
         if (opts.val_every and step % opts.val_every == 0) or done or out_of_time:
             if rank == 0:
                 summary = validate(ema.model, val_subjects, cfg, sched,
@@ -339,10 +336,7 @@ def train(opts: TrainOptions) -> dict:
                 with open(history, "a", encoding="utf-8") as h:
                     h.write(json.dumps({"validation": summary}) + "\n")
         tick = time.monotonic() - last_ckpt > 60 * opts.checkpoint_minutes
-        if world > 1:
-            flag = torch.tensor([1.0 if tick else 0.0])
-            dist.all_reduce(flag)
-            tick = bool(flag.item() > 0)
+        tick = any_rank(tick, world)
         if tick or done or out_of_time:
             save()
             last_ckpt = time.monotonic()
@@ -350,8 +344,7 @@ def train(opts: TrainOptions) -> dict:
             break
     if bar is not None:
         bar.close()
-    if world > 1:
-        dist.barrier()
+    end_process_group(owns_group)
     summary.setdefault("step", step)
     summary["loss_avg"] = loss_avg
     summary["elapsed_s"] = round(elapsed, 1)

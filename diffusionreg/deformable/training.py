@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffusionreg.distributed import any_rank, end_process_group, start_process_group
 from diffusionreg import fields
 from diffusionreg.errors import InputError
 from diffusionreg.image import IMAGE_SUFFIXES, read_image
@@ -209,9 +210,7 @@ def train(opts: TrainOptions) -> dict:
     rank = int(os.environ.get("RANK", "0"))
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    owns_group = world > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo")
+    owns_group = start_process_group(world)
     out = Path(opts.output)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -298,10 +297,7 @@ def train(opts: TrainOptions) -> dict:
                                     "elapsed_s": round(elapsed, 1)}) + "\n")
         done = step >= opts.steps
         out_of_time = opts.max_minutes is not None and time.monotonic() - run_start > 60 * opts.max_minutes
-        if world > 1:
-            flag = torch.tensor([1.0 if out_of_time else 0.0])
-            dist.all_reduce(flag)
-            out_of_time = bool(flag.item() > 0)
+        out_of_time = any_rank(out_of_time, world)
         if rank == 0 and val and ((opts.val_every and step % opts.val_every == 0) or done or out_of_time):
             summary = validate(net, cfg, val)
             summary.update(step=step, loss_avg=loss_avg, elapsed_s=round(elapsed, 1))
@@ -313,10 +309,7 @@ def train(opts: TrainOptions) -> dict:
                 best = key
                 export_model(net, cfg, out, "best", {"step": step, "val": json.dumps(summary)})
         tick = time.monotonic() - last_ckpt > 60 * opts.checkpoint_minutes
-        if world > 1:
-            flag = torch.tensor([1.0 if tick else 0.0])
-            dist.all_reduce(flag)
-            tick = bool(flag.item() > 0)
+        tick = any_rank(tick, world)
         if tick or done or out_of_time:
             save()
             last_ckpt = time.monotonic()
@@ -324,10 +317,7 @@ def train(opts: TrainOptions) -> dict:
             break
     if bar is not None:
         bar.close()
-    if world > 1:
-        dist.barrier()
-        if owns_group:
-            dist.destroy_process_group()  # an undestroyed gloo group can abort the process at exit
+    end_process_group(owns_group)
     summary.setdefault("step", step)
     summary["loss_avg"] = loss_avg
     summary["elapsed_s"] = round(elapsed, 1)

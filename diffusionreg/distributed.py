@@ -1,0 +1,41 @@
+"""Small helpers for training under ``torchrun`` (DDP; gloo on CPU, NCCL on GPUs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def any_rank(flag: bool, world_size: int) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. "time is up", "checkpoint now").
+
+    Ranks must take such decisions together, or one would wait forever in a collective the others
+    never enter. With a single process this is just ``flag``.
+    """
+    if world_size <= 1:
+        return flag
+    vote = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        vote = vote.cuda()
+    dist.all_reduce(vote)
+    return bool(vote.item() > 0)
+
+
+def start_process_group(world_size: int) -> bool:
+    """Join the ``torchrun`` process group (gloo: it runs on CPU and GPU alike).
+
+    Returns True when this call created the group, so the caller must end it with
+    :func:`end_process_group`; an undestroyed gloo group can abort the process at exit.
+    """
+    if world_size <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def end_process_group(owns_group: bool) -> None:
+    """Wait for every rank, then destroy the group if this process created it."""
+    if dist.is_initialized():
+        dist.barrier()
+        if owns_group:
+            dist.destroy_process_group()
