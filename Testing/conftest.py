@@ -49,7 +49,7 @@ def run_cli(*args: str, check: bool = False, env: dict | None = None) -> subproc
     completed = subprocess.run(
         [sys.executable, "-m", "diffusionreg", *args],
         capture_output=True,
-        text=True,
+        encoding="utf-8",  # the CLI writes UTF-8 whatever the test machine's locale
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )
@@ -65,8 +65,6 @@ def cli():
 
 def random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
     """A rotation matrix about a random axis by up to ``max_degrees``."""
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    from diffusionreg.spaces import rotation_about_axis
+
+    return rotation_about_axis(rng.normal(size=3), rng.uniform(-max_degrees, max_degrees))

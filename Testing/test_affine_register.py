@@ -16,26 +16,11 @@ from diffusionreg.affine.sampling import warp
 from diffusionreg.affine.training import export_weights
 from diffusionreg.errors import InputError
 from diffusionreg.image import Image, centred_grid, read_image, resample, write_image
-from diffusionreg.spaces import apply_affine, world_transform_from_normalized
+from diffusionreg.spaces import apply_affine, centred_affine, rotation_about_axis, world_transform_from_normalized
 from diffusionreg.transforms import AffineTransform, read_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "Resources" / "Models" / "brain-mri" / "model.safetensors"
-
-
-def rotation(axis, degrees):
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
-
-
-def about(centre, linear, translation=(0, 0, 0)):
-    """4x4 map x -> L (x - c) + c + t."""
-    m = np.eye(4)
-    m[:3, :3] = linear
-    m[:3, 3] = np.asarray(centre) + np.asarray(translation) - linear @ np.asarray(centre)
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +45,7 @@ def test_normalized_chain_equals_world_resampling(brain_b):
     g_mov = network_grid(cfg, brain_b.grid.centre_world() + [-7, 4, 9])
     m_in = to_network(brain_b, g_mov, cfg)
     theta = np.eye(4)
-    theta[:3, :3] = rotation([1, 2, 3], 12) * 1.05
+    theta[:3, :3] = rotation_about_axis([1, 2, 3], 12) * 1.05
     theta[:3, 3] = [0.05, -0.08, 0.03]
     shape = (cfg.grid_size,) * 3
     world = world_transform_from_normalized(theta, g_fix.affine, shape, g_mov.affine, shape)
@@ -121,11 +106,11 @@ def test_shipped_model_recovers_a_known_affine_whatever_the_file_grid(brain_b):
     from diffusionreg.affine.register import load_model
     model = load_model("brain-mri")
     c = brain_b.grid.centre_world()
-    truth = about(c, rotation([1, -1, 2], 12) @ np.diag([1.05, 0.97, 1.0]), [6.0, -8.0, 5.0])
+    truth = centred_affine(c, rotation_about_axis([1, -1, 2], 12) @ np.diag([1.05, 0.97, 1.0]), [6.0, -8.0, 5.0])
     variants = [_synthetic_moving(brain_b, truth),
                 _synthetic_moving(brain_b, truth, spacing=(1.3, 0.9, 2.0)),
                 _synthetic_moving(brain_b, truth, spacing=(1.2, 1.2, 1.2),
-                                  direction=rotation([0.3, 1, 0.2], 25))]
+                                  direction=rotation_about_axis([0.3, 1, 0.2], 25))]
     before = mean_error_mm(np.eye(4), truth, brain_b)
     found = [register_affine(brain_b, m, model).transform.matrix for m in variants]
     for mat in found:
@@ -142,7 +127,7 @@ def small_pair(brain_b, tmp_path_factory):
     d = tmp_path_factory.mktemp("affine_cli")
     grid = centred_grid((88, 96, 100), 2.0, brain_b.grid.centre_world())
     fixed = resample(brain_b, grid)
-    truth = about(grid.centre_world(), rotation([0, 0, 1], 8), [4.0, 2.0, -3.0])
+    truth = centred_affine(grid.centre_world(), rotation_about_axis([0, 0, 1], 8), [4.0, 2.0, -3.0])
     moving = resample(fixed, centred_grid((90, 90, 90), 2.2, grid.centre_world() + [4, 2, -3]),
                       np.linalg.inv(truth))
     write_image(fixed, d / "fixed.nii.gz")

@@ -223,7 +223,7 @@ def test_cancel_leaves_no_output(tmp_path: Path, shared_data: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "diffusionreg", "resample", "--input", str(big), "--reference", str(big),
          "--interpolation", "bspline", "--output", str(output), "--progress", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", cwd=REPO,
     )
     for line in process.stdout:  # wait until the resampling stage has begun
         if '"stage": "resample"' in line:

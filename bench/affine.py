@@ -29,6 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from diffusionreg.spaces import centred_affine, rotation_about_axis  # noqa: E402  (after the path insert)
 OUT = ROOT / "bench" / "out"
 
 # Shared deep structures: name -> labels per label map.
@@ -41,20 +42,6 @@ SEG13 = {"thalamus": [1], "caudate": [6], "putamen": [5], "pallidum": [7], "hipp
          "3rd ventricle": [11], "4th ventricle": [12]}
 MNI9 = {"caudate": [1], "cerebellum": [2], "putamen": [7], "thalamus": [9]}
 SEG4 = {"caudate": [1], "cerebellum": [2], "putamen": [3], "thalamus": [4]}
-
-
-def rotation(axis, degrees):
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
-
-
-def about(centre, linear, translation=(0, 0, 0)):
-    m = np.eye(4)
-    m[:3, :3] = linear
-    m[:3, 3] = np.asarray(centre) + np.asarray(translation) - linear @ np.asarray(centre)
-    return m
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -92,7 +79,7 @@ def label_sets(a: str, b: str):
 def rotated(image, angle_deg, axis):
     """Header-only rotation about the image centre (content rotated in world, exact)."""
     from diffusionreg.image import Image
-    r = about(image.grid.centre_world(), rotation(axis, angle_deg))
+    r = centred_affine(image.grid.centre_world(), rotation_about_axis(axis, angle_deg))
     return Image(image.array, r @ image.affine)
 
 
@@ -138,8 +125,8 @@ def synthetic_cases(n: int, seed: int, image):
         scale = rng.uniform(0.85, 1.15, size=3)
         d = rng.normal(size=3)
         trans = d / np.linalg.norm(d) * rng.uniform(0, 20)
-        lin = rotation(axis, ang) @ np.diag(scale)
-        truth = about(image.grid.centre_world(), lin, trans)
+        lin = rotation_about_axis(axis, ang) @ np.diag(scale)
+        truth = centred_affine(image.grid.centre_world(), lin, trans)
         cases.append({"name": f"synthetic {i}", "truth": truth, "angle": float(ang),
                       "scale": scale.tolist(), "translation_mm": float(np.linalg.norm(trans)),
                       "seed": int(rng.integers(1 << 30))})

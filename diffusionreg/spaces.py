@@ -36,6 +36,23 @@ def homogeneous(linear: np.ndarray, translation: Sequence[float] | np.ndarray) -
     return matrix
 
 
+def rotation_about_axis(axis: Sequence[float], degrees: float) -> np.ndarray:
+    """3x3 rotation by ``degrees`` about ``axis`` (any length; right-hand rule, Rodrigues)."""
+    axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    angle = np.deg2rad(degrees)
+    cross = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
+
+
+def centred_affine(
+    centre: Sequence[float], linear: np.ndarray, translation: Sequence[float] = (0.0, 0.0, 0.0)
+) -> np.ndarray:
+    """4x4 point map ``x -> L (x - c) + c + t`` (mm, in whatever world ``c`` is given: LPS here)."""
+    centre = np.asarray(centre, dtype=np.float64)
+    linear = np.asarray(linear, dtype=np.float64)
+    return homogeneous(linear, centre + np.asarray(translation, dtype=np.float64) - linear @ centre)
+
+
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Map points ``(..., 3)`` through a 4x4 matrix (row-vector points, column-vector algebra)."""
     points = np.asarray(points, dtype=np.float64)

@@ -13,7 +13,18 @@ gabor, sampling (one-jump forward process), artifacts, preprocess (network grids
 reverse (reverse process, bidirectional), training, register, commands (CLI).
 """
 from .config import AffineConfig, get_config
-from .register import AffineResult, build_model, load_model, register_affine
 
-__all__ = ["AffineConfig", "get_config", "AffineResult", "build_model", "load_model",
-           "register_affine"]
+# The torch-based names load on first use: the command line imports this package to build its
+# parser, and ``diffusionreg --help`` should not wait for torch.
+_LAZY = {"AffineResult", "build_model", "load_model", "register_affine"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import register
+
+        return getattr(register, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AffineConfig", "get_config", "AffineResult", "build_model", "load_model", "register_affine"]
