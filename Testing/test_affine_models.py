@@ -68,6 +68,12 @@ def test_register_entry_keeps_other_models(tmp_path):
                           other / "config.json", registry=reg)
     names = [m["name"] for m in json.loads(reg.read_text())["models"]]
     assert names == ["m1", "m2"]
+    # one name may serve two tasks: registering m1 for deformable keeps the affine m1
+    models.register_entry("m1", "deformable", "mri", other / "model.safetensors",
+                          other / "config.json", registry=reg)
+    pairs = [(m["name"], m["task"]) for m in json.loads(reg.read_text())["models"]]
+    assert ("m1", "affine") in pairs and ("m1", "deformable") in pairs and len(pairs) == 3
+    assert models.resolve("m1", "deformable", registry=reg).file == other / "model.safetensors"
 
 
 def test_shipped_registry_entry_is_valid():

@@ -11,11 +11,15 @@ folding (% det J <= 0) and NDV (%, Liu et al.) of that field sampled on a common
 over the fixed image; inverse-consistency error |D(Dinv(q)) + ... - q| (mm) over the moving
 grid for the methods that give an inverse (ours by construction, SyN its inverse field;
 elastix gives none). Wall time = the registration call (ours: preprocessing, network,
-instance optimisation and full-resolution output fields). The baselines run on the
+instance optimisation, velocity refinement and full-resolution output fields). Our methods:
+``ours`` the network alone, ``ours-io`` + instance optimisation of its weights (the reference's
+50 Adam steps), ``ours-refine`` + the fine-grid symmetric velocity refinement
+(:mod:`diffusionreg.deformable.field_refine`, the default of the shipped models),
+``ours-io-refine`` both. The baselines run on the
 binarised maps resampled to --baseline-spacing mm (default 2 mm; their full-resolution runs
 do not fit the CPU budget); ours runs on its own network grid. Every method gets --threads.
 
-    .venv/bin/python bench/deformable.py --threads 1 [--methods ours,ours-io,syn,elastix]
+    .venv/bin/python bench/deformable.py --threads 1 [--methods ours,ours-io,ours-refine,syn,elastix]
         [--lung-cases all|054,055] [--brain] [--reuse]
 
 Writes bench/out/deformable.md, bench/out/deformable.json and bench/out/deformable.png; each
@@ -162,11 +166,21 @@ def run_elastix(fixed, moving, threads: int):
     return DisplacementFieldTransform(Image(arr, fixed.affine.copy())), None, seconds
 
 
-def run_ours(fixed, moving, model, io_steps: int):
+OURS = ("ours", "ours-io", "ours-refine", "ours-io-refine")
+METHODS = OURS + ("syn", "elastix")
+
+
+def run_ours(fixed, moving, model, method: str, args):
+    """ours: the network alone; -io: + instance optimisation of the weights (args.io_steps);
+    -refine: + the fine-grid velocity refinement (args.refine_iterations, None = the model's)."""
     from diffusionreg.deformable.register import register_deformable
+    io_steps = args.io_steps if "-io" in method else 0
+    refine = (args.refine_iterations if args.refine_iterations is not None else None) if "refine" in method else 0
     t0 = time.perf_counter()
-    result = register_deformable(fixed, moving, model, None, io_steps, want_inverse=True)
-    return result.forward, result.inverse, time.perf_counter() - t0
+    result = register_deformable(fixed, moving, model, None, io_steps, want_inverse=True, refine_iterations=refine)
+    extra = {k: result.metrics[k] for k in ("instance_optimization_steps", "refine_iterations", "field_grid_shape",
+                                              "field_spacing_mm", "seconds_network", "seconds_refine")}
+    return result.forward, result.inverse, time.perf_counter() - t0, extra
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -183,15 +197,15 @@ def lung_case(case: str, method: str, args, models) -> dict:
     lm = read_landmarks(LUNG / f"case_{case}_landmarks_voxel.csv", fixed.grid, moving.grid)
     eval_grid = coarse_grid(fixed.grid, 2.0)
     eval_moving = coarse_grid(moving.grid, 2.0)
-    if method.startswith("ours"):
-        steps = args.io_steps if method == "ours-io" else 0
-        fwd, inv, seconds = run_ours(fixed, moving, models["lung"], steps)
+    extra = {}
+    if method in OURS:
+        fwd, inv, seconds, extra = run_ours(fixed, moving, models["lung"], method, args)
     else:
         bf = resample(binarised(fixed), coarse_grid(fixed.grid, args.baseline_spacing), None, "linear")
         bm = resample(binarised(moving), coarse_grid(moving.grid, args.baseline_spacing), None, "linear")
         fwd, inv, seconds = (run_syn if method == "syn" else run_elastix)(bf, bm, args.threads)
     out = {"task": "lung", "case": case, "method": method, "seconds": seconds,
-           "tre_initial_mm": float(np.linalg.norm(lm.fixed - lm.moving, axis=1).mean())}
+           "tre_initial_mm": float(np.linalg.norm(lm.fixed - lm.moving, axis=1).mean()), **extra}
     out.update(tre(fwd, lm.fixed, lm.moving))
     out.update(regularity(fwd, eval_grid))
     if inv is not None:
@@ -234,11 +248,12 @@ def brain_case(method: str, args, models) -> dict:
     from diffusionreg import metrics
     from diffusionreg.image import resample
     fixed, fixed_lab, moving, moving_lab = brain_inputs(args)
-    if method.startswith("ours"):
+    extra = {}
+    if method in OURS:
         if models.get("brain") is None:
             return {"task": "brain", "case": "vxm->oasisA", "method": method, "skipped": "no brain model"}
-        steps = args.io_steps if method == "ours-io" else 0
-        fwd, inv, seconds = run_ours(fixed, moving, models["brain"], steps)
+        fwd, inv, seconds, extra = run_ours(fixed, moving, models["brain"], method, args)
+        extra["model"] = models["brain"].name
     else:
         bf = resample(fixed, coarse_grid(fixed.grid, args.baseline_spacing), None, "linear")
         bm = resample(moving, coarse_grid(moving.grid, args.baseline_spacing), None, "linear")
@@ -248,7 +263,7 @@ def brain_case(method: str, args, models) -> dict:
     dice = metrics.dice_per_label(fixed_lab.array, warped.array, labels)
     hd = metrics.hd95_per_label(fixed_lab.array, warped.array, fixed.spacing, labels)
     dice0 = metrics.dice_per_label(fixed_lab.array, moving_lab.array, labels)
-    out = {"task": "brain", "case": "vxm->oasisA", "method": method, "seconds": seconds,
+    out = {"task": "brain", "case": "vxm->oasisA", "method": method, "seconds": seconds, **extra,
            "dice_mean": float(np.nanmean(list(dice.values()))), "hd95_mean_mm": float(np.nanmean(list(hd.values()))),
            "dice_affine_only": float(np.nanmean(list(dice0.values()))),
            "dice_per_structure": {SEG13_NAMES[k]: round(v, 4) for k, v in dice.items()}}
@@ -276,7 +291,8 @@ def report(results: list[dict], args) -> None:
     lines = ["# Deformable benchmark", "",
              f"Command: `{' '.join(['.venv/bin/python', 'bench/deformable.py'] + argv)}`  ",
              f"Threads per method: {args.threads}; baselines on binarised maps / images at {args.baseline_spacing} mm; "
-             f"ours on its network grid, instance optimisation {args.io_steps} steps for ours-io. "
+             f"ours on its network grid, instance optimisation {args.io_steps} steps for the -io methods, "
+             f"velocity refinement ({args.refine_iterations if args.refine_iterations is not None else 'the model default'} iterations) for the -refine methods. "
              "Machine: 2 shared CPU cores (other jobs running), so wall times are indicative.", ""]
     if args.note:
         lines += [args.note, ""]
@@ -286,7 +302,7 @@ def report(results: list[dict], args) -> None:
         lines += [f"## Lung vessels ({n_cases} of the 8 CC-BY validation pairs, Lung250M-4B landmarks)", "",
                   "| method | cases | TRE mean (mm) | TRE median | q25 / q75 | initial TRE | folding % | NDV % | "
                   "ICE mean (mm) | ICE p95 | time / pair (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for method in ("ours", "ours-io", "syn", "elastix"):
+        for method in METHODS:
             rs = [r for r in lung if r["method"] == method]
             if not rs:
                 continue
@@ -299,13 +315,14 @@ def report(results: list[dict], args) -> None:
                          f"{np.mean([r['folding_percent'] for r in rs]):.4f} | {np.mean([r['ndv_percent'] for r in rs]):.4f} | "
                          f"{fmt(np.mean(ice), 3) if ice else 'n/a'} | {fmt(np.mean(ice95), 3) if ice95 else 'n/a'} | "
                          f"{np.mean([r['seconds'] for r in rs]):.1f} |")
+        present = [m for m in METHODS if any(r["method"] == m for r in lung)]
         lines += ["", "Per case TRE mean (mm):", "",
-                  "| case | initial | " + " | ".join(m for m in ("ours", "ours-io", "syn", "elastix")) + " |",
-                  "|---|---|---|---|---|---|"]
+                  "| case | initial | " + " | ".join(present) + " |",
+                  "|---|---|" + "---|" * len(present)]
         for case in sorted({r["case"] for r in lung}):
             row = [r for r in lung if r["case"] == case]
             cells = []
-            for m in ("ours", "ours-io", "syn", "elastix"):
+            for m in present:
                 hit = [r for r in row if r["method"] == m]
                 cells.append(fmt(hit[0]["tre_mean_mm"]) if hit else "-")
             lines.append(f"| {case} | {fmt(row[0]['tre_initial_mm'])} | " + " | ".join(cells) + " |")
@@ -331,7 +348,7 @@ def report(results: list[dict], args) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        methods = [m for m in ("ours", "ours-io", "syn", "elastix") if any(r["method"] == m for r in lung)]
+        methods = [m for m in METHODS if any(r["method"] == m for r in lung)]
         if methods:
             data = [np.concatenate([r["tre_values"] for r in lung if r["method"] == m]) for m in methods]
             axes[0].boxplot(data, showfliers=False)
@@ -356,6 +373,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline-spacing", type=float, default=2.0)
     ap.add_argument("--io-steps", type=int, default=50)
+    ap.add_argument("--refine-iterations", type=int, default=None,
+                    help="velocity-refinement iterations of the -refine methods (default: the model's)")
     ap.add_argument("--lung-model", default="lung-vessels")
     ap.add_argument("--brain-model", default=None)
     ap.add_argument("--reuse", action="store_true", help="keep cached results (skip cases already done)")
@@ -368,7 +387,10 @@ def main() -> int:
     if not args.report_only:
         methods = [m for m in args.methods.split(",") if m]
         models = {}
-        if any(m.startswith("ours") for m in methods):
+        unknown = set(methods) - set(METHODS)
+        if unknown:
+            ap.error(f"unknown methods {sorted(unknown)}; use {', '.join(METHODS)}")
+        if any(m in OURS for m in methods):
             from diffusionreg.deformable.register import load_model
             models["lung"] = load_model(args.lung_model)
             models["brain"] = load_model(args.brain_model) if args.brain_model else None

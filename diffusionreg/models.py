@@ -155,10 +155,11 @@ def load_config_json(entry: ModelEntry) -> dict:
 
 def register_entry(name: str, task: str, modality: str, file: Path, config: Path,
                    card: Path | None = None, registry: Path | None = None) -> dict:
-    """Add or replace one entry (with the file's sha256) keeping the others; atomic write."""
+    """Add or replace the entry of (``name``, ``task``) (with the file's sha256) keeping the others;
+    atomic write. One name may serve several tasks (``brain-mri`` affine and deformable)."""
     registry = registry or models_json_path()
     root = registry.parent
-    items = [m for m in _read_registry(registry) if m.get("name") != name]
+    items = [m for m in _read_registry(registry) if (m.get("name"), m.get("task")) != (name, task)]
     entry = {"name": name, "task": task, "modality": modality,
              "file": os.path.relpath(file, root), "sha256": sha256_file(file),
              "config": os.path.relpath(config, root)}

@@ -43,8 +43,8 @@ def add_commands(commands, train_commands, common) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (the method is deterministic)")
     p.add_argument("--output-json", type=Path, help="write the matrix and timings as JSON")
     p.add_argument("--refine-iterations", type=int, default=DEFAULT_REFINE_ITERATIONS,
-                   help=("Adam steps of the test-time NCC refinement after the diffusion (4 mm grid); "
-                         f"0 runs the published method alone (default {DEFAULT_REFINE_ITERATIONS})"))
+                   help=("Adam steps per level (6 mm, 3 mm) of the test-time mutual-information refinement "
+                         f"after the diffusion; 0 runs the published method alone (default {DEFAULT_REFINE_ITERATIONS})"))
     add_report_options(p)
     p.set_defaults(handler=_run_affine)
 
@@ -101,7 +101,7 @@ def _run_affine(args: argparse.Namespace, progress) -> int:
 
     from diffusionreg.reporting import report
 
-    from .refine import RefineConfig, RefineLevel
+    from .refine import RefineConfig
     from .register import load_model, register_affine
 
     out_t = str(args.output_transform).lower()
@@ -128,8 +128,7 @@ def _run_affine(args: argparse.Namespace, progress) -> int:
         stage.update(message="moving")
         model = load_model(args.model, args.modality, device=resolve_device(args.device))
         stage.update(message="model")
-    refine = RefineConfig(levels=(RefineLevel(RefineConfig().levels[0].spacing_mm, args.refine_iterations),)
-                          if args.refine_iterations else ())
+    refine = RefineConfig().with_iterations(args.refine_iterations)
     result = register_affine(fixed, moving, model, modality=args.modality, steps=args.steps,
                              bidirectional=args.bidirectional, initialize=args.initialize,
                              seed=args.seed, progress=progress, refine=refine)

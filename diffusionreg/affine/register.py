@@ -76,7 +76,7 @@ class AffineResult:
     seconds: float
     unidirectional: AffineTransform | None = None
     diffusion_only: AffineTransform | None = None   # before the optional refinement
-    refine_ncc: tuple[float, float] | None = None   # NCC before/after refinement
+    refine_score: tuple[float, float] | None = None  # similarity before/after refinement
 
     def to_dict(self) -> dict:
         d = {"matrix_lps": self.transform.matrix.tolist(), "theta_normalized": self.theta.tolist(),
@@ -164,17 +164,17 @@ def register_affine(fixed: Image, moving: Image, model: LoadedModel, modality: s
                                                                g_mov.affine, shape))
 
     diffusion = world(theta)
-    final, ncc = diffusion, None
+    final, score = diffusion, None
     if refine is not None and refine.levels:
         pivot = c_fix if initialize == "moments" else foreground_centroid(fixed, w_fix)
         with (progress.stage("refine", total=1) if progress else _no_stage()) as refine_stage:
             refined = refine_affine(fixed, moving, diffusion, pivot, refine, device=dev)
             if refine_stage is not None:
-                refine_stage.update(message=f"NCC {refined.ncc_before:.3f} -> {refined.ncc_after:.3f}")
-        final, ncc = refined.transform, (refined.ncc_before, refined.ncc_after)
+                refine_stage.update(message=f"{refine.metric.upper()} {refined.score_before:.3f} -> {refined.score_after:.3f}")
+        final, score = refined.transform, (refined.score_before, refined.score_after)
     return AffineResult(final, theta, g_fix.affine, g_mov.affine, shape,
                         time.perf_counter() - start, world(uni) if uni is not None else None,
-                        diffusion_only=diffusion, refine_ncc=ncc)
+                        diffusion_only=diffusion, refine_score=score)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,9 @@ def add_commands(commands, train_commands, common) -> None:
     p.add_argument("--modality", default=None, help="modality used to pick the default model (e.g. mri, lung-vessels)")
     p.add_argument("--instance-optimization", type=int, default=None, metavar="N",
                    help="Adam steps on this pair before predicting (default: the model's, e.g. 50 for ICON)")
+    p.add_argument("--refine-iterations", type=int, default=None, metavar="N",
+                   help="fine-grid symmetric velocity refinement iterations after the network "
+                        "(default: the model's; 0 = off)")
     p.add_argument("--output-json", type=Path, help="write metrics and timings as JSON")
     p.set_defaults(handler=_run_register)
 
@@ -101,6 +104,8 @@ def _run_register(args: argparse.Namespace, progress) -> int:
     _check_out("--output-json", args.output_json, (".json",))
     if args.instance_optimization is not None and args.instance_optimization < 0:
         raise InputError("--instance-optimization must be >= 0")
+    if args.refine_iterations is not None and args.refine_iterations < 0:
+        raise InputError("--refine-iterations must be >= 0")
     with progress.stage("read", total=4) as stage:
         fixed = read_image(args.fixed, what="fixed image")
         stage.update(message="fixed")
@@ -119,7 +124,8 @@ def _run_register(args: argparse.Namespace, progress) -> int:
     with progress.stage("register", total=1) as stage:
         result = register_deformable(fixed, moving, model, initial, args.instance_optimization,
                                      want_inverse=args.output_inverse_transform is not None,
-                                     want_jacobian=args.output_jacobian is not None, progress=progress)
+                                     want_jacobian=args.output_jacobian is not None, progress=progress,
+                                     refine_iterations=args.refine_iterations)
         stage.update()
     write_transform(result.forward, args.output_transform)
     if args.output_inverse_transform:
@@ -130,7 +136,8 @@ def _run_register(args: argparse.Namespace, progress) -> int:
         warped = resample(moving, fixed.grid, result.forward, "linear", default=0.0)
         write_image(warped, args.output_volume)
     m = result.metrics
-    progress.log(f"deformable ({m['method']}, model {m['model']}, {m['instance_optimization_steps']} IO steps): "
+    progress.log(f"deformable ({m['method']}, model {m['model']}, {m['instance_optimization_steps']} IO steps, "
+                 f"{m['refine_iterations']} refinement iterations): "
                  f"folding {m['folding_percent']:.4f} %, NDV {m['ndv_percent']:.4f} %, "
                  f"inverse consistency mean {m['ice_mean_mm']:.4f} mm (p95 {m['ice_p95_mm']:.4f}, "
                  f"max {m['ice_max_mm']:.4f}), {m['seconds_total']:.1f} s")

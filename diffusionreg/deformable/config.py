@@ -26,6 +26,8 @@ from typing import Any
 
 from diffusionreg.errors import InputError
 
+from .field_refine import FieldRefineConfig
+
 METHODS = ("sitreg", "icon")
 NORMALISATIONS = ("binary", "minmax", "percentile", "clip", "none")
 
@@ -97,6 +99,8 @@ class DeformableConfig:
     # --- instance optimisation -----------------------------------------------------------
     io_steps: int = 0                    # default Adam steps per pair at registration time
     io_lr: float = 1e-4
+    # --- fine-grid symmetric velocity refinement after the network (see field_refine) ----
+    refine: FieldRefineConfig = field(default_factory=FieldRefineConfig)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -108,9 +112,13 @@ class DeformableConfig:
         unknown = set(data) - known
         if unknown:
             raise InputError(f"unknown deformable config keys: {', '.join(sorted(unknown))}")
-        sit = SITRegConfig(**_tuples(data.pop("sitreg", {})))
-        icon = ICONConfig(**_tuples(data.pop("icon", {})))
-        cfg = cls(sitreg=sit, icon=icon, **_tuples(data))
+        try:
+            sit = SITRegConfig(**_tuples(data.pop("sitreg", {})))
+            icon = ICONConfig(**_tuples(data.pop("icon", {})))
+            refine = FieldRefineConfig(**data.pop("refine", {}))
+        except TypeError as exc:
+            raise InputError(f"bad deformable sub-config: {exc}") from None
+        cfg = cls(sitreg=sit, icon=icon, refine=refine, **_tuples(data))
         cfg.validate()
         return cfg
 
@@ -133,6 +141,8 @@ class DeformableConfig:
                 raise InputError(f"grid_shape {self.grid_shape} must be divisible by {factor} for ICON")
         if self.spacing_mm <= 0:
             raise InputError("spacing_mm must be positive")
+        if self.refine.iterations < 0 or self.refine.upsample <= 0 or self.refine.control_factor < 1:
+            raise InputError("refine needs iterations >= 0, upsample > 0 and control_factor >= 1")
 
 
 def _tuples(data: dict) -> dict:
@@ -150,7 +160,9 @@ def _presets() -> dict[str, DeformableConfig]:
         name="lung-icon", method="icon", grid_shape=(80, 64, 80), spacing_mm=3.6,
         normalisation="binary", similarity="l1", regularisation_weight=0.5,
         icon=ICONConfig(exp_factor=2), lr=2e-3, batch_size=1, augment_elastic_mm=3.0,
-        augment_intensity=False, io_steps=50, io_lr=5e-3)
+        augment_intensity=False, io_steps=0, io_lr=5e-3,
+        refine=FieldRefineConfig(iterations=150, control_factor=8, coarse_levels=2, learning_rate=0.15,
+                                 smoothness_weight=0.1, squaring_upsample=4))
     p["lung-sitreg"] = DeformableConfig(
         name="lung-sitreg", method="sitreg", grid_shape=(96, 80, 96), spacing_mm=3.0,
         normalisation="binary", similarity="ncc", ncc_window=7,
@@ -160,7 +172,9 @@ def _presets() -> dict[str, DeformableConfig]:
         name="brain-sitreg", method="sitreg", grid_shape=(64, 80, 64), spacing_mm=2.5,
         normalisation="percentile",
         sitreg=SITRegConfig(feature_channels=(8, 16, 32, 32), head_channels=(8, 32, 48, 48)),
-        lr=5e-4, io_steps=20, io_lr=1e-4)
+        lr=5e-4, io_steps=0, io_lr=1e-4,
+        refine=FieldRefineConfig(iterations=50, control_factor=4, coarse_levels=2, learning_rate=0.1,
+                                 smoothness_weight=1.0, squaring_upsample=4))
     # ---- reference-sized presets (GPU) -------------------------------------------------
     p["full-lumir"] = DeformableConfig(
         name="full-lumir", method="sitreg", grid_shape=(160, 224, 192), spacing_mm=1.0,

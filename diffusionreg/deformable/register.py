@@ -8,7 +8,9 @@ Pipeline (all world coordinates LPS mm):
 2. The fixed image is resampled onto ``G``; the moving image through the initial transform
    ``T0`` (fixed -> moving) onto ``G``; both are normalised as the model was trained.
 3. The network (optionally after instance optimisation on the pair) gives voxel-unit fields
-   on ``G``: ``u`` with ``moving_G(x + u(x)) ~ fixed_G(x)`` and its inverse ``w``.
+   on ``G``: ``u`` with ``moving_G(x + u(x)) ~ fixed_G(x)`` and its inverse ``w``. The optional
+   velocity refinement (:mod:`.field_refine`) polishes them on a finer grid over the same box,
+   which then takes the place of ``G`` below.
 4. The output field on the fixed grid is exact in world terms:
    ``D(p) = T0(G (x + u(x))) - p`` with ``x = G^-1 p`` (``u`` trilinear, border-extended
    outside ``G``); the inverse on the moving grid is ``Dinv(q) = G (y + w(y)) - q`` with
@@ -29,12 +31,13 @@ import torch.nn as nn
 
 from diffusionreg import fields
 from diffusionreg.errors import InputError
-from diffusionreg.image import Grid, Image, centred_grid, nearest_axis_direction, resample
+from diffusionreg.image import Grid, Image, centred_grid, nearest_axis_direction, resample, resized_grid
 from diffusionreg.spaces import apply_affine
 from diffusionreg.transforms import (AffineTransform, CompositeTransform, DisplacementFieldTransform,
                                      compose)
 
 from .config import DeformableConfig, get_config
+from .field_refine import refine_pair
 from .icon import TwoStepICON
 from .losses import gradient_loss, ndv_loss, similarity_loss
 from .sitreg import SITReg
@@ -301,16 +304,18 @@ class DeformableResult:
         return dict(self.metrics)
 
 
-def field_metrics(u: torch.Tensor, w: torch.Tensor, spacing: float) -> dict:
-    """Folding (% det J <= 0), NDV (%), inverse-consistency error (mm) on the network grid."""
+def field_metrics(u: torch.Tensor, w: torch.Tensor, spacing) -> dict:
+    """Folding (% det J <= 0), NDV (%), inverse-consistency error (mm) on the fields' grid
+    (``spacing``: mm, one value or one per axis)."""
     from diffusionreg import metrics
 
     u = u.detach().cpu().double()
     w = w.detach().cpu().double()
     det = fields.jacobian_determinant(u)[0]
     det_inv = fields.jacobian_determinant(w)[0]
-    ice = metrics.inverse_consistency_summary(u, w, (spacing,) * 3)
-    ice_rev = metrics.inverse_consistency_summary(w, u, (spacing,) * 3)
+    spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, dtype=float), (3,)))
+    ice = metrics.inverse_consistency_summary(u, w, spacing)
+    ice_rev = metrics.inverse_consistency_summary(w, u, spacing)
     return {
         "folding_percent": 100.0 * metrics.folding_fraction(det),
         "folding_percent_inverse": 100.0 * metrics.folding_fraction(det_inv),
@@ -325,13 +330,22 @@ def field_metrics(u: torch.Tensor, w: torch.Tensor, spacing: float) -> dict:
 
 def register_deformable(fixed: Image, moving: Image, model: DeformableModel, initial=None,
                         io_steps: int | None = None, want_inverse: bool = True, want_jacobian: bool = False,
-                        progress=None) -> DeformableResult:
-    """Register ``moving`` onto ``fixed`` (see the module docstring for the geometry)."""
+                        progress=None, refine_iterations: int | None = None) -> DeformableResult:
+    """Register ``moving`` onto ``fixed`` (see the module docstring for the geometry).
+
+    ``io_steps`` / ``refine_iterations``: instance-optimisation steps and velocity-refinement
+    iterations (None: the model's defaults, 0: off).
+    """
     cfg = model.cfg
     t0 = time.perf_counter()
     steps = cfg.io_steps if io_steps is None else int(io_steps)
     if steps < 0:
         raise InputError("--instance-optimization must be >= 0")
+    refine_cfg = copy.copy(cfg.refine)
+    if refine_iterations is not None:
+        if refine_iterations < 0:
+            raise InputError("--refine-iterations must be >= 0")
+        refine_cfg.iterations = int(refine_iterations)
     initial_matrix = _affine_part(initial)
     if want_inverse and initial_matrix is None:
         raise InputError("the inverse field needs an affine (or no) initial transform")
@@ -340,8 +354,16 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
     moving_t = to_network(moving, grid, cfg, initial)
     t_pre = time.perf_counter()
     u, w, io_losses = predict(model, moving_t, fixed_t, steps, progress=progress)
-    u, w = u.cpu(), w.cpu()
     t_net = time.perf_counter()
+    refine_losses: list[float] = []
+    if refine_cfg.iterations > 0:
+        grid = resized_grid(grid, refine_cfg.fine_shape(cfg.grid_shape))
+        fixed_fine = to_network(fixed, grid, cfg).to(model.device)
+        moving_fine = to_network(moving, grid, cfg, initial).to(model.device)
+        u, w, refine_losses = refine_pair(u, w, moving_fine, fixed_fine, refine_cfg, cfg.similarity,
+                                          cfg.ncc_window, progress=progress)
+    u, w = u.detach().cpu(), w.detach().cpu()
+    t_refine = time.perf_counter()
     forward = DisplacementFieldTransform(Image(world_field(u, grid, fixed.grid, initial), fixed.affine.copy()))
     inverse = None
     if want_inverse:
@@ -360,13 +382,18 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
         else:
             det_world = _finite_difference_det(forward.field)
         jac_image = Image(det_world.astype(np.float32), fixed.affine.copy())
-    metrics = field_metrics(u, w, cfg.spacing_mm)
+    metrics = field_metrics(u, w, grid.spacing)
     metrics.update({
         "method": cfg.method, "model": model.name, "instance_optimization_steps": steps,
         "io_loss_first": io_losses[0] if io_losses else None,
         "io_loss_last": io_losses[-1] if io_losses else None,
+        "refine_iterations": refine_cfg.iterations,
+        "refine_loss_first": refine_losses[0] if refine_losses else None,
+        "refine_loss_last": refine_losses[-1] if refine_losses else None,
         "network_grid_shape": list(cfg.grid_shape), "network_spacing_mm": cfg.spacing_mm,
+        "field_grid_shape": list(grid.shape), "field_spacing_mm": [round(float(s), 4) for s in grid.spacing],
         "seconds_preprocess": round(t_pre - t0, 3), "seconds_network": round(t_net - t_pre, 3),
+        "seconds_refine": round(t_refine - t_net, 3),
         "seconds_total": round(time.perf_counter() - t0, 3),
     })
     return DeformableResult(forward, inverse, jac_image, metrics, u, w, grid)
