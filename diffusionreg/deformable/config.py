@@ -173,7 +173,7 @@ def _presets() -> dict[str, DeformableConfig]:
         normalisation="percentile",
         sitreg=SITRegConfig(feature_channels=(8, 16, 32, 32), head_channels=(8, 32, 48, 48)),
         lr=5e-4, io_steps=0, io_lr=1e-4,
-        refine=FieldRefineConfig(iterations=50, control_factor=4, coarse_levels=2, learning_rate=0.1,
+        refine=FieldRefineConfig(iterations=30, control_factor=4, coarse_levels=2, learning_rate=0.1,
                                  smoothness_weight=1.0, squaring_upsample=4))
     # ---- reference-sized presets (GPU) -------------------------------------------------
     p["full-lumir"] = DeformableConfig(
