@@ -173,7 +173,7 @@ class Ours:
         from diffusionreg.affine.register import load_model
         self.model = load_model(model, "mri")
         self.bidirectional = bidirectional
-        # refine=True: the command-line default (diffusion, then the test-time NCC refinement).
+        # refine=True: the command-line default (diffusion, then the test-time mutual-information refinement).
         self.refine = RefineConfig() if refine else None
 
     def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:

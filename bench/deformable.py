@@ -175,7 +175,7 @@ def run_ours(fixed, moving, model, method: str, args):
     -refine: + the fine-grid velocity refinement (args.refine_iterations, None = the model's)."""
     from diffusionreg.deformable.register import register_deformable
     io_steps = args.io_steps if "-io" in method else 0
-    refine = (args.refine_iterations if args.refine_iterations is not None else None) if "refine" in method else 0
+    refine = args.refine_iterations if "refine" in method else 0   # None: the model's default
     t0 = time.perf_counter()
     result = register_deformable(fixed, moving, model, None, io_steps, want_inverse=True, refine_iterations=refine)
     extra = {k: result.metrics[k] for k in ("instance_optimization_steps", "refine_iterations", "field_grid_shape",

@@ -27,6 +27,7 @@ import torch
 from diffusionreg import fields
 
 from .losses import gradient_loss, similarity_loss
+from .pair_optimisation import adam_steps
 
 
 @dataclass
@@ -74,10 +75,8 @@ def refine_pair(u: torch.Tensor, w: torch.Tensor, moving: torch.Tensor, fixed: t
         return v
     images = torch.cat([moving, fixed], 0)
     targets = torch.cat([fixed, moving], 0)
-    losses: list[float] = []
 
-    def refined() -> torch.Tensor:
-        velocity = velocity_field()
+    def refined(velocity: torch.Tensor) -> torch.Tensor:
         # v is trilinear between control points, so its flow is about as smooth: square on a
         # grid a little finer than the control grid and resize (the fine-grid work is then two
         # compositions and a warp). The finer squaring grid keeps e o e^-1 close to identity.
@@ -86,23 +85,14 @@ def refine_pair(u: torch.Tensor, w: torch.Tensor, moving: torch.Tensor, fixed: t
         half = fields.resize_field(half, fine)
         return fields.compose(half, fields.compose(pair, half))
 
-    stage = progress.stage("velocity refinement", total=cfg.iterations) if progress is not None else None
-    try:
-        for _ in range(cfg.iterations):
-            both = refined()
-            warped = fields.warp(images, both)
-            loss = (similarity_loss(warped[:1], targets[:1], similarity, window)
-                    + similarity_loss(warped[1:], targets[1:], similarity, window)
-                    + cfg.smoothness_weight * gradient_loss(fields.resize_field(velocity_field(), fine)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if stage is not None:
-                stage.update(message=f"loss {losses[-1]:.4f}")
-    finally:
-        if stage is not None:
-            stage.__exit__(None, None, None)
+    def loss_fn() -> torch.Tensor:
+        velocity = velocity_field()
+        warped = fields.warp(images, refined(velocity))
+        return (similarity_loss(warped[:1], targets[:1], similarity, window)
+                + similarity_loss(warped[1:], targets[1:], similarity, window)
+                + cfg.smoothness_weight * gradient_loss(fields.resize_field(velocity, fine)))
+
+    losses = adam_steps(opt, loss_fn, cfg.iterations, progress, "velocity refinement")
     with torch.no_grad():
-        both = refined()
+        both = refined(velocity_field())
     return both[:1], both[1:], losses

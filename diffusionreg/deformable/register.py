@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from diffusionreg.transforms import (AffineTransform, CompositeTransform, Displa
 
 from .config import DeformableConfig, get_config
 from .field_refine import refine_pair
+from .pair_optimisation import adam_steps
 from .icon import TwoStepICON
 from .losses import gradient_loss, ndv_loss, similarity_loss
 from .sitreg import SITReg
@@ -215,17 +216,8 @@ def predict(model: DeformableModel, moving: torch.Tensor, fixed: torch.Tensor, i
         net = copy.deepcopy(model.net)
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=io_lr if io_lr is not None else model.cfg.io_lr)
-        stage = progress.stage("instance optimisation", total=io_steps) if progress is not None else None
-        for _ in range(io_steps):
-            loss, _ = pair_loss(net, model.cfg, moving, fixed)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if stage is not None:
-                stage.update(message=f"loss {losses[-1]:.4f}")
-        if stage is not None:
-            stage.__exit__(None, None, None)
+        losses = adam_steps(opt, lambda: pair_loss(net, model.cfg, moving, fixed)[0], io_steps, progress,
+                            "instance optimisation")
     net.eval()
     with torch.no_grad():
         u, w = net(moving, fixed)
@@ -341,11 +333,11 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
     steps = cfg.io_steps if io_steps is None else int(io_steps)
     if steps < 0:
         raise InputError("--instance-optimization must be >= 0")
-    refine_cfg = copy.copy(cfg.refine)
+    refine_cfg = cfg.refine
     if refine_iterations is not None:
         if refine_iterations < 0:
             raise InputError("--refine-iterations must be >= 0")
-        refine_cfg.iterations = int(refine_iterations)
+        refine_cfg = replace(refine_cfg, iterations=int(refine_iterations))
     initial_matrix = _affine_part(initial)
     if want_inverse and initial_matrix is None:
         raise InputError("the inverse field needs an affine (or no) initial transform")
