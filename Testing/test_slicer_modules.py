@@ -251,19 +251,58 @@ def test_pure_lib_imports_without_slicer_or_qt() -> None:
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
+REQUIREMENT_FILES = sorted((CORE / "Resources").glob("requirements*.txt"))
+#: import name -> distribution name, where they differ.
+DISTRIBUTION_OF = {"SimpleITK": "SimpleITK"}
+
+
+def _backend_third_party_imports(paths) -> set[str]:
+    stdlib = set(sys.stdlib_module_names)
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            found |= {n.split(".")[0] for n in names if n.split(".")[0] not in stdlib | {"diffusionreg"}}
+    return found
+
+
 def test_requirements_are_pinned_and_leave_slicer_packages_alone() -> None:
-    lines = install.readRequirements(CORE / "Resources" / "requirements.txt")
-    assert lines
+    assert [p.name for p in REQUIREMENT_FILES] == ["requirements-deformable.txt", "requirements.txt"]
     protected = {install.normalizeName(p) for p in install.PROTECTED_PACKAGES}
-    for line in lines:
-        name = install.normalizeName(install.requirementName(line))
-        assert name not in protected, f"{line} would replace a package Slicer (or PyTorch Utils) owns"
-        assert "<" in line and ">=" in line, f"{line} must have a lower and an upper bound"
-    project = (REPO / "pyproject.toml").read_text(encoding="utf-8")
-    dependencies = re.search(r"dependencies = \[(.*?)\]", project, re.S).group(1)
-    needed = {install.normalizeName(install.requirementName(d.strip().strip('",'))) for d in dependencies.split("\n") if d.strip()}
-    listed = {install.normalizeName(install.requirementName(l)) for l in lines}
-    assert needed - protected <= listed, f"backend dependencies missing from requirements.txt: {needed - protected - listed}"
+    listed = set()
+    for path in REQUIREMENT_FILES:
+        lines = install.readRequirements(path)
+        assert lines, path.name
+        for line in lines:
+            name = install.normalizeName(install.requirementName(line))
+            assert name not in protected, f"{line} would replace a package Slicer (or PyTorch Utils) owns"
+            assert "<" in line and ">=" in line, f"{line} must have a lower and an upper bound"
+            listed.add(name)
+    imported = {install.normalizeName(DISTRIBUTION_OF.get(n, n)) for n in _backend_third_party_imports((REPO / "diffusionreg").rglob("*.py"))}
+    assert imported - protected <= listed, f"backend imports missing from the requirement files: {imported - protected - listed}"
+    assert install.readRequirementFiles(REQUIREMENT_FILES[::-1]) == install.readRequirements(REQUIREMENT_FILES[1]) + install.readRequirements(REQUIREMENT_FILES[0])
+
+
+def test_the_affine_path_runs_without_the_deformable_requirements() -> None:
+    """SpatialDiffusionReg installs only requirements.txt: its backend path must not need MONAI."""
+    pytest.importorskip("torch", reason="the affine command imports torch")
+    extra = {install.requirementName(l) for l in install.readRequirements(CORE / "Resources" / "requirements-deformable.txt")}
+    code = textwrap.dedent(
+        f"""
+        import sys
+        for name in {sorted(extra)!r}:
+            sys.modules[name] = None  # importing it now raises ImportError
+        import diffusionreg.affine.commands, diffusionreg.affine.register, diffusionreg.cli
+        from diffusionreg.cli import build_parser
+        build_parser().parse_args(["affine", "--fixed", "f", "--moving", "m", "--output-transform", "t.h5"])
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr
 
 
 # --- DiffusionRegCoreLib: progress and commands -------------------------------------------------------
@@ -310,7 +349,7 @@ def test_affine_command_matches_the_backend_parser() -> None:
     args = parser.parse_args(line[3:])
     assert (args.command, args.modality, args.steps, args.bidirectional, args.initialize, args.device, args.progress) == (
         "affine", "octa", 3, True, "none", "cpu", "json")
-    from diffusionreg.affine.config import MODALITIES
+    from diffusionreg.vocabulary import MODALITIES
 
     assert tuple(MODALITIES) == command.MODALITIES
     assert set(command.INITIALIZATIONS) == set(parser._subparsers._group_actions[0].choices["affine"]._option_string_actions["--initialize"].choices)
@@ -400,6 +439,73 @@ def test_cancel_ends_the_whole_process_tree(ignore_sigterm: bool) -> None:
     assert not _alive(childPid), "the grandchild (the real worker) survived Cancel"
 
 
+ESCAPING_LAUNCHER = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    # A descendant that leaves the process group and inherits our stdout (keeps the pipe open).
+    escaped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    print("escaped", escaped.pid, flush=True)
+    if sys.argv[1] == "wait":
+        time.sleep(60)
+    """
+)
+
+
+def _start_escaping(mode: str):
+    lines = []
+    runner = process.BackendProcess([sys.executable, "-c", ESCAPING_LAUNCHER, mode],
+                                    onLog=lambda line, stream: lines.append(line)).start()
+    deadline = time.monotonic() + 30
+    while not any(l.startswith("escaped ") for l in lines) and time.monotonic() < deadline:
+        runner.poll()
+        time.sleep(0.05)
+    return runner, int(next(l for l in lines if l.startswith("escaped ")).split()[1])
+
+
+def _end(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX sessions")
+def test_task_ends_when_its_direct_child_exits_even_if_a_descendant_holds_the_pipe(monkeypatch) -> None:
+    """Issue 9 item 16, without psutil: the run finishes once the direct child has exited."""
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    runner, escaped = _start_escaping("exit")
+    try:
+        start = time.monotonic()
+        result = runner.wait(timeout=20)
+        assert time.monotonic() - start < process.DRAIN_SECONDS + 5
+        assert result.returncode == 0 and not runner.running
+        assert _alive(escaped), "the test needs a descendant that still holds the pipe"
+    finally:
+        _end(escaped)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX sessions")
+@pytest.mark.parametrize("proc_fallback", [True, False])
+def test_cancel_without_psutil_finishes_and_wait_keeps_its_timeout(monkeypatch, proc_fallback: bool) -> None:
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    if not proc_fallback:  # a POSIX system without /proc: only the direct child can be found
+        monkeypatch.setattr(process, "_procDescendants", lambda pid, procRoot="/proc": [])
+    runner, escaped = _start_escaping("wait")
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            runner.wait(timeout=1.0)
+        assert time.monotonic() - start < 1.0 + 1.0 + process.DRAIN_SECONDS + 3, "wait(timeout) overran"
+        assert not runner.running and runner.result().cancelled
+        if proc_fallback and os.path.isdir("/proc"):
+            deadline = time.monotonic() + 10
+            while _alive(escaped) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _alive(escaped), "/proc fallback should have found and ended the escaped descendant"
+    finally:
+        _end(escaped)
+
+
 def test_work_folder_is_removed_unless_kept(tmp_path: Path) -> None:
     folder = process.WorkFolder(tmp_path / "parent")
     folder.file("a.txt").write_text("x")
@@ -450,8 +556,10 @@ def test_model_manager_lists_imports_and_verifies(tmp_path: Path) -> None:
     (resources / "Models.json").write_text(json.dumps({"models": [
         {"name": "shipped", "task": "affine", "modality": "mri", "file": "Models/shipped/model.safetensors",
          "sha256": models.sha256File(weights), "config": "Models/shipped/config.json"},
-        {"name": "remote", "task": "affine", "modality": "ct", "file": "https://example.org/remote.safetensors", "sha256": "0" * 64},
-        {"name": "deform", "task": "deformable", "file": "Models/d.safetensors"},
+        {"name": "remote", "task": "affine", "modality": "ct", "url": "https://example.org/remote.safetensors",
+         "sha256": "0" * 64, "config": "Models/remote/config.json"},
+        {"name": "deform", "task": "deformable", "modality": "mri", "file": "Models/d.safetensors", "sha256": "0" * 64,
+         "config": "Models/d.json"},
     ]}))
     manager = models.ModelManager(resources / "Models.json", tmp_path / "user")
     assert [e.name for e in manager.models("affine")] == ["shipped", "remote"]
@@ -460,6 +568,7 @@ def test_model_manager_lists_imports_and_verifies(tmp_path: Path) -> None:
     assert shipped.available and shipped.modelArgument() == "shipped"
     assert manager.verify(shipped).status == "ok"
     assert manager.verify(manager.find("remote")).status == "not downloaded"
+    assert [e.state for e in manager.models()] == ["installed", "downloadable", "missing"]
     assert manager.verify(manager.find("deform")).status == "missing"
 
     outside = tmp_path / "downloads"
@@ -507,10 +616,133 @@ def test_install_plan_installs_only_what_is_missing_and_pins_slicer_packages() -
     described = plan.describe()
     assert described[0].startswith("PyTorch") and "monai>=1.3,<1.7 (pip)" in described
     arguments = install.pipInstallArguments(plan, "c.txt")
-    assert arguments[:5] == ["install", "--upgrade-strategy", "only-if-needed", "-c", "c.txt"]
-    assert "numpy" not in " ".join(arguments[5:])
+    assert arguments[:4] == ["--upgrade-strategy", "only-if-needed", "-c", "c.txt"]
+    assert "numpy" not in " ".join(arguments[4:])
     with pytest.raises(ValueError, match="numpy"):
         install.planInstall(["numpy>=2"], installed.get)
     old = install.planInstall([], {"torch": "1.13.1"}.get)
     assert not old.torchMissing and old.torchTooOld == "1.13.1" and old.empty
     assert install.changedImportedPackages({"scipy": "1.10", "monai": None}, {"scipy": "1.13", "monai": "1.4"}, ["scipy.ndimage"]) == ["scipy"]
+
+
+# --- Slicer calls whose arguments we build, reproduced from Slicer's own source -------------------------
+def _slicer_pip_install_argv(requirements, version: str) -> list[str]:
+    """The argv ``slicer.util.pip_install(requirements)`` runs, assembled as Slicer assembles it.
+
+    5.10 ``Base/Python/slicer/util.py``: ``args = "install", *requirements`` (a list) or
+    ``"install", *shlex.split(requirements)`` (a string), then ``_executePythonModule("pip", args)``
+    which runs ``[PythonSlicer, "-m", "pip", *args]``. 5.12 ``Base/Python/slicer/packaging.py``
+    ``_build_pip_args``: ``["install", *requirements]`` (+ ``--no-deps``, + ``-c constraints`` when
+    given as keywords, which we do not use), then ``executePythonModule("pip", args)``.
+    """
+    import shlex
+
+    if isinstance(requirements, str):
+        args = ["install", *shlex.split(requirements)]
+    elif isinstance(requirements, list):
+        args = ["install", *requirements]
+    else:
+        raise ValueError("pip_install requirement input must be string or list")
+    assert version in ("5.10", "5.12")
+    return [sys.executable, "-m", "pip", *args]
+
+
+def _tiny_wheel(folder: Path, name: str = "diffusionreg_probe", version: str = "1.0") -> Path:
+    """A minimal valid wheel (PEP 427) so pip can resolve offline."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": b"",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, data in files.items():
+            archive.writestr(path, data)
+        archive.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+@pytest.mark.parametrize("version", ["5.10", "5.12"])
+def test_pip_accepts_the_install_arguments_as_slicer_assembles_them(tmp_path: Path, version: str) -> None:
+    """Issue 10 item 1: ``pip install install ...`` -- our list must not start with ``install``."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _tiny_wheel(wheels)
+    installed = {"numpy": install.installedVersion("numpy")}
+    plan = install.planInstall(["diffusionreg-probe>=1.0,<2"], lambda name: installed.get(name))
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("\n".join(plan.constraints) + "\n", encoding="utf-8")
+    arguments = install.pipInstallArguments(plan, constraints)
+    assert arguments[0] != "install", "slicer.util.pip_install prepends 'install' itself"
+    offline = ["--dry-run", "--no-index", "--find-links", str(wheels), "--disable-pip-version-check"]
+
+    argv = _slicer_pip_install_argv(arguments, version) + offline
+    completed = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "Would install diffusionreg_probe-1.0" in completed.stdout.replace("diffusionreg-probe", "diffusionreg_probe")
+
+    # The old list (with its own leading "install") is what users got: pip refuses it.
+    wrong = subprocess.run(_slicer_pip_install_argv(["install", *arguments], version) + offline,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "install" in wrong.stderr
+
+
+#: Parameters of the ``slicer.util`` functions the modules call, from Slicer 5.10's
+#: ``Base/Python/slicer/util.py`` (unchanged in 5.12). ``**`` marks functions that forward extra
+#: keywords to ``QMessageBox`` properties (``_messageDisplay`` -> ``messageBox``).
+SLICER_UTIL_SIGNATURES = {
+    "confirmOkCancelDisplay": ("text", "windowTitle", "parent", "**"),
+    "confirmYesNoDisplay": ("text", "windowTitle", "parent", "**"),
+    "infoDisplay": ("text", "windowTitle", "parent", "standardButtons", "**"),
+    "warningDisplay": ("text", "windowTitle", "parent", "standardButtons", "**"),
+    "errorDisplay": ("text", "windowTitle", "parent", "standardButtons", "**"),
+    "setSliceViewerLayers": ("background", "foreground", "label", "foregroundOpacity", "labelOpacity", "fit",
+                             "rotateToVolumePlane"),
+    "tryWithErrorDisplay": ("message", "show", "waitCursor"),
+    "loadVolume": ("filename", "properties", "returnNode"),
+    "loadUI": ("path",),
+    "childWidgetVariables": ("widget",),
+    "addVolumeFromArray": ("narray", "ijkToRAS", "name", "nodeClassName"),
+    "arrayFromVolume": ("volumeNode",),
+    "pip_install": ("requirements",),
+    "restart": (),
+}
+#: QMessageBox properties we pass through ``**kwargs`` (Qt: QMessageBox::detailedText).
+MESSAGE_BOX_PROPERTIES = {"detailedText"}
+
+
+def _slicer_util_calls(path: Path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            value = node.func.value
+            if isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name) and (value.value.id, value.attr) == ("slicer", "util"):
+                yield node.func.attr, node
+
+
+def test_every_slicer_util_call_uses_parameters_slicer_has() -> None:
+    files = [p for m in MODULES + ("SpatialDiffusionReg",) for p in _module_python_files(m)]
+    seen = set()
+    for path in files:
+        for name, call in _slicer_util_calls(path):
+            seen.add(name)
+            assert name in SLICER_UTIL_SIGNATURES, f"{path.name}:{call.lineno}: slicer.util.{name} is not in the checked table"
+            params = SLICER_UTIL_SIGNATURES[name]
+            positional = [p for p in params if p != "**"]
+            assert len(call.args) <= len(positional), f"{path.name}:{call.lineno}: too many positional arguments to {name}"
+            for keyword in call.keywords:
+                if keyword.arg is None:
+                    continue
+                allowed = keyword.arg in positional or ("**" in params and keyword.arg in MESSAGE_BOX_PROPERTIES)
+                assert allowed, f"{path.name}:{call.lineno}: slicer.util.{name} has no parameter {keyword.arg!r}"
+    assert {"pip_install", "confirmOkCancelDisplay"} <= seen

@@ -142,8 +142,14 @@ def constraintLines(versionOf: Callable[[str], str | None] = installedVersion) -
 
 
 def pipInstallArguments(plan: InstallPlan, constraintsFile: str | os.PathLike | None) -> list[str]:
-    """Arguments after ``pip``: install the missing requirements, protected ones pinned."""
-    arguments = ["install", "--upgrade-strategy", "only-if-needed"]
+    """The list given to ``slicer.util.pip_install``: options and requirements, **without** ``install``.
+
+    Slicer prepends ``install`` itself (5.10 ``util.pip_install``: ``args = "install", *requirements``;
+    5.12 ``packaging._build_pip_args``: ``["install", *requirements]``), so a leading ``install``
+    here would make pip try to install a package called "install". The constraints file goes
+    in the list as ``-c FILE`` (5.10 has no ``constraints`` keyword), protected packages pinned.
+    """
+    arguments = ["--upgrade-strategy", "only-if-needed"]
     if constraintsFile:
         arguments += ["-c", str(constraintsFile)]
     return arguments + list(plan.pipRequirements)
@@ -178,13 +184,26 @@ def pyTorchUtilsLogic():
     return PyTorchUtils.PyTorchUtilsLogic()
 
 
-def currentPlan(requirementsPath: str | os.PathLike) -> InstallPlan:
-    return planInstall(readRequirements(requirementsPath))
+def readRequirementFiles(paths) -> list[str]:
+    """Requirement lines of one file or of several (a module's list: the core's common file plus its own)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    lines: list[str] = []
+    for path in paths:
+        lines += [line for line in readRequirements(path) if line not in lines]
+    return lines
 
 
-def ensureDependencies(requirementsPath: str | os.PathLike, requester: str = "DiffusionReg",
+def currentPlan(requirementsPaths) -> InstallPlan:
+    """What is missing for the requirement file(s) ``requirementsPaths``."""
+    return planInstall(readRequirementFiles(requirementsPaths))
+
+
+def ensureDependencies(requirementsPath, requester: str = "DiffusionReg",
                        askConfirmation: bool = True, log: Callable[[str], None] | None = None) -> bool:
     """Install what is missing after one confirmation; True when everything is in place.
+
+    ``requirementsPath``: one requirements file or a list of them (the module's own list).
 
     False when the user declined. Raises :class:`InstallError` when installation failed or
     the PyTorch extension is missing. Offers a restart when an imported package changed.
@@ -227,7 +246,7 @@ def ensureDependencies(requirementsPath: str | os.PathLike, requester: str = "Di
         log(f"PyTorch {installedVersion('torch')} installed.")
     if plan.pipRequirements:
         # Re-plan: torch may have brought some requirements, and pins must include the new torch.
-        plan = planInstall(readRequirements(requirementsPath))
+        plan = currentPlan(requirementsPath)
     if plan.pipRequirements:
         with tempfile.TemporaryDirectory(prefix="DiffusionReg-pip-") as folder:
             constraints = Path(folder) / "constraints.txt"

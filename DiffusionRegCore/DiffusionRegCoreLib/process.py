@@ -8,8 +8,13 @@ callbacks run there. :meth:`BackendProcess.wait` does the same in a loop for scr
 Cancel ends the whole process tree. ``PythonSlicer`` is a launcher around the real Python, so
 killing only the direct child would leave the worker running. On POSIX the worker is started
 in its own session and the group gets SIGTERM (the backend turns it into a clean exit 130),
-then SIGKILL after a grace period; on Windows ``taskkill /T /F`` ends the tree. When
-``psutil`` is available, descendants that left the group are ended too.
+then SIGKILL after a grace period; on Windows ``taskkill /T /F`` ends the tree. Descendants
+that left the group are found with ``psutil`` when it is installed, else from ``/proc`` (Linux),
+and ended too.
+
+The run ends when the **direct child** exits: a descendant that escaped (it keeps our stdout
+pipe open, so end-of-file never comes) cannot keep the task "running" after its parent is
+gone; output still queued is handled for :data:`DRAIN_SECONDS`, then the task finishes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from .progress import EXIT_CANCELLED, EXIT_OK, ProgressEvent, describeExitCode, 
 
 #: Seconds between SIGTERM and SIGKILL when cancelling.
 CANCEL_GRACE_SECONDS = 3.0
+#: Seconds to keep reading output after the direct child exited (a descendant holding the pipe).
+DRAIN_SECONDS = 1.0
 #: Log lines kept in memory (older ones are dropped; the widget keeps its own copy).
 MAX_LOG_LINES = 20000
 
@@ -90,6 +97,7 @@ class BackendProcess:
         self._finished = False
         self._startTime = 0.0
         self._endTime = 0.0
+        self._childExitTime: float | None = None
 
     # --- life cycle -------------------------------------------------------------------
     def start(self) -> "BackendProcess":
@@ -171,9 +179,14 @@ class BackendProcess:
                 self._openStreams -= 1
                 continue
             self._handleLine(stream, line)
-        if self._openStreams <= 0 and self._popen.poll() is not None:
-            self._finish()
-            return False
+        if self._popen.poll() is not None:
+            now = time.monotonic()
+            if self._childExitTime is None:
+                self._childExitTime = now
+            # Streams closed, or the child is gone and something else still holds its pipe.
+            if self._openStreams <= 0 or now - self._childExitTime >= DRAIN_SECONDS:
+                self._finish()
+                return False
         return True
 
     def _handleLine(self, stream: str, line: str) -> None:
@@ -199,19 +212,20 @@ class BackendProcess:
         if self._popen is not None and self._popen.returncode == EXIT_CANCELLED:
             self.cancelled = True
         for thread in self._readers:
-            thread.join(timeout=1.0)
+            thread.join(timeout=0.1 if self._openStreams > 0 else 1.0)  # daemon readers of an escaped pipe stay behind
         if self.onFinished:
             self.onFinished(self)
 
     def wait(self, timeout: float | None = None, interval: float = 0.05, idle: Callable[[], None] | None = None) -> ProcessResult:
         """Block until the process ends (polling); ``idle`` runs between polls (e.g. processEvents).
 
-        Raises TimeoutError (after cancelling the process) when ``timeout`` seconds pass.
+        Raises TimeoutError (after cancelling the process) when ``timeout`` seconds pass; the
+        cancel itself is bounded by the SIGKILL grace and :data:`DRAIN_SECONDS`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll():
             if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
+                self.cancel(grace=min(CANCEL_GRACE_SECONDS, 1.0))
                 while self.poll():
                     time.sleep(interval)
                 raise TimeoutError(f"{self.command[0]} did not finish within {timeout} s")
@@ -254,15 +268,39 @@ class BackendProcess:
 
 
 def _descendants(pid: int) -> list[int]:
-    """PIDs of all descendants (needs psutil; empty list without it)."""
+    """PIDs of all descendants: psutil when installed, else ``/proc`` (Linux), else none."""
     try:
         import psutil
     except ImportError:
-        return []
+        return _procDescendants(pid)
     try:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
     except Exception:  # noqa: BLE001 - the process may be gone already
         return []
+
+
+def _procDescendants(pid: int, procRoot: str = "/proc") -> list[int]:
+    """Descendants of ``pid`` from the parent ids in ``/proc/N/stat`` (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir(procRoot)
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(procRoot, entry, "stat"), encoding="utf-8", errors="replace") as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
 
 
 def _killPids(pids: list[int], hard: bool) -> None:
