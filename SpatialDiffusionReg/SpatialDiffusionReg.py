@@ -64,7 +64,7 @@ from DiffusionRegCoreLib.progress import ProgressEvent  # noqa: E402
 #: Modality names shown in the panel; the backend gets them lower-cased.
 MODALITY_CHOICES = ("MRI", "CT", "OCT", "OCTA", "Venous", "Any")
 #: Pre-alignment choices of the backend (``--initialize``); its default is "moments".
-INITIALIZE_CHOICES = ("moments", "center", "none")
+INITIALIZE_CHOICES = backendCommand.INITIALIZATIONS
 #: Sample Data entry of the extension's brain MRI pair.
 SAMPLE_NAME = "DiffusionRegBrainPair"
 SAMPLE_CATEGORY = "DiffusionReg"

@@ -65,15 +65,15 @@ def test_register_entry_keeps_other_models(tmp_path):
     (other / "model.safetensors").write_bytes(b"x")
     (other / "config.json").write_text("{}")
     models.register_entry("m2", "deformable", "ct", other / "model.safetensors",
-                          other / "config.json", registry=reg)
+                          other / "config.json", registry_path=reg)
     names = [m["name"] for m in json.loads(reg.read_text())["models"]]
     assert names == ["m1", "m2"]
     # one name may serve two tasks: registering m1 for deformable keeps the affine m1
     models.register_entry("m1", "deformable", "mri", other / "model.safetensors",
-                          other / "config.json", registry=reg)
+                          other / "config.json", registry_path=reg)
     pairs = [(m["name"], m["task"]) for m in json.loads(reg.read_text())["models"]]
     assert ("m1", "affine") in pairs and ("m1", "deformable") in pairs and len(pairs) == 3
-    assert models.resolve("m1", "deformable", registry=reg).file == other / "model.safetensors"
+    assert models.resolve("m1", "deformable", registry_path=reg).file == other / "model.safetensors"
 
 
 def test_shipped_registry_entry_is_valid():

@@ -19,11 +19,7 @@ from diffusionreg import __version__
 from diffusionreg.devices import check_device_name
 from diffusionreg.errors import CancelledError, InputError
 from diffusionreg.progress import Progress, install_cancel_handler
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 130
+from diffusionreg.vocabulary import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK
 
 # Modules that contribute commands: each has add_commands(commands, train_commands, common).
 _COMMAND_MODULES = ("diffusionreg.affine.commands", "diffusionreg.deformable.commands")

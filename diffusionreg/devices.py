@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import re
-
 from diffusionreg.errors import InputError
-
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+from diffusionreg.vocabulary import DEVICE_HELP, DEVICE_PATTERN
 
 
 def check_device_name(name: str) -> str:
     """Validate a device name without importing torch (argparse type)."""
-    if not _DEVICE_PATTERN.match(name):
-        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if not DEVICE_PATTERN.match(name):
+        raise InputError(f"unknown device {name!r}; use {DEVICE_HELP}")
     return name
 
 

@@ -1,128 +1,107 @@
-"""Registry of shipped models (``Resources/Models.json``) and safe weight loading.
+"""Choosing a model (registered name, folder or file) and loading its weights safely.
 
-``Models.json``::
-
-    {"models": [{"name": "brain-mri", "task": "affine", "modality": "mri",
-                 "file": "Models/brain-mri/model.safetensors", "sha256": "...",
-                 "config": "Models/brain-mri/config.json",
-                 "card": "Models/brain-mri/MODEL_CARD.md"}]}
-
-Paths are relative to the folder holding ``Models.json`` (``Resources/``; override with the
-environment variable ``DIFFUSIONREG_MODELS`` = path to another Models.json). Weights are
-verified against their sha256 before loading, and only loaded by safetensors or by
-``torch.load(weights_only=True)`` -- never by unpickling arbitrary objects.
+The registry itself (``Resources/Models.json``, the user cache, entries) is
+:mod:`diffusionreg.registry`, shared with the Slicer side. Weights are verified against their
+registered sha256 before loading -- also when the model is given by the path of a registered
+model's file or folder -- and only loaded by safetensors or by ``torch.load(weights_only=True)``,
+never by unpickling arbitrary objects. A path that no registry entry holds is used unverified,
+and says so in one line on stderr.
 """
+
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
+from diffusionreg import registry
 from diffusionreg.errors import InputError
+from diffusionreg.registry import WEIGHT_NAMES, WEIGHT_SUFFIXES, RegistryEntry, sha256_file
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+ModelEntry = RegistryEntry
+UNVERIFIED_NOTE = "unverified model file (no registry entry)"
+
+__all__ = ["ModelEntry", "UNVERIFIED_NOTE", "WEIGHT_SUFFIXES", "list_models", "load_config_json",
+           "load_state_dict", "models_json_path", "register_entry", "resolve", "sha256_file", "verify"]
 
 
 def models_json_path() -> Path:
-    env = os.environ.get("DIFFUSIONREG_MODELS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1] / "Resources" / "Models.json"
+    return registry.default_registry_path()
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """One model: absolute paths; ``sha256`` None for user-supplied paths (not verified)."""
-
-    name: str
-    task: str
-    modality: str
-    file: Path
-    config: Path | None
-    sha256: str | None = None
-    card: Path | None = None
-
-
-def _read_registry(path: Path | None = None) -> list[dict]:
-    path = path or models_json_path()
-    if not path.exists():
-        return []
+def list_models(task: str | None = None, registry_path: Path | None = None) -> list[ModelEntry]:
+    """Entries of the registry (optionally of one task), paths absolute."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read model registry {path}: {exc}") from exc
-    return list(data.get("models", []))
-
-
-def list_models(task: str | None = None, registry: Path | None = None) -> list[ModelEntry]:
-    """Entries of the registry (optionally of one task), paths made absolute."""
-    registry = registry or models_json_path()
-    root = registry.parent
-    out = []
-    for item in _read_registry(registry):
-        if task is not None and item.get("task") != task:
-            continue
-        out.append(ModelEntry(
-            name=item["name"], task=item.get("task", ""), modality=item.get("modality", "any"),
-            file=root / item["file"], config=root / item["config"] if item.get("config") else None,
-            sha256=item.get("sha256"), card=root / item["card"] if item.get("card") else None))
-    return out
+        return registry.read_entries(registry_path, task)
+    except registry.RegistryError as error:
+        raise InputError(str(error)) from None
 
 
 def resolve(name_or_path: str | os.PathLike | None, task: str, modality: str | None = None,
-            registry: Path | None = None) -> ModelEntry:
+            registry_path: Path | None = None) -> ModelEntry:
     """A registered name, a weights file (config.json beside it) or a folder holding
-    ``model.safetensors`` (or ``ema.safetensors``) and ``config.json``. With None, the first
-    registered model of ``task`` for ``modality`` (then one for 'any')."""
-    entries = list_models(task, registry)
+    ``model.safetensors`` (or ``ema.safetensors`` / ``model.pt``) and ``config.json``. With None,
+    the first registered model of ``task`` for ``modality`` (then one for 'any'), installed ones
+    first. A path that is a registered model's file or folder resolves to that entry (verified)."""
+    entries = list_models(task, registry_path)
     if name_or_path is None:
+        ordered = sorted(entries, key=lambda e: not e.installed)  # stable: file order otherwise
         for want in (modality, "any"):
-            for e in entries:
+            for e in ordered:
                 if e.modality == want:
                     return e
         raise InputError(f"no {task} model registered for modality {modality!r}; "
-                         f"pass --model NAME|PATH (registered: "
-                         f"{', '.join(e.name for e in entries) or 'none'})")
+                         f"pass --model NAME|PATH (registered: {_names(entries)})")
     text = str(name_or_path)
     for e in entries:
         if e.name == text:
             return e
     path = Path(text)
+    if path.exists():
+        held = _registered_holder(path, task, registry_path)
+        if held is not None:
+            return held
     if path.is_dir():
-        for cand in ("model.safetensors", "ema.safetensors", "model.pt"):
+        for cand in WEIGHT_NAMES:
             if (path / cand).exists():
                 cfg = path / "config.json"
-                return ModelEntry(path.name, task, modality or "any", path / cand,
-                                  cfg if cfg.exists() else None)
-        raise InputError(f"model folder {path} holds no model.safetensors")
+                return ModelEntry(path.name, task, modality or "any", path / cand, cfg if cfg.exists() else None)
+        raise InputError(f"model folder {path} holds no {', '.join(WEIGHT_NAMES)}")
     if path.exists():
         if not path.name.lower().endswith(WEIGHT_SUFFIXES):
-            raise InputError(f"model file {path} must be .safetensors, .pt or .pth")
+            raise InputError(f"model file {path} must be {', '.join(WEIGHT_SUFFIXES)}")
         cfg = path.with_name("config.json")
         return ModelEntry(path.stem, task, modality or "any", path, cfg if cfg.exists() else None)
-    raise InputError(f"unknown model {text!r}: not a registered name "
-                     f"({', '.join(e.name for e in entries) or 'none'}) nor an existing path")
+    raise InputError(f"unknown model {text!r}: not a registered name ({_names(entries)}) nor an existing path")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _registered_holder(path: Path, task: str, registry_path: Path | None) -> ModelEntry | None:
+    """The registry entry (of ``task`` first, then any task) whose weights file or folder is ``path``."""
+    entries = list_models(None, registry_path)
+    same_task = [e for e in entries if e.task == task]
+    return registry.entry_holding(same_task, path) or registry.entry_holding(entries, path)
+
+
+def _names(entries: list[ModelEntry]) -> str:
+    return ", ".join(e.name for e in entries) or "none"
 
 
 def verify(entry: ModelEntry) -> None:
-    """Raise InputError if the weights are missing or do not match the registered sha256."""
+    """Raise InputError if the weights are missing or do not match the registered sha256;
+    an entry without one (a user path) is reported as unverified on stderr."""
     if not entry.file.exists():
+        if entry.downloadable:
+            raise InputError(f"model {entry.name} ({entry.task}) is not downloaded yet: "
+                             f"run 'diffusionreg models pull {entry.name}'")
         raise InputError(f"model weights not found: {entry.file}")
-    if entry.sha256:
-        got = sha256_file(entry.file)
-        if got != entry.sha256:
-            raise InputError(f"model {entry.name}: sha256 mismatch for {entry.file} "
-                             f"(expected {entry.sha256[:12]}..., got {got[:12]}...)")
+    if entry.sha256 is None:
+        print(f"warning: {UNVERIFIED_NOTE}: {entry.file}", file=sys.stderr, flush=True)
+        return
+    got = sha256_file(entry.file)
+    if got != entry.sha256:
+        raise InputError(f"model {entry.name}: sha256 mismatch for {entry.file} "
+                         f"(expected {entry.sha256[:12]}..., got {got[:12]}...)")
 
 
 def load_state_dict(entry: ModelEntry) -> dict:
@@ -154,19 +133,19 @@ def load_config_json(entry: ModelEntry) -> dict:
 
 
 def register_entry(name: str, task: str, modality: str, file: Path, config: Path,
-                   card: Path | None = None, registry: Path | None = None) -> dict:
-    """Add or replace the entry of (``name``, ``task``) (with the file's sha256) keeping the others;
-    atomic write. One name may serve several tasks (``brain-mri`` affine and deformable)."""
-    registry = registry or models_json_path()
-    root = registry.parent
-    items = [m for m in _read_registry(registry) if (m.get("name"), m.get("task")) != (name, task)]
-    entry = {"name": name, "task": task, "modality": modality,
-             "file": os.path.relpath(file, root), "sha256": sha256_file(file),
-             "config": os.path.relpath(config, root)}
+                   card: Path | None = None, registry_path: Path | None = None) -> dict:
+    """Add or replace the entry of (``name``, ``task``) with the file's sha256, keeping the others
+    (atomic write, :func:`diffusionreg.registry.upsert_entry`). One name may serve several tasks."""
+    registry_path = registry_path or models_json_path()
+    root = registry_path.parent
+    entry = {"name": name, "task": task, "modality": modality, "file": _relative(file, root),
+             "sha256": sha256_file(file), "config": _relative(config, root)}
     if card is not None:
-        entry["card"] = os.path.relpath(card, root)
-    items.append(entry)
-    tmp = registry.with_name(registry.name + ".tmp")
-    tmp.write_text(json.dumps({"models": items}, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, registry)
+        entry["card"] = _relative(card, root)
+    registry.upsert_entry(registry_path, entry)
     return entry
+
+
+def _relative(path: Path, root: Path) -> str:
+    """Registry paths use forward slashes on every platform."""
+    return Path(os.path.relpath(path, root)).as_posix()

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
-MODALITIES = ("mri", "ct", "oct", "octa", "venous", "any")
-INITIALIZATIONS = ("center", "moments", "none")
+from .paths import backendModule
+
+_vocabulary = backendModule("vocabulary")
+MODALITIES = _vocabulary.MODALITIES
+INITIALIZATIONS = _vocabulary.INITIALIZATIONS
 
 
 def pythonExecutable(slicerHome: str | os.PathLike | None = None) -> str:

@@ -1,10 +1,12 @@
-"""Model manager: the registry in ``Resources/Models.json``, imported models, checksums.
+"""Model manager: registry models (installed or downloadable), imported models, checksums.
 
-``Models.json`` is ``{"models": [{"name", "task", "modality", "file", "sha256", "config", "card"}, ...]}``.
-``file``, ``config`` and ``card`` are paths relative to the folder of ``Models.json`` (models
-shipped with the extension) or ``http(s)://`` URLs (models the backend downloads into the user
-cache). Models the user imports from a local file are copied into their own folder under the
-user models folder (weights plus ``config.json`` beside them, the layout the backend's
+The registry (``Resources/Models.json``), its per-user download cache and checksums are read
+with the backend's own torch-free reader, ``diffusionreg/registry.py`` (see
+:func:`.paths.backendModule`), so the panel and the worker agree on every entry. Downloading is
+the backend's job (``diffusionreg models pull NAME``, run as a worker process with progress).
+
+Models the user imports from a local file are copied into their own folder under the user
+models folder (weights plus ``config.json`` beside them, the layout the backend's
 ``--model PATH`` expects) and listed in ``imported.json`` there, with the sha256 computed at
 import; the worker gets their path, registry models go by name (``--model NAME``).
 
@@ -13,48 +15,64 @@ No Qt here: opening a folder in the file browser is done by the module (``qt.QDe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from . import paths
+
 IMPORTED_INDEX = "imported.json"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
-_CHUNK = 1 << 20
+
+
+def _registry():
+    return paths.backendModule("registry")
+
+
+def sha256File(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (the backend's definition)."""
+    return _registry().sha256_file(path)
 
 
 @dataclass
 class ModelEntry:
-    """One model; ``path`` is the local weights file (None when it is only a URL)."""
+    """One model as the panel shows it; ``path`` is where its weights are or will be downloaded to."""
 
     name: str
     task: str
-    file: str
     modality: str = "any"
     sha256: str = ""
     config: str = ""
     card: str = ""
     source: str = "registry"  # "registry" or "imported"
     path: str | None = None
+    url: str = ""             # registry models that can be downloaded
 
     @property
     def isRemote(self) -> bool:
-        return self.file.startswith(("http://", "https://"))
+        return bool(self.url)
+
+    @property
+    def available(self) -> bool:
+        return bool(self.path) and Path(self.path).is_file()
+
+    @property
+    def state(self) -> str:
+        """``installed``, ``downloadable`` (``diffusionreg models pull NAME`` fetches it) or ``missing``."""
+        if self.available:
+            return "installed"
+        return "downloadable" if self.isRemote else "missing"
 
     def modelArgument(self) -> str:
         """What to pass as ``--model``: the name for registry models, the path for imports."""
         return self.path if self.source == "imported" and self.path else self.name
 
     def label(self) -> str:
-        suffix = " (imported)" if self.source == "imported" else (" (download)" if self.isRemote and not self.available else "")
-        return f"{self.name}{suffix}"
-
-    @property
-    def available(self) -> bool:
-        return bool(self.path) and Path(self.path).is_file()
+        if self.source == "imported":
+            return f"{self.name} (imported)"
+        return f"{self.name} (download)" if self.state == "downloadable" else self.name
 
 
 @dataclass
@@ -71,17 +89,8 @@ class VerifyResult:
         if self.status == "missing":
             return f"{self.entry.name}: file missing ({self.entry.path})"
         if self.status == "not downloaded":
-            return f"{self.entry.name}: not downloaded yet (downloaded and verified on first use)"
+            return f"{self.entry.name}: not downloaded yet (Download fetches and verifies it)"
         return f"{self.entry.name}: no checksum recorded (sha256 {self.actual[:12]}...)"
-
-
-def sha256File(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def safeName(text: str) -> str:
@@ -99,40 +108,16 @@ class ModelManager:
 
     # --- listing ----------------------------------------------------------------------
     def registryEntries(self) -> list[ModelEntry]:
-        if self.registryPath is None or not self.registryPath.is_file():
+        """Registry models, each with its local weights path (shipped file or download cache)."""
+        if self.registryPath is None:
             return []
-        try:
-            data = json.loads(self.registryPath.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read model registry {self.registryPath}: {error}") from None
-        entries = []
-        for record in data.get("models", []) if isinstance(data, dict) else []:
-            if not isinstance(record, dict) or not record.get("name"):
-                continue
-            entry = ModelEntry(
-                name=str(record["name"]),
-                task=str(record.get("task", "")),
-                file=str(record.get("file", "")),
-                modality=str(record.get("modality", "any") or "any"),
-                sha256=str(record.get("sha256", "") or "").lower(),
-                config=str(record.get("config", "") or ""),
-                card=str(record.get("card", "") or ""),
-                source="registry",
-            )
-            entry.path = self._localPath(entry)
-            entries.append(entry)
-        return entries
-
-    def _localPath(self, entry: ModelEntry) -> str | None:
-        if not entry.file:
-            return None
-        if entry.isRemote:
-            cached = self.userModelsDir / "cache" / safeName(entry.name) / Path(entry.file.split("?")[0]).name
-            return str(cached)
-        path = Path(entry.file)
-        if not path.is_absolute() and self.registryPath is not None:
-            path = self.registryPath.parent / path
-        return str(path)
+        registry = _registry()
+        return [
+            ModelEntry(name=e.name, task=e.task, modality=e.modality, sha256=e.sha256 or "",
+                       config=str(e.config or ""), card=str(e.card or ""), source="registry",
+                       path=str(e.file), url=e.url or "")
+            for e in registry.read_entries(self.registryPath, cache=self.userModelsDir / "cache")
+        ]
 
     def importedEntries(self) -> list[ModelEntry]:
         index = self.userModelsDir / IMPORTED_INDEX
@@ -142,11 +127,12 @@ class ModelManager:
             records = json.loads(index.read_text(encoding="utf-8")).get("models", [])
         except (OSError, ValueError, AttributeError):
             return []
+        known = {f.name for f in fields(ModelEntry)}
         entries = []
         for record in records:
-            try:
-                entries.append(ModelEntry(**{**record, "source": "imported"}))
-            except TypeError:
+            try:  # keys of older releases (e.g. "file") are dropped
+                entries.append(ModelEntry(**{**{k: v for k, v in record.items() if k in known}, "source": "imported"}))
+            except (TypeError, AttributeError):
                 continue
         return entries
 
@@ -159,8 +145,8 @@ class ModelManager:
             and (modality is None or e.modality in (modality.lower(), "any"))
         ]
 
-    def find(self, name: str) -> ModelEntry | None:
-        for entry in self.models():
+    def find(self, name: str, task: str | None = None) -> ModelEntry | None:
+        for entry in self.models(task):
             if entry.name == name or entry.modelArgument() == name:
                 return entry
         return None
@@ -172,15 +158,16 @@ class ModelManager:
         """Copy a local weights file (or a model folder) and its config into the user models
         folder and list it; returns the new entry.
 
-        ``path`` is a weights file (.safetensors/.pt/.pth) or a folder holding
-        ``model.safetensors`` (or ``ema.safetensors``/``model.pt``) and ``config.json``. For a file,
-        the config is ``config`` or found beside it as ``config.json`` or ``<stem>.json``; it is
-        stored as ``config.json`` beside the copied weights. Raises ValueError when
-        ``expectedSha256`` is given and does not match.
+        ``path`` is a weights file (.safetensors/.pt/.pth) or a folder holding one of the
+        backend's model file names and ``config.json``. For a file, the config is ``config`` or
+        found beside it as ``config.json`` or ``<stem>.json``; it is stored as ``config.json``
+        beside the copied weights. Raises ValueError when ``expectedSha256`` is given and does
+        not match.
         """
+        registry = _registry()
         source = Path(path)
         if source.is_dir():
-            for candidate in ("model.safetensors", "ema.safetensors", "model.pt"):
+            for candidate in registry.WEIGHT_NAMES:
                 if (source / candidate).is_file():
                     if config is None and (source / "config.json").is_file():
                         config = source / "config.json"
@@ -188,12 +175,12 @@ class ModelManager:
                     source = source / candidate
                     break
             else:
-                raise FileNotFoundError(f"model folder {source} holds no model.safetensors, ema.safetensors or model.pt")
+                raise FileNotFoundError(f"model folder {source} holds none of {', '.join(registry.WEIGHT_NAMES)}")
         if not source.is_file():
             raise FileNotFoundError(f"model file not found: {source}")
-        if not source.name.lower().endswith(WEIGHT_SUFFIXES):
-            raise ValueError(f"model file {source.name} must be {', '.join(WEIGHT_SUFFIXES)}")
-        digest = sha256File(source)
+        if not source.name.lower().endswith(registry.WEIGHT_SUFFIXES):
+            raise ValueError(f"model file {source.name} must be {', '.join(registry.WEIGHT_SUFFIXES)}")
+        digest = registry.sha256_file(source)
         if expectedSha256 and digest.lower() != expectedSha256.lower():
             raise ValueError(f"{source.name}: sha256 {digest} does not match the expected {expectedSha256}")
         modelName = safeName(name or source.name.split(".")[0])
@@ -218,7 +205,7 @@ class ModelManager:
                 raise FileNotFoundError(f"model config not found: {configSource}")
             shutil.copy2(configSource, target / "config.json")
             configTarget = str(target / "config.json")
-        entry = ModelEntry(modelName, task, str(weights), modality, digest, configTarget, "", "imported", str(weights))
+        entry = ModelEntry(modelName, task, modality, digest, configTarget, "", "imported", str(weights))
         self._writeImported(self.importedEntries() + [entry])
         return entry
 
@@ -240,7 +227,7 @@ class ModelManager:
 
     # --- checksums --------------------------------------------------------------------
     def verify(self, entry: ModelEntry) -> VerifyResult:
-        if not entry.path or not Path(entry.path).is_file():
+        if not entry.available:
             return VerifyResult(entry, "not downloaded" if entry.isRemote else "missing")
         actual = sha256File(entry.path)
         if not entry.sha256:

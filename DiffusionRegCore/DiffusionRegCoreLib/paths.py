@@ -25,10 +25,6 @@ MODULE_DIR = LIB_DIR.parent
 
 #: Environment variable that overrides where the backend package is found (developers).
 BACKEND_ROOT_ENV = "DIFFUSIONREG_BACKEND_ROOT"
-#: Environment variable that overrides the user model folder.
-MODELS_DIR_ENV = "DIFFUSIONREG_MODELS_DIR"
-#: The backend's override of its model registry (path to another Models.json).
-MODELS_REGISTRY_ENV = "DIFFUSIONREG_MODELS"
 
 
 def backendRoot() -> Path:
@@ -61,19 +57,43 @@ def coreResourcePath(*parts: str) -> Path:
     return MODULE_DIR.joinpath("Resources", *parts)
 
 
-def userDataDir() -> Path:
-    """Per-user writable folder of the extension (models, settings); never the install tree."""
-    base = os.environ.get("XDG_DATA_HOME") if os.name != "nt" else os.environ.get("LOCALAPPDATA")
-    return Path(base) / "DiffusionReg" if base else Path.home() / ".diffusionreg"
-
-
 def userModelsDir() -> Path:
-    """Where imported and downloaded models live (``$DIFFUSIONREG_MODELS_DIR`` overrides)."""
-    override = os.environ.get(MODELS_DIR_ENV)
-    return Path(override) if override else userDataDir() / "models"
+    """Where imported and downloaded models live: the backend's per-user models folder
+    (``$DIFFUSIONREG_MODELS_DIR`` overrides; see ``diffusionreg/registry.py``)."""
+    return backendModule("registry").user_models_dir()
 
 
 def modelsRegistryPath() -> Path:
     """The model registry the backend uses: ``$DIFFUSIONREG_MODELS`` or ``Resources/Models.json``."""
-    override = os.environ.get(MODELS_REGISTRY_ENV)
-    return Path(override) if override else extensionResourcePath("Models.json")
+    return backendModule("registry").default_registry_path()
+
+
+#: Backend modules that import only the standard library, so the Slicer side can use them
+#: before the backend's dependencies (torch, ...) are installed.
+TORCH_FREE_BACKEND_MODULES = ("registry", "vocabulary")
+
+
+def backendModule(name: str):
+    """A torch-free module of the backend package (``registry``, ``vocabulary``): the one the
+    worker will run, i.e. from :func:`backendRoot`, loaded from its file when the ``diffusionreg``
+    package there is not importable (a source checkout added only as Slicer module paths)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if name not in TORCH_FREE_BACKEND_MODULES:
+        raise ValueError(f"{name} is not one of the torch-free backend modules {TORCH_FREE_BACKEND_MODULES}")
+    source = backendRoot() / "diffusionreg" / f"{name}.py"
+    try:
+        module = importlib.import_module(f"diffusionreg.{name}")
+        if Path(module.__file__).resolve() == source.resolve():
+            return module
+    except ImportError:
+        pass
+    key = f"_diffusionreg_bundled_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, source)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses resolve their module through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[key]

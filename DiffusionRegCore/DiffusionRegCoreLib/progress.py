@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_BAD_INPUT = 2
-EXIT_CANCELLED = 130
+from .paths import backendModule
+
+_vocabulary = backendModule("vocabulary")
+EXIT_OK, EXIT_FAILURE = _vocabulary.EXIT_OK, _vocabulary.EXIT_FAILURE
+EXIT_BAD_INPUT, EXIT_CANCELLED = _vocabulary.EXIT_BAD_INPUT, _vocabulary.EXIT_CANCELLED
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,7 @@ from pathlib import Path
 from diffusionreg.errors import InputError
 from diffusionreg.reporting import add_report_options, check_report_options
 
-from .config import MODALITIES
-
-EXIT_OK = 0
+from diffusionreg.vocabulary import EXIT_OK, INITIALIZATIONS, MODALITIES
 
 
 def add_commands(commands, train_commands, common) -> None:
@@ -37,7 +35,7 @@ def add_commands(commands, train_commands, common) -> None:
                    help="reverse-process steps (default: the model's T)")
     p.add_argument("--bidirectional", action="store_true",
                    help="refine with a second pass in the other direction (twice the time)")
-    p.add_argument("--initialize", default="moments", choices=("moments", "center", "none"),
+    p.add_argument("--initialize", default="moments", choices=INITIALIZATIONS,
                    help="pre-alignment of the network grids: intensity centroids (default), "
                         "image centres, or none")
     p.add_argument("--seed", type=int, default=0, help="random seed (the method is deterministic)")

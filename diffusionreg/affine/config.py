@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffusionreg.errors import InputError
-
-MODALITIES = ("mri", "ct", "oct", "octa", "venous", "any")
+from diffusionreg.vocabulary import ANY_MODALITY
 
 
 @dataclass
@@ -99,7 +98,7 @@ class AffineConfig:
 
     def class_index(self, modality: str | None) -> int:
         """Class id for a modality: 1..N as listed in class_names, 0 = modality-agnostic."""
-        if self.n_classes <= 1 or modality in (None, "any"):
+        if self.n_classes <= 1 or modality in (None, ANY_MODALITY):
             return 0
         if modality not in self.class_names:
             return 0

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 from diffusionreg.errors import InputError
-
-EXIT_OK = 0
+from diffusionreg.vocabulary import EXIT_OK
 
 
 def add_commands(commands, train_commands, common) -> None:
