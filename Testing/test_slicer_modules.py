@@ -33,7 +33,7 @@ CORE = REPO / "DiffusionRegCore"
 if str(CORE) not in sys.path:
     sys.path.insert(0, str(CORE))
 
-from DiffusionRegCoreLib import command, device, install, models, paths, process, progress  # noqa: E402
+from DiffusionRegCoreLib import command, device, install, model_choice, models, paths, process, progress  # noqa: E402
 
 HEAVY_MODULES = {"torch", "monai", "diffusionreg", "numpy.testing", "SimpleITK", "nibabel", "scipy"}
 
@@ -319,40 +319,44 @@ def test_progress_lines_parse_and_log_lines_do_not() -> None:
     assert progress.describeExitCode(2) == "bad input" and progress.describeExitCode(130) == "cancelled"
 
 
-def test_affine_command_line() -> None:
-    line = command.affineCommand("PythonSlicer", "f.nrrd", "m.nrrd", "t.h5", "w.nrrd", model="brain-mri", modality="mri",
-                                 steps=12, bidirectional=True, initialize="center", seed=3, device="cuda:1")
-    assert line[:4] == ["PythonSlicer", "-m", "diffusionreg", "affine"]
-    assert line[-2:] == ["--progress", "json"]
-    text = " ".join(line)
-    for part in ("--fixed f.nrrd", "--moving m.nrrd", "--output-transform t.h5", "--output-volume w.nrrd", "--model brain-mri",
-                 "--modality mri", "--steps 12", "--bidirectional", "--initialize center", "--seed 3", "--device cuda:1"):
-        assert part in text
-    minimal = command.affineCommand("py", "f", "m", "t.h5", steps=0, model="")
-    assert "--steps" not in minimal and "--model" not in minimal and "--output-volume" not in minimal
-    with pytest.raises(ValueError):
-        command.affineCommand("py", "f", "m", "t.h5", modality="xray")
-    with pytest.raises(ValueError):
-        command.affineCommand("py", "f", "m", "t.h5", device="gpu")
+def test_backend_environment_puts_the_backend_first() -> None:
     env = command.backendEnvironment("/opt/ext", base={"PYTHONPATH": "/a" + os.pathsep + "/opt/ext"})
     assert env["PYTHONPATH"].split(os.pathsep) == ["/opt/ext", "/a"] and env["PYTHONUNBUFFERED"] == "1"
+    assert command.backendCommand("py", ["affine"], ["--x", "1"]) == ["py", "-m", "diffusionreg", "affine", "--x", "1", "--progress", "json"]
 
 
-def test_affine_command_matches_the_backend_parser() -> None:
-    """Every option the module passes exists in ``diffusionreg affine`` with the same choices."""
-    pytest.importorskip("torch", reason="the affine command module is part of the torch backend")
-    from diffusionreg.cli import build_parser
+def test_python_slicer_missing_is_a_clear_error_in_slicer(tmp_path: Path, monkeypatch) -> None:
+    """Issue 10 item 6: in Slicer, sys.executable is the Slicer application; never run that."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(command.PythonSlicerNotFound, match="PythonSlicer was not found .*Reinstall 3D Slicer"):
+        command.pythonExecutable(tmp_path / "Slicer-5.10", inSlicer=True)
+    assert command.pythonExecutable(tmp_path / "Slicer-5.10") == sys.executable  # scripts and tests
+    launcher = tmp_path / "Slicer-5.10" / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text("")
+    assert command.pythonExecutable(tmp_path / "Slicer-5.10", inSlicer=True) == str(launcher)
 
-    parser = build_parser()
-    line = command.affineCommand("py", "f.nrrd", "m.nrrd", "t.h5", "w.nrrd", model="x", modality="octa", steps=3,
-                                 bidirectional=True, initialize="none", seed=1, device="cpu")
-    args = parser.parse_args(line[3:])
-    assert (args.command, args.modality, args.steps, args.bidirectional, args.initialize, args.device, args.progress) == (
-        "affine", "octa", 3, True, "none", "cpu", "json")
-    from diffusionreg.vocabulary import MODALITIES
 
-    assert tuple(MODALITIES) == command.MODALITIES
-    assert set(command.INITIALIZATIONS) == set(parser._subparsers._group_actions[0].choices["affine"]._option_string_actions["--initialize"].choices)
+def test_one_weighted_progress_bar_over_all_stages() -> None:
+    """Issue 10 item 5: the bar never restarts per stage; elapsed and remaining time are shown."""
+    now = [100.0]
+    overall = progress.OverallProgress({"read": 1, "affine": 6, "refine": 2, "write": 1}, clock=lambda: now[0])
+    seen = []
+    for stage, fraction, at in (("read", 0.0, 100.0), ("read", 1.0, 101.0), ("affine", 0.5, 104.0), ("affine", 1.0, 107.0),
+                                ("unknown", 0.3, 107.5), ("write", 0.0, 108.0), ("write", 1.0, 109.0)):
+        now[0] = at
+        seen.append(overall.update(progress.ProgressEvent(stage, fraction, "")))
+    fractions = [s.fraction for s in seen]
+    assert fractions == sorted(fractions), "the bar went backwards"
+    assert fractions[1] == pytest.approx(0.1) and fractions[3] == pytest.approx(0.7)
+    assert fractions[5] == pytest.approx(0.9), "the skipped 'refine' stage counts as done once 'write' starts"
+    assert fractions[-1] == pytest.approx(1.0) and seen[4].stage == "unknown" and fractions[4] == fractions[3]
+    assert seen[0].remainingSeconds is None
+    assert seen[2].remainingSeconds == pytest.approx(4.0 * (1 - 0.4) / 0.4)
+    assert seen[2].text() == "affine - 0:04 elapsed, about 0:06 left"
+    assert progress.formatSeconds(3725) == "1:02:05"
+    with pytest.raises(ValueError):
+        progress.OverallProgress({})
 
 
 def test_paths_find_the_backend_and_resources() -> None:
@@ -603,6 +607,47 @@ def test_model_manager_reads_the_repository_registry() -> None:
                 assert manager.verify(entry).status == "ok", manager.verify(entry).text()
     else:
         assert entries == []
+
+
+def test_panel_offers_only_modalities_of_installed_models_and_names_the_model(tmp_path: Path) -> None:
+    """Issue 10 item 3: a modality is offered only when an installed model supports it."""
+    root = tmp_path / "Resources"
+    (root / "Models" / "brain").mkdir(parents=True)
+    (root / "Models" / "brain" / "model.safetensors").write_bytes(b"w")
+    (root / "Models" / "lung").mkdir(parents=True)
+    (root / "Models" / "lung" / "model.safetensors").write_bytes(b"w")
+    sha = "0" * 64
+    (root / "Models.json").write_text(json.dumps({"models": [
+        {"name": "ct-big", "task": "affine", "modality": "ct", "url": "https://example.org/ct.safetensors", "sha256": sha, "config": "c.json"},
+        {"name": "brain", "task": "affine", "modality": "mri", "file": "Models/brain/model.safetensors", "sha256": sha, "config": "c.json"},
+        {"name": "generic", "task": "affine", "modality": "any", "url": "https://example.org/g.safetensors", "sha256": sha, "config": "c.json"},
+        {"name": "lung", "task": "deformable", "modality": "lung-vessels", "file": "Models/lung/model.safetensors", "sha256": sha, "config": "c.json"},
+    ]}))
+    entries = models.ModelManager(root / "Models.json", tmp_path / "user").models()
+    assert model_choice.installedModalities(entries, "affine") == ["mri"]
+    assert model_choice.installedModalities(entries, "deformable") == ["lung-vessels"]
+    entry, reason = model_choice.modelToRun(entries, "affine", "mri")
+    assert entry.name == "brain" and reason == "" and model_choice.describeModel(entry) == "Runs 'brain' (affine, MRI; registry)"
+    entry, reason = model_choice.modelToRun(entries, "affine", "ct")
+    assert entry is None and reason == "The model 'ct-big' is not downloaded yet (Download it under Models)"
+    assert model_choice.modelToRun(entries, "affine", "oct") == (None, "The model 'generic' is not downloaded yet (Download it under Models)")
+    assert model_choice.modelToRun(entries, "affine", "ct", "brain")[1] == "The model 'brain' is for MRI, not CT"
+    assert model_choice.modelToRun(entries, "affine", "mri", "nope")[1] == "The model 'nope' is not installed"
+    assert model_choice.modalityLabel("octa") == "OCTA"
+    assert [e.state for e in entries] == ["downloadable", "installed", "downloadable", "installed"]
+
+
+def test_panel_names_the_model_the_backend_runs() -> None:
+    """The panel's 'which model will run' is the backend's own choice (diffusionreg.models.resolve)."""
+    pytest.importorskip("torch", reason="diffusionreg.models is part of the torch backend")
+    from diffusionreg.models import resolve
+
+    entries = models.ModelManager(paths.modelsRegistryPath(), REPO / "no-user-models").models()
+    for task in ("affine", "deformable"):
+        modalities = model_choice.installedModalities(entries, task)
+        assert modalities, f"no installed {task} model in the repository"
+        for modality in modalities:
+            assert model_choice.defaultModel(entries, task, modality).name == resolve(None, task, modality).name
 
 
 # --- dependency plan ----------------------------------------------------------------------------------------

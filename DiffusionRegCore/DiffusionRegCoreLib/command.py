@@ -19,11 +19,18 @@ MODALITIES = _vocabulary.MODALITIES
 INITIALIZATIONS = _vocabulary.INITIALIZATIONS
 
 
-def pythonExecutable(slicerHome: str | os.PathLike | None = None) -> str:
+class PythonSlicerNotFound(FileNotFoundError):
+    """Slicer's ``PythonSlicer`` launcher is missing: the worker cannot be started."""
+
+
+def pythonExecutable(slicerHome: str | os.PathLike | None = None, inSlicer: bool = False) -> str:
     """The Python that runs the worker.
 
-    In Slicer this is the ``PythonSlicer`` launcher (it sets up Slicer's Python environment);
-    outside Slicer (tests, scripts) it is the current interpreter.
+    In Slicer (``inSlicer``) this is the ``PythonSlicer`` launcher next to the application
+    (``<slicerHome>/bin``) or on PATH; it sets up Slicer's Python environment. When it is not
+    found, :class:`PythonSlicerNotFound` says so: ``sys.executable`` is the Slicer application
+    itself there, and running it with ``-m diffusionreg`` would start a second Slicer.
+    Outside Slicer (tests, scripts) it is the current interpreter.
     """
     names = ("PythonSlicer.exe", "PythonSlicer") if os.name == "nt" else ("PythonSlicer",)
     if slicerHome:
@@ -35,6 +42,12 @@ def pythonExecutable(slicerHome: str | os.PathLike | None = None) -> str:
         found = shutil.which(name)
         if found:
             return found
+    if inSlicer:
+        where = f"{Path(slicerHome) / 'bin'} or on PATH" if slicerHome else "on PATH"
+        raise PythonSlicerNotFound(
+            f"PythonSlicer was not found ({where}); the DiffusionReg backend runs in it. "
+            "Reinstall 3D Slicer or repair its installation."
+        )
     return sys.executable
 
 
@@ -61,51 +74,6 @@ def backendCommand(python: str, subcommand: Sequence[str], arguments: Sequence[s
     """``python -m diffusionreg <subcommand...> <arguments...> --progress json``."""
     return [str(python), "-m", "diffusionreg", *[str(s) for s in subcommand], *[str(a) for a in arguments],
             "--progress", "json"]
-
-
-def affineCommand(
-    python: str,
-    fixed: str | os.PathLike,
-    moving: str | os.PathLike,
-    outputTransform: str | os.PathLike,
-    outputVolume: str | os.PathLike | None = None,
-    model: str | None = None,
-    modality: str | None = None,
-    steps: int | None = None,
-    bidirectional: bool = False,
-    initialize: str | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-) -> list[str]:
-    """The ``diffusionreg affine`` command line (spatial-diffusion affine registration).
-
-    ``steps`` of None or 0 and ``model`` of None or "" keep the backend's defaults.
-    Raises ValueError for an unknown modality, initialisation or device.
-    """
-    arguments: list[str] = ["--fixed", str(fixed), "--moving", str(moving), "--output-transform", str(outputTransform)]
-    if outputVolume:
-        arguments += ["--output-volume", str(outputVolume)]
-    if model:
-        arguments += ["--model", str(model)]
-    if modality:
-        if modality not in MODALITIES:
-            raise ValueError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
-        arguments += ["--modality", modality]
-    if steps:
-        if int(steps) < 1:
-            raise ValueError(f"steps must be positive, got {steps}")
-        arguments += ["--steps", str(int(steps))]
-    if bidirectional:
-        arguments.append("--bidirectional")
-    if initialize:
-        if initialize not in INITIALIZATIONS:
-            raise ValueError(f"unknown initialization {initialize!r}; use one of {', '.join(INITIALIZATIONS)}")
-        arguments += ["--initialize", initialize]
-    if seed is not None:
-        arguments += ["--seed", str(int(seed))]
-    if device:
-        arguments += ["--device", checkDevice(device)]
-    return backendCommand(python, ["affine"], arguments)
 
 
 def checkDevice(device: str) -> str:

@@ -170,7 +170,7 @@ def movingVolumeFrame(volumeNode, stopAt=None) -> tuple[bool, str]:
     so a pre-alignment the user made is where the registration starts. When those transforms
     cannot be written as image geometry (non-linear, or shearing like an earlier affine result),
     ``world`` is False: the volume is registered in its own coordinates, and ``note`` says so;
-    the result must then be applied with ``placeUnderTransform(..., replaceChain=True)``.
+    the result is then applied without those transforms (:func:`placeMovingUnderResult`).
     """
     try:
         exportableIjkToRas(volumeNode, True, stopAt)
@@ -283,8 +283,8 @@ def importTransform(
     loaded = readTransformFile(path)
     linear = bool(loaded.IsLinear())
     if transformNode is None:
-        className = "vtkMRMLLinearTransformNode" if linear else "vtkMRMLGridTransformNode"
-        transformNode = scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name or _nodeNameFromPath(Path(path))))
+        # One current class for every kind (the Linear/Grid/BSpline subclasses are deprecated aliases).
+        transformNode = scene.AddNewNodeByClass("vtkMRMLTransformNode", scene.GenerateUniqueName(name or _nodeNameFromPath(Path(path))))
     elif name:
         transformNode.SetName(name)
     if linear:
@@ -419,35 +419,49 @@ def setDisplacementField(transformNode, displacementLps: np.ndarray, affineLps: 
     transformNode.SetAndObserveTransformFromParent(gridTransformFromDisplacement(displacementLps, affineLps))
 
 
-def placeUnderTransform(node, transformNode, replaceChain: bool = False) -> list[str]:
-    """Show ``node`` through ``transformNode`` (a world-level registration result).
+def composeWithMovingFrame(transformNode, movingToWorldRas: np.ndarray) -> None:
+    """Make a world-to-world result relative to the moving volume's own (file) coordinates.
 
-    When ``node`` has no parent transform it goes directly under ``transformNode``. When it
-    already hangs under other transforms, ``transformNode`` is put on top of that chain, so
-    the earlier transforms still apply first (the registration saw the volume through them);
-    with ``replaceChain`` (the volume was registered in its own coordinates) it goes directly
-    under ``transformNode`` instead, leaving the other transforms in the scene.
-    Returns notes for the log about what was changed.
+    The backend's transform ``T`` maps fixed points (as displayed) to moving points *as
+    displayed*, i.e. through the moving volume's linear parent transforms ``C`` (RAS 4x4,
+    ``movingToWorldRas``). The stored "from parent" becomes ``C^-1 o T``, so with the moving
+    volume placed **directly** under the node its displayed position is ``T^-1 o C``: the
+    pre-alignment is kept and nothing else in the scene moves. Linear results stay linear;
+    a non-linear result becomes a composite (``vtkGeneralTransform``).
     """
-    notes: list[str] = []
-    if node is None or transformNode is None:
-        return notes
-    chain = transformChain(node)
-    if not chain:
-        node.SetAndObserveTransformNodeID(transformNode.GetID())
-        return notes
-    if replaceChain:
-        if not sameNode(chain[0], transformNode):
-            node.SetAndObserveTransformNodeID(transformNode.GetID())
-            notes.append(f"'{node.GetName()}' was moved from under '{chain[0].GetName()}' to under '{transformNode.GetName()}'")
-        return notes
-    if any(sameNode(t, transformNode) for t in chain):
-        return notes  # already shown through it (a re-run with the same output transform)
-    top = chain[-1]
-    top.SetAndObserveTransformNodeID(transformNode.GetID())
-    notes.append(f"'{node.GetName()}' was already under '{chain[0].GetName()}'; "
-                 f"'{transformNode.GetName()}' was added on top of that transform chain")
-    return notes
+    inverse = np.linalg.inv(np.asarray(movingToWorldRas, dtype=np.float64))
+    if np.allclose(inverse, np.eye(4), atol=1e-12):
+        return
+    if transformNode.IsLinear():
+        matrix = vtk.vtkMatrix4x4()
+        transformNode.GetMatrixTransformFromParent(matrix)
+        transformNode.SetMatrixTransformFromParent(vtkMatrixFromArray(inverse @ arrayFromVtkMatrix(matrix)))
+        return
+    composite = vtk.vtkGeneralTransform()
+    composite.PostMultiply()  # points go through T first, then C^-1
+    composite.Concatenate(transformNode.GetTransformFromParent())
+    composite.Concatenate(vtkMatrixFromArray(inverse))
+    transformNode.SetAndObserveTransformFromParent(composite)
+
+
+def placeMovingUnderResult(movingNode, resultNode) -> list[str]:
+    """Put only the moving volume directly under the registration result (as SlicerElastix does).
+
+    The fixed volume, the moving volume's former parent transforms and every other node stay
+    where they are (a shared parent transform is never re-parented). ``resultNode`` must
+    already include the moving volume's former parents (:func:`composeWithMovingFrame`).
+    Returns notes for the log about what changed.
+    """
+    if movingNode is None or resultNode is None:
+        return []
+    parent = movingNode.GetParentTransformNode()
+    if sameNode(parent, resultNode):
+        return []
+    movingNode.SetAndObserveTransformNodeID(resultNode.GetID())
+    if parent is None:
+        return []
+    return [f"'{movingNode.GetName()}' was under '{parent.GetName()}'; it is now directly under "
+            f"'{resultNode.GetName()}', which includes where '{parent.GetName()}' had put it"]
 
 
 def nodesOfClass(scene, className: str) -> Iterable:

@@ -80,3 +80,72 @@ def describeExitCode(returncode: int | None) -> str:
         return f"killed by signal {-returncode}"
     return f"failed (exit code {returncode})"
 
+
+
+@dataclass(frozen=True)
+class OverallStatus:
+    """Where a whole run stands: ``fraction`` 0..1 over all stages, times in seconds."""
+
+    fraction: float
+    stage: str
+    message: str
+    elapsedSeconds: float
+    remainingSeconds: float | None  # None until enough of the run is done to estimate
+
+    def text(self) -> str:
+        """One progress-bar label, e.g. ``"affine: step 4/16 - 0:12 elapsed, about 0:30 left"``."""
+        label = f"{self.stage}: {self.message}" if self.message and self.message not in ("started", "done") else self.stage
+        timing = f"{formatSeconds(self.elapsedSeconds)} elapsed"
+        if self.remainingSeconds is not None:
+            timing += f", about {formatSeconds(self.remainingSeconds)} left"
+        return f"{label} - {timing}"
+
+
+def formatSeconds(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` past an hour)."""
+    whole = max(int(round(seconds)), 0)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class OverallProgress:
+    """One bar over all the stages of a run instead of one that restarts per stage.
+
+    ``weights`` lists the backend's stages in the order they run, with the share of the run's
+    time each usually takes (normalised here). Reaching a stage counts every earlier one as
+    done (optional stages that were skipped included); a stage that is not listed moves the
+    text, not the bar. The remaining time is extrapolated from the elapsed time once
+    :data:`MIN_FRACTION_FOR_ESTIMATE` of the run is done.
+    """
+
+    MIN_FRACTION_FOR_ESTIMATE = 0.05
+
+    def __init__(self, weights: dict[str, float], clock=None) -> None:
+        import time
+
+        total = float(sum(weights.values()))
+        if total <= 0:
+            raise ValueError("stage weights must add up to more than 0")
+        self._order = list(weights)
+        self._weights = {stage: float(w) / total for stage, w in weights.items()}
+        self._clock = clock or time.monotonic
+        self._start = self._clock()
+        self._done = 0.0  # share of the stages before the current one
+        self._index = -1
+        self.fraction = 0.0
+
+    def update(self, event: ProgressEvent) -> OverallStatus:
+        if event.stage in self._weights:
+            index = self._order.index(event.stage)
+            if index > self._index:
+                self._index = index
+                self._done = sum(self._weights[s] for s in self._order[:index])
+            if index == self._index:
+                # Never go backwards (a stage may be reported again, e.g. by a second direction).
+                self.fraction = max(self.fraction, min(self._done + self._weights[event.stage] * event.fraction, 1.0))
+        elapsed = self._clock() - self._start
+        remaining = None
+        if self.fraction >= self.MIN_FRACTION_FOR_ESTIMATE:
+            remaining = elapsed * (1.0 - self.fraction) / self.fraction
+        return OverallStatus(self.fraction, event.stage, event.message, elapsed, remaining)

@@ -90,3 +90,39 @@ def sitk_map_points(path: Path, points: np.ndarray) -> np.ndarray:
         field = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkVectorFloat64)
         transform = sitk.DisplacementFieldTransform(field)
     return np.array([transform.TransformPoint([float(v) for v in p]) for p in points])
+
+
+MODULE_DIRS = (CORE_MODULE_DIR, REPO / "SpatialDiffusionReg")
+
+
+@pytest.fixture(scope="session")
+def corelib(mrml_io):
+    """The DiffusionRegCoreLib modules the Slicer modules use (job, results, process, ...)."""
+    for folder in MODULE_DIRS:
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+    names = ("command", "job", "model_choice", "models", "paths", "process", "progress", "results")
+    return type("CoreLib", (), {n: importlib.import_module(f"DiffusionRegCoreLib.{n}") for n in names})
+
+
+@pytest.fixture(scope="session")
+def affine_job(corelib):
+    """``SpatialDiffusionRegLib.affine_job``: the job preparation and result import the module runs."""
+    return importlib.import_module("SpatialDiffusionRegLib.affine_job")
+
+
+def world_points_of_voxels(slicer_core, volumeNode, ijk: np.ndarray) -> np.ndarray:
+    """Where voxels of ``volumeNode`` are displayed, in LPS mm (through all its parent transforms)."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    local = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    toWorld = vtk.vtkGeneralTransform()
+    slicer_core.vtkMRMLTransformNode.GetTransformBetweenNodes(volumeNode.GetParentTransformNode(), None, toWorld)
+    flip = np.diag([-1.0, -1.0, 1.0])
+    out = []
+    for point in np.asarray(ijk, dtype=float):
+        ras = local[:3, :3] @ point + local[:3, 3]
+        out.append(flip @ np.array(toWorld.TransformPoint(ras.tolist())))
+    return np.array(out)

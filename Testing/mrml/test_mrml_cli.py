@@ -1,10 +1,10 @@
-"""The module's whole path without Qt: MRML nodes -> files -> ``diffusionreg affine`` -> nodes.
+"""The module's whole path without Qt: MRML nodes -> job -> ``diffusionreg affine`` -> nodes.
 
-The volumes are exported from MRML nodes with ``mrml_io.exportVolume``, the command is built
-by ``command.affineCommand`` and run by ``process.BackendProcess`` (JSON progress parsed),
-and the transform it writes is loaded by Slicer's transform storage node through
-``mrml_io.importTransform``, exactly as SpatialDiffusionReg does. The loaded node must map
-points as SimpleITK maps them with the same file (within 1e-4 mm).
+``SpatialDiffusionRegLib.affine_job.prepareAffineJob`` exports the volume nodes and builds the
+command, ``DiffusionRegCoreLib.job.runJob`` runs it with the real process runner (JSON progress
+parsed) and imports the transform through Slicer's transform storage node: the same functions,
+in the same order, as the module. The loaded node must map points as SimpleITK maps them with
+the file the backend wrote (within 1e-4 mm).
 
 The network is a tiny randomly initialised model written to a temporary folder (the test is
 about files and geometry, not accuracy), so no trained weights are needed and nothing skips.
@@ -12,28 +12,18 @@ about files and geometry, not accuracy), so no trained weights are needed and no
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .conftest import CORE_MODULE_DIR, REPO, sitk_map_points
+from .conftest import REPO, sitk_map_points
 
 pytestmark = pytest.mark.mrml
 
 SAMPLE = REPO / "Resources" / "Sample"
 TOLERANCE_MM = 1e-4
-
-
-@pytest.fixture(scope="module")
-def corelib(mrml_io):
-    """The DiffusionRegCoreLib modules the Slicer modules use."""
-    if str(CORE_MODULE_DIR) not in sys.path:
-        sys.path.insert(0, str(CORE_MODULE_DIR))
-    names = ("command", "process", "progress", "paths")
-    return type("CoreLib", (), {n: importlib.import_module(f"DiffusionRegCoreLib.{n}") for n in names})
 
 
 @pytest.fixture(scope="module")
@@ -56,64 +46,63 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder / "model.safetensors"
 
 
-def _run(corelib, command, cwd):
-    events = []
-    process = corelib.process.BackendProcess(
-        command, env=corelib.command.backendEnvironment(REPO), cwd=cwd, onProgress=events.append
-    ).start()
-    result = process.wait(timeout=300)
-    return result, events
-
-
-def test_affine_cli_transform_loads_in_slicer_as_simpleitk_maps_it(tmp_path: Path, scene, mrml_io, corelib, tiny_model) -> None:
-    # Inputs as the module has them: volume nodes (loaded by Slicer's reader), one under a transform.
+def test_affine_job_runs_the_backend_and_loads_what_simpleitk_reads(tmp_path: Path, scene, mrml_io, corelib, affine_job,
+                                                                     tiny_model) -> None:
+    # Inputs as the module has them: volume nodes (loaded by Slicer's reader), moving under an earlier output.
     fixed = mrml_io.importVolume(SAMPLE / "sample_fixed.nii.gz", scene, name="fixed")
     moving = mrml_io.importVolume(SAMPLE / "sample_moving.nii.gz", scene, name="moving")
-    earlier = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "earlier result")
+    earlier = scene.AddNewNodeByClass("vtkMRMLTransformNode", "earlier result")
     moving.SetAndObserveTransformNodeID(earlier.GetID())
-    fixedPath = mrml_io.exportVolume(fixed, tmp_path / "fixed.nrrd")
-    movingPath = mrml_io.exportVolume(moving, tmp_path / "moving.nrrd", stopAt=earlier)
-    transformPath, volumePath = tmp_path / "transform.h5", tmp_path / "resampled.nrrd"
-    command = corelib.command.affineCommand(
-        sys.executable, fixedPath, movingPath, transformPath, volumePath, model=str(tiny_model), modality="mri",
-        steps=2, initialize="moments", seed=0, device="cpu",
-    )
+    resampled = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
+    options = affine_job.AffineOptions(fixed, moving, earlier, resampled, modality="mri", model=str(tiny_model), steps=2,
+                                       initialize="moments", device="cpu")
+    assert options.isValid() == (True, "")
+    workFolder = corelib.process.WorkFolder(tmp_path / "work")
+    job = affine_job.prepareAffineJob(options, scene, workFolder, sys.executable, corelib.command.backendEnvironment(REPO))
+    events, lines = [], []
 
-    result, events = _run(corelib, command, tmp_path)
+    outcome = corelib.job.runJob(job, timeout=300, keepTemporaryFiles=True, onProgress=events.append, onLog=lines.append)
 
-    assert result.succeeded, result.summary() + "\n" + "\n".join(result.log)
+    assert outcome.state == "completed", f"{outcome.error}\n" + "\n".join(lines)
     assert events and all(0.0 <= e.fraction <= 1.0 for e in events)
-    assert {"read"} <= {e.stage for e in events}
-    assert not any(line.lstrip().startswith('{"stage"') for line in result.log), "progress lines leaked into the log"
-
-    node = mrml_io.importTransform(transformPath, scene, earlier, movingNode=moving, fixedNode=fixed)
+    assert {"read", "affine"} <= {e.stage for e in events}
+    assert set(e.stage for e in events) <= set(affine_job.STAGE_WEIGHTS), "a backend stage has no progress weight"
+    assert not any(line.lstrip().startswith('{"stage"') for line in lines), "progress lines leaked into the log"
+    result = outcome.outputs
+    node = result.transformNode
     assert node is earlier and node.IsLinear()
     fixedGrid = mrml_io.volumeLpsAffine(fixed)
     dims = np.array(fixed.GetImageData().GetDimensions(), dtype=float)
-    rng = np.random.default_rng(0)
-    points = rng.uniform(0, dims - 1, (50, 3)) @ fixedGrid[:3, :3].T + fixedGrid[:3, 3]
-    expected = sitk_map_points(transformPath, points)
-    np.testing.assert_allclose(mrml_io.mapPointsLps(node, points), expected, atol=TOLERANCE_MM, rtol=0)
+    points = np.random.default_rng(0).uniform(0, dims - 1, (50, 3)) @ fixedGrid[:3, :3].T + fixedGrid[:3, 3]
+    transformFile = workFolder.file("transform.h5")
+    np.testing.assert_allclose(mrml_io.mapPointsLps(node, points), sitk_map_points(transformFile, points), atol=TOLERANCE_MM, rtol=0)
 
-    # The resampled output lands on the fixed grid.
-    resampled = mrml_io.importVolume(volumePath, scene, name="resampled")
+    # The resampled output lands on the fixed grid; the moving volume stays directly under the result.
+    assert result.volumeNode is resampled
     np.testing.assert_allclose(mrml_io.volumeIjkToRas(resampled), mrml_io.volumeIjkToRas(fixed), atol=1e-4)
     assert resampled.GetImageData().GetDimensions() == fixed.GetImageData().GetDimensions()
-
-    # The moving volume was already under the output transform: it stays there (no double application).
-    assert mrml_io.placeUnderTransform(moving, node) == []
-    assert moving.GetParentTransformNode().GetID() == node.GetID()
+    assert moving.GetParentTransformNode().GetID() == node.GetID() and result.notes == []
+    workFolder.cleanup()
 
 
-def test_affine_cli_bad_input_gives_one_error_line(tmp_path: Path, mrml_io, corelib) -> None:
-    command = corelib.command.affineCommand(
-        sys.executable, tmp_path / "missing_fixed.nrrd", tmp_path / "missing_moving.nrrd", tmp_path / "t.h5",
-        device="cpu",
-    )
-    result, events = _run(corelib, command, tmp_path)
-    assert result.returncode == corelib.progress.EXIT_BAD_INPUT
-    assert not result.succeeded and not result.cancelled
-    assert result.error and "fixed image not found" in result.error
-    assert "bad input" in result.summary()
-    assert not (tmp_path / "t.h5").exists()
+def test_affine_job_bad_input_gives_one_error_line(tmp_path: Path, scene, mrml_io, corelib, affine_job) -> None:
+    """A backend failure ends the job as failed with the backend's one line, and nothing is imported."""
+    fixed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
+    moving = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving")
+    for node in (fixed, moving):
+        import vtk
 
+        image = vtk.vtkImageData()
+        image.SetDimensions(4, 4, 4)
+        image.AllocateScalars(vtk.VTK_FLOAT, 1)  # constant zeros: the backend refuses them
+        image.GetPointData().GetScalars().Fill(0.0)
+        node.SetAndObserveImageData(image)
+    options = affine_job.AffineOptions(fixed, moving, device="cpu")
+    workFolder = corelib.process.WorkFolder(tmp_path / "work")
+    job = affine_job.prepareAffineJob(options, scene, workFolder, sys.executable, corelib.command.backendEnvironment(REPO))
+    before = scene.GetNumberOfNodes()
+    outcome = corelib.job.runJob(job, timeout=300)
+    assert outcome.state == "failed"
+    assert outcome.processResult.returncode == corelib.progress.EXIT_BAD_INPUT
+    assert outcome.error.startswith("bad input: ") and "\n" not in outcome.error
+    assert scene.GetNumberOfNodes() == before and not workFolder.path.exists()

@@ -76,12 +76,12 @@ def test_exported_volume_reads_in_backend_with_its_geometry(tmp_path: Path, scen
 def test_export_bakes_linear_parent_transforms_and_stops_at_the_output(tmp_path: Path, scene, mrml_io, oblique_affine) -> None:
     array = _voxels((5, 5, 5), seed=2)
     node = _volumeNode(scene, mrml_io, array, FLIP @ oblique_affine, "moving")
-    previous = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "previous")
+    previous = scene.AddNewNodeByClass("vtkMRMLTransformNode", "previous")
     shift = np.eye(4)
     shift[:3, 3] = [5.0, -2.0, 1.0]
     previous.SetMatrixTransformToParent(mrml_io.vtkMatrixFromArray(shift))
     node.SetAndObserveTransformNodeID(previous.GetID())
-    output = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "output of an earlier run")
+    output = scene.AddNewNodeByClass("vtkMRMLTransformNode", "output of an earlier run")
     rotate = np.eye(4)
     rotate[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]
     output.SetMatrixTransformToParent(mrml_io.vtkMatrixFromArray(rotate))
@@ -92,7 +92,7 @@ def test_export_bakes_linear_parent_transforms_and_stops_at_the_output(tmp_path:
     belowOutput = read_image(mrml_io.exportVolume(node, tmp_path / "below.nrrd", stopAt=output))
     np.testing.assert_allclose(belowOutput.affine, FLIP @ shift @ FLIP @ oblique_affine, atol=1e-5)
 
-    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    grid = scene.AddNewNodeByClass("vtkMRMLTransformNode", "warp")
     mrml_io.setDisplacementField(grid, np.zeros((3, 3, 3, 3)), np.eye(4))
     output.SetAndObserveTransformNodeID(grid.GetID())
     with pytest.raises(mrml_io.GeometryError, match="harden"):
@@ -115,7 +115,7 @@ def test_shearing_parent_transform_is_refused(tmp_path: Path, scene, mrml_io) ->
     node = _volumeNode(scene, mrml_io, _voxels((4, 4, 4), seed=4), np.eye(4), "sheared")
     shear = np.eye(4)
     shear[0, 1] = 0.3
-    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shear")
+    parent = scene.AddNewNodeByClass("vtkMRMLTransformNode", "shear")
     parent.SetMatrixTransformToParent(mrml_io.vtkMatrixFromArray(shear))
     node.SetAndObserveTransformNodeID(parent.GetID())
     with pytest.raises(mrml_io.GeometryError, match="shears"):
@@ -132,7 +132,7 @@ def test_moving_volume_under_a_shearing_result_is_registered_in_its_own_frame(tm
     a file, so the moving volume is exported in its own coordinates and then moved directly under
     the new result (the first result stays in the scene)."""
     node = _volumeNode(scene, mrml_io, _voxels((4, 4, 4), seed=5), np.eye(4), "moving")
-    first = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "first result")
+    first = scene.AddNewNodeByClass("vtkMRMLTransformNode", "first result")
     affine = np.eye(4)
     affine[0, 1] = 0.2
     first.SetMatrixTransformFromParent(mrml_io.vtkMatrixFromArray(affine))
@@ -141,8 +141,8 @@ def test_moving_volume_under_a_shearing_result_is_registered_in_its_own_frame(tm
     assert not world and "own coordinates" in note
     local = read_image(mrml_io.exportVolume(node, tmp_path / "local.nrrd", world=False))
     np.testing.assert_allclose(local.affine, FLIP, atol=1e-6)
-    second = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "second result")
-    notes = mrml_io.placeUnderTransform(node, second, replaceChain=True)
+    second = scene.AddNewNodeByClass("vtkMRMLTransformNode", "second result")
+    notes = mrml_io.placeMovingUnderResult(node, second)
     assert node.GetParentTransformNode().GetID() == second.GetID() and notes
     assert scene.GetNodeByID(first.GetID()) is not None
     # With the first result as the output transform (a re-run into it), nothing is in the way.

@@ -1,0 +1,176 @@
+"""The affine registration job: :class:`AffineOptions` -> :func:`prepareAffineJob` -> results.
+
+"Register as displayed" (see docs/slicer.md):
+
+- The **fixed** volume is registered where it is displayed (through its linear parent
+  transforms) and is never moved: no transform above it is touched.
+- The **moving** volume is registered where it is displayed too (through its linear parent
+  transforms ``C``, up to the output transform), so a pre-alignment is the starting point. When
+  those transforms cannot be written as image geometry (non-linear, shearing) it is registered
+  in its own coordinates (``C`` = identity) and the log says so.
+- The backend returns ``T``: fixed point (as displayed) -> moving point (as displayed). The
+  output transform stores ``C^-1 o T`` "from parent" (fixed world -> the moving volume's own
+  coordinates, the ITK meaning for the moving file) and **only the moving volume** is put
+  directly under it: it is then displayed at ``T^-1 o C``, overlaying the fixed volume, and
+  nothing else in the scene moves (parents shared with the fixed volume included).
+
+No Qt and no ``slicer.util`` here: the MRML tier calls these functions as the module does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+from DiffusionRegCoreLib import command, mrml_io, results
+from DiffusionRegCoreLib.job import JobOptions, PreparedJob
+from DiffusionRegCoreLib.process import WorkFolder
+
+TASK = "affine"
+#: ``--initialize`` choices; "default" passes nothing (the model's config decides).
+INITIALIZE_CHOICES = ("default",) + tuple(command.INITIALIZATIONS)
+#: Share of the time each backend stage of ``diffusionreg affine`` usually takes (CPU runs of
+#: the shipped brain model: the network's steps dominate, then the refinement).
+STAGE_WEIGHTS = {"read": 0.05, "affine": 0.55, "refine": 0.3, "resample": 0.05, "write": 0.05}
+
+
+@dataclass
+class AffineOptions(JobOptions):
+    """One affine registration: the nodes and the backend options (defaults from the model's config).
+
+    modality - backend modality name (``mri``, ...), one an installed model supports.
+    model - ``--model``: "" for the modality's default model, else a name or an imported model's path.
+    steps - reverse-diffusion steps, 0 for the model's default.
+    initialize - "default" (model config) or one of the backend's initialisations.
+    placeMoving - put the moving volume under the result when done.
+    """
+
+    subcommand: ClassVar[tuple[str, ...]] = ("affine",)
+    stageWeights: ClassVar[Mapping[str, float]] = STAGE_WEIGHTS
+
+    fixedVolume: Any = None
+    movingVolume: Any = None
+    outputTransform: Any = None
+    outputVolume: Any = None
+    modality: str = "mri"
+    model: str = ""
+    steps: int = 0
+    bidirectional: bool = False
+    initialize: str = "default"
+    device: str = "auto"
+    placeMoving: bool = True
+
+    def isValid(self) -> tuple[bool, str]:
+        reason = self._reason()
+        return (not reason, reason)
+
+    def _reason(self) -> str:
+        fixed, moving = self.fixedVolume, self.movingVolume
+        if fixed is None and moving is None:
+            return "Select the fixed and moving volumes"
+        if fixed is None:
+            return "Select the fixed volume"
+        if moving is None:
+            return "Select the moving volume"
+        if mrml_io.sameNode(fixed, moving):
+            return "Fixed and moving volumes must be different volumes"
+        for node, what in ((fixed, "fixed"), (moving, "moving")):
+            image = node.GetImageData()
+            if image is None:
+                return f"The {what} volume has no image data"
+            dims = image.GetDimensions()
+            if min(dims) < 2:
+                return f"The {what} volume is not 3D (size {'x'.join(map(str, dims))})"
+            if image.GetNumberOfScalarComponents() != 1:
+                return f"The {what} volume must have one component per voxel"
+        if self.outputVolume is not None and (mrml_io.sameNode(self.outputVolume, fixed) or mrml_io.sameNode(self.outputVolume, moving)):
+            return "The output volume must not be the fixed or moving volume"
+        if self.outputTransform is not None and mrml_io.chainIncludes(fixed, self.outputTransform):
+            return "The fixed volume must not be under the output transform"
+        if self.modality not in command.MODALITIES:
+            return f"Unknown modality '{self.modality}'"
+        if self.initialize not in INITIALIZE_CHOICES:
+            return f"Unknown initialization '{self.initialize}'"
+        if int(self.steps) < 0:
+            return "Diffusion steps must be 0 (model default) or more"
+        try:
+            command.checkDevice(self.device)
+        except ValueError as error:
+            return str(error)
+        try:
+            mrml_io.exportableIjkToRas(fixed)
+        except mrml_io.GeometryError as error:
+            return f"The fixed volume cannot be used as it is: {error}"
+        return ""
+
+    def asArgList(self, files: Mapping[str, Path]) -> list[str]:
+        """Arguments of ``diffusionreg affine`` for ``files`` (fixed, moving, transform, volume)."""
+        ok, reason = self.isValid()
+        if not ok:
+            raise ValueError(reason)
+        arguments = ["--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
+                     "--output-transform", str(files["transform"])]
+        if files.get("volume"):
+            arguments += ["--output-volume", str(files["volume"])]
+        if self.model:
+            arguments += ["--model", str(self.model)]
+        arguments += ["--modality", self.modality]
+        if self.steps:
+            arguments += ["--steps", str(int(self.steps))]
+        if self.bidirectional:
+            arguments.append("--bidirectional")
+        if self.initialize != "default":
+            arguments += ["--initialize", self.initialize]
+        arguments += ["--device", command.checkDevice(self.device)]
+        return arguments
+
+
+@dataclass
+class AffineResult:
+    """What an affine run put into the scene."""
+
+    transformNode: Any
+    volumeNode: Any = None
+    seconds: float = 0.0
+    notes: list = field(default_factory=list)
+
+
+def prepareAffineJob(options: AffineOptions, scene, workFolder: WorkFolder, python: str,
+                     env: dict[str, str] | None = None) -> PreparedJob:
+    """Export the inputs into ``workFolder`` and return the job (command + result import).
+
+    The moving volume's frame ``C`` (see the module docstring) is taken now, so what is
+    imported matches what was exported even if the scene changes while the backend runs.
+    """
+    ok, reason = options.isValid()
+    if not ok:
+        raise ValueError(reason)
+    fixed, moving, output = options.fixedVolume, options.movingVolume, options.outputTransform
+    movingInWorld, movingNote = mrml_io.movingVolumeFrame(moving, stopAt=output)
+    movingToWorld = mrml_io.linearChainToWorld(moving, stopAt=output) if movingInWorld else np.eye(4)
+    files = {
+        "fixed": mrml_io.exportVolume(fixed, workFolder.file("fixed.nrrd")),
+        "moving": mrml_io.exportVolume(moving, workFolder.file("moving.nrrd"), world=movingInWorld, stopAt=output),
+        "transform": workFolder.file("transform.h5"),
+        "volume": workFolder.file("resampled.nrrd") if options.outputVolume is not None else None,
+    }
+    commandLine = command.backendCommand(python, options.subcommand, options.asArgList(files))
+    transformName = None if output is not None else f"{moving.GetName()} to {fixed.GetName()}"
+
+    def importResults(processResult) -> AffineResult:
+        transformNode = mrml_io.importTransform(files["transform"], scene, output, transformName, moving, fixed)
+        mrml_io.composeWithMovingFrame(transformNode, movingToWorld)
+        volumeNode = None
+        if files["volume"] is not None:
+            volumeNode = mrml_io.importVolume(files["volume"], scene, options.outputVolume)
+            volumeNode.SetAndObserveTransformNodeID(None)  # on the fixed grid, in world coordinates
+        notes = [movingNote] if movingNote else []
+        results.placeBeside(scene, [transformNode, volumeNode], moving)
+        if options.placeMoving:
+            notes += mrml_io.placeMovingUnderResult(moving, transformNode)
+        return AffineResult(transformNode, volumeNode, processResult.elapsedSeconds, notes)
+
+    return PreparedJob("SpatialDiffusionReg", commandLine, workFolder, importResults, options.stageWeights,
+                       [movingNote] if movingNote else [], env)
