@@ -169,18 +169,18 @@ def mean_error_mm(est, truth, image) -> float:
 # --- methods ---------------------------------------------------------------------------------
 class Ours:
     def __init__(self, bidirectional=False, model=None, refine=False):
-        from diffusionreg.affine.refine import RefineConfig
         from diffusionreg.affine.register import load_model
         self.model = load_model(model, "mri")
         self.bidirectional = bidirectional
-        # refine=True: the command-line default (diffusion, then the test-time mutual-information refinement).
-        self.refine = RefineConfig() if refine else None
+        # refine=True: the model's default (diffusion, then the test-time mutual-information refinement);
+        # False: the published method alone.
+        self.refine_iterations = None if refine else 0
 
     def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:
         from diffusionreg.affine.register import register_affine
         start, cpu0 = time.perf_counter(), time.process_time()
         mat = register_affine(fixed, moving, self.model, bidirectional=self.bidirectional,
-                              refine=self.refine).transform.matrix
+                              refine_iterations=self.refine_iterations).transform.matrix
         self.last_seconds = time.perf_counter() - start
         self.last_cpu = time.process_time() - cpu0
         return mat

@@ -31,18 +31,21 @@ def add_commands(commands, train_commands, common) -> None:
                         "file / model folder (default: the model registered for the modality)")
     p.add_argument("--modality", default="mri", choices=MODALITIES,
                    help="image type: picks the default model, preprocessing and class (default mri)")
+    # Registration defaults (None) come from the model's config.json ("inference"), so the
+    # command, the Python API and the Slicer panel give the same result with no options.
     p.add_argument("--steps", type=int, default=None,
-                   help="reverse-process steps (default: the model's T)")
-    p.add_argument("--bidirectional", action="store_true",
-                   help="refine with a second pass in the other direction (twice the time)")
-    p.add_argument("--initialize", default="moments", choices=INITIALIZATIONS,
-                   help="pre-alignment of the network grids: intensity centroids (default), "
-                        "image centres, or none")
+                   help="reverse-process steps (default: from the model config; all T when unset there)")
+    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
+                   help="refine with a second pass in the other direction, twice the time "
+                        "(default: from the model config)")
+    p.add_argument("--initialize", default=None, choices=INITIALIZATIONS,
+                   help="pre-alignment of the network grids: intensity centroids (moments), "
+                        "image centres, or none (default: from the model config)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the method is deterministic)")
     p.add_argument("--output-json", type=Path, help="write the matrix and timings as JSON")
-    p.add_argument("--refine-iterations", type=int, default=DEFAULT_REFINE_ITERATIONS,
-                   help=("Adam steps per level (6 mm, 3 mm) of the test-time mutual-information refinement "
-                         f"after the diffusion; 0 runs the published method alone (default {DEFAULT_REFINE_ITERATIONS})"))
+    p.add_argument("--refine-iterations", type=int, default=None,
+                   help=("Adam steps per level of the test-time mutual-information refinement after the "
+                         "diffusion; 0 runs the published method alone (default: from the model config)"))
     add_report_options(p)
     p.set_defaults(handler=_run_affine)
 
@@ -88,10 +91,6 @@ def _run_train(args: argparse.Namespace, progress) -> int:
     return EXIT_OK
 
 
-# Refinement steps by default: the benchmark (bench/affine.py) measures both settings.
-DEFAULT_REFINE_ITERATIONS = 50
-
-
 def _run_affine(args: argparse.Namespace, progress) -> int:
     from diffusionreg.devices import resolve_device
     from diffusionreg.image import IMAGE_SUFFIXES, read_image, resample, write_image
@@ -99,7 +98,6 @@ def _run_affine(args: argparse.Namespace, progress) -> int:
 
     from diffusionreg.reporting import report
 
-    from .refine import RefineConfig
     from .register import load_model, register_affine
 
     out_t = str(args.output_transform).lower()
@@ -116,7 +114,7 @@ def _run_affine(args: argparse.Namespace, progress) -> int:
             raise InputError(f"{flag} {path}: folder {path.parent} does not exist")
     if args.steps is not None and args.steps < 1:
         raise InputError("--steps must be >= 1")
-    if args.refine_iterations < 0:
+    if args.refine_iterations is not None and args.refine_iterations < 0:
         raise InputError("--refine-iterations must be >= 0")
     check_report_options(args)
     with progress.stage("read", total=3) as stage:
@@ -126,10 +124,9 @@ def _run_affine(args: argparse.Namespace, progress) -> int:
         stage.update(message="moving")
         model = load_model(args.model, args.modality, device=resolve_device(args.device))
         stage.update(message="model")
-    refine = RefineConfig().with_iterations(args.refine_iterations)
     result = register_affine(fixed, moving, model, modality=args.modality, steps=args.steps,
                              bidirectional=args.bidirectional, initialize=args.initialize,
-                             seed=args.seed, progress=progress, refine=refine)
+                             seed=args.seed, progress=progress, refine_iterations=args.refine_iterations)
     write_transform(result.transform, args.output_transform)
     if args.output_volume:
         with progress.stage("resample", total=1) as stage:

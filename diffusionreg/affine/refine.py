@@ -17,7 +17,6 @@ published.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,36 +27,7 @@ from diffusionreg.image import Grid, Image, centred_grid, resample
 from diffusionreg.spaces import world_to_normalized
 from diffusionreg.transforms import AffineTransform
 
-
-@dataclass(frozen=True)
-class RefineLevel:
-    """One resolution level: isotropic grid spacing (mm) and Adam iterations."""
-
-    spacing_mm: float
-    iterations: int
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """Coarse-to-fine refinement. Parameters are scaled so a unit step is ``scale_mm`` of motion."""
-
-    levels: tuple[RefineLevel, ...] = (RefineLevel(6.0, 50), RefineLevel(3.0, 50))
-    learning_rate: float = 0.01        # Adam step at the first level; later levels scale it by spacing
-    final_rate_fraction: float = 0.1   # per level, the rate decays (cosine) to this fraction of its start
-    scale_mm: float = 100.0            # translation unit; also the lever arm of the linear part
-    max_field_of_view_mm: float = 320.0  # cube side around the pivot: the fixed image's extent, capped
-    foreground_fraction: float | None = None  # score only fixed voxels above this fraction of the
-                                       # intensity window (None: all; MI needs the background)
-    max_linear_change: float = 0.5     # clamp on |C - I| entries, so refinement never runs away
-    metric: str = "mi"                 # 'mi' (Parzen-window mutual information) or 'ncc' (Pearson)
-    histogram_bins: int = 16           # for 'mi' (32 was slower and no better on the benchmark)
-    sampling_stride: int = 2           # score every n-th fixed voxel per axis (regular sampling)
-
-    def with_iterations(self, iterations: int) -> "RefineConfig":
-        """The same levels with ``iterations`` steps each (0: no refinement)."""
-        if iterations <= 0:
-            return dataclasses.replace(self, levels=())
-        return dataclasses.replace(self, levels=tuple(RefineLevel(l.spacing_mm, iterations) for l in self.levels))
+from .config import RefineConfig, RefineLevel  # noqa: F401 - the settings live with the model config
 
 
 @dataclass

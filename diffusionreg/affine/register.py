@@ -24,10 +24,10 @@ from diffusionreg.spaces import world_transform_from_normalized
 from diffusionreg.transforms import AffineTransform
 
 from diffusionreg.errors import InputError
-from .config import AffineConfig
+from .config import AffineConfig, RefineConfig
 from .network import AffineDiffusionNet
 from .preprocess import foreground_centroid, intensity_window, network_grid, to_network
-from .refine import RefineConfig, refine_affine
+from .refine import refine_affine
 from .reverse import bidirectional as run_bidirectional
 from .reverse import reverse_process, step_plan
 from .schedule import Schedule
@@ -116,17 +116,29 @@ def centres(fixed: Image, moving: Image, initialize: str, windows) -> tuple[np.n
 
 
 def register_affine(fixed: Image, moving: Image, model: LoadedModel, modality: str = "mri",
-                    steps: int | None = None, bidirectional: bool = False,
-                    initialize: str = "moments", seed: int = 0, progress=None,
-                    refine: "RefineConfig | None" = None) -> AffineResult:
+                    steps: int | None = None, bidirectional: bool | None = None,
+                    initialize: str | None = None, seed: int = 0, progress=None,
+                    refine: RefineConfig | None = None,
+                    refine_iterations: int | None = None) -> AffineResult:
     """Register ``moving`` onto ``fixed``; returns the fixed->moving LPS AffineTransform.
 
-    ``refine`` (see :mod:`diffusionreg.affine.refine`) polishes the diffusion result by a short
-    intensity optimisation; ``None`` or no levels runs the method exactly as published.
+    Every option left at None takes the model's default (``model.cfg.inference``, from its
+    config.json), exactly as ``diffusionreg affine`` does. ``refine`` replaces the refinement
+    settings (see :mod:`diffusionreg.affine.refine`; no levels runs the method as published),
+    ``refine_iterations`` sets the Adam steps per refinement level (0: no refinement).
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
     cfg = model.cfg
+    defaults = cfg.inference
+    steps = defaults.steps if steps is None else steps
+    bidirectional = defaults.bidirectional if bidirectional is None else bidirectional
+    initialize = defaults.initialize if initialize is None else initialize
+    refine = defaults.refine if refine is None else refine
+    if refine_iterations is not None:
+        if refine_iterations < 0:
+            raise InputError(f"refine_iterations must be >= 0, got {refine_iterations}")
+        refine = refine.with_iterations(refine_iterations)
     w_fix = _check_image(fixed, "fixed image")
     w_mov = _check_image(moving, "moving image")
     c_fix, c_mov = centres(fixed, moving, initialize, (w_fix, w_mov))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusionreg.errors import InputError
+from diffusionreg.strict_config import from_dict
 
 from .field_refine import FieldRefineConfig
 
@@ -65,6 +66,16 @@ class ICONConfig:
     squarings: int = 12                  # scaling-and-squaring steps
     steps: int = 2                       # 1 = single SVF, 2 = two-step (midpoint) network
     exp_factor: int = 1                  # >1: scaling and squaring on a grid this much coarser
+    # Every other argument of MONAI's UNet, recorded so the weights never depend on MONAI's defaults
+    # (values: MONAI 1.3-1.6 defaults, with which the shipped lung-vessels model was trained).
+    unet_kernel_size: int = 3
+    unet_up_kernel_size: int = 3
+    unet_num_res_units: int = 0
+    unet_act: str = "PRELU"
+    unet_norm: str = "INSTANCE"
+    unet_dropout: float = 0.0
+    unet_bias: bool = True
+    unet_adn_ordering: str = "NDA"
 
 
 @dataclass
@@ -106,19 +117,9 @@ class DeformableConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DeformableConfig":
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InputError(f"unknown deformable config keys: {', '.join(sorted(unknown))}")
-        try:
-            sit = SITRegConfig(**_tuples(data.pop("sitreg", {})))
-            icon = ICONConfig(**_tuples(data.pop("icon", {})))
-            refine = FieldRefineConfig(**data.pop("refine", {}))
-        except TypeError as exc:
-            raise InputError(f"bad deformable sub-config: {exc}") from None
-        cfg = cls(sitreg=sit, icon=icon, refine=refine, **_tuples(data))
+    def from_dict(cls, data: dict[str, Any]) -> DeformableConfig:
+        """Strict: unknown keys and wrong types are refused (:mod:`diffusionreg.strict_config`)."""
+        cfg = from_dict(cls, data, "deformable config")
         cfg.validate()
         return cfg
 
@@ -143,10 +144,6 @@ class DeformableConfig:
             raise InputError("spacing_mm must be positive")
         if self.refine.iterations < 0 or self.refine.upsample <= 0 or self.refine.control_factor < 1:
             raise InputError("refine needs iterations >= 0, upsample > 0 and control_factor >= 1")
-
-
-def _tuples(data: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
 def _presets() -> dict[str, DeformableConfig]:

@@ -29,7 +29,10 @@ def _unet(cfg: ICONConfig) -> nn.Module:
     from monai.networks.nets import UNet
 
     return UNet(spatial_dims=3, in_channels=2, out_channels=3, channels=tuple(cfg.channels),
-                strides=tuple(cfg.strides))
+                strides=tuple(cfg.strides), kernel_size=cfg.unet_kernel_size,
+                up_kernel_size=cfg.unet_up_kernel_size, num_res_units=cfg.unet_num_res_units,
+                act=cfg.unet_act, norm=cfg.unet_norm, dropout=cfg.unet_dropout, bias=cfg.unet_bias,
+                adn_ordering=cfg.unet_adn_ordering)
 
 
 class TwoStepICON(nn.Module):
