@@ -12,7 +12,10 @@ from diffusionreg.affine.config import AffineConfig
 from diffusionreg.affine.network import AffineDiffusionNet
 from diffusionreg.affine.sampling import frobenius_loss
 from diffusionreg.affine.schedule import Schedule
-from diffusionreg.affine.training import EMA, TrainOptions, load_subject, lr_factor, make_batch, train
+from diffusionreg.affine.training import TrainOptions, load_subject, make_batch, train
+from diffusionreg.training.ema import EMA
+from diffusionreg.training.lr import warmup_cosine as lr_factor
+from diffusionreg.training.options import RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +45,7 @@ def test_a_tiny_training_run_lowers_the_loss(brain):
     subj = [load_subject(brain / "vxm_test_scan_T1.nii.gz", cfg)]
     assert subj[0].shape == (1, 64, 64, 64)
     sched = Schedule.from_config(cfg)
-    x, t, cls, target, _ = make_batch(subj, cfg, sched, torch.Generator().manual_seed(1), batch_size=8)
+    x, t, _, target, _ = make_batch(subj, cfg, sched, torch.Generator().manual_seed(1), batch_size=8)
     net = AffineDiffusionNet(cfg)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     with torch.no_grad():
@@ -77,28 +80,36 @@ def test_lr_schedule_and_ema():
     with torch.no_grad():
         net.weight.fill_(1.0)
     ema.update(net, 1)                  # before start: copy
-    assert torch.equal(ema.model.weight, net.weight)
+    assert torch.equal(ema.module.weight, net.weight)
     with torch.no_grad():
         net.weight.fill_(3.0)
     ema.update(net, 10)                 # decay = 1 - 9^-0.75 = 0.807
     expected = 1.0 * (1 - 9 ** -0.75) + 3.0 * 9 ** -0.75
-    assert float(ema.model.weight[0, 0]) == pytest.approx(expected, rel=1e-5)
+    assert float(ema.module.weight[0, 0]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_checkpoint_and_resume(brain, tmp_path):
     cfg = tiny()
     out = tmp_path / "run"
     vol = str(brain / "vxm_test_scan_T1.nii.gz")
-    s1 = train(TrainOptions(data=[vol], output=str(out), config=cfg, steps=6, val_every=0,
-                            progress="none", val_recover=1))
+    opts = TrainOptions(data=[vol], config=cfg, val_recover=1)
+    s1 = train(opts, RunOptions(output=out, steps=6, val_every=0))
     assert s1["step"] == 6
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 6 and {"model", "ema", "optim", "rng"} <= set(state)
-    assert (out / "ema.safetensors").exists() and json.loads((out / "config.json").read_text())["grid_size"] == 32
-    s2 = train(TrainOptions(data=[vol], output=str(out), config=cfg, steps=9, resume=True,
-                            val_every=0, progress="none", val_recover=1))
+    assert state["step"] == 6 and {"model", "ema", "optim", "rng", "lr_schedule"} <= set(state)
+    assert (out / "model.safetensors").exists() and json.loads((out / "config.json").read_text())["grid_size"] == 32
+    s2 = train(opts, RunOptions(output=out, steps=9, resume=True, val_every=0))
     assert s2["step"] == 9
     assert "recovery_mm_mean" in s2
+    # the best (validated) EMA weights are registered with their sha256 and load by name
+    from diffusionreg import models
+    from diffusionreg.affine.register import load_model
+
+    entry = models.resolve("run", "affine", registry_path=out / "Models.json")
+    models.verify(entry)
+    assert load_model(str(entry.file)).cfg.grid_size == 32  # weights + config.json beside them
+    card = (out / "best" / "MODEL_CARD.md").read_text()
+    assert "Seed: 42" in card and "recovery_mm_mean" in card and vol in card
 
 
 @pytest.mark.slow
@@ -111,8 +122,24 @@ def test_ddp_two_processes_gloo(brain, tmp_path):
            "-m", "diffusionreg", "train", "affine", "--data", str(brain / "vxm_test_scan_T1.nii.gz"),
            "--config", str(cfg_path), "--steps", "4", "--val-every", "0", "--threads", "1",
            "--output", str(out), "--progress", "none"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "world 2" in res.stdout
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4 and len(state["rng"]) == 2
+
+
+def test_train_affine_prints_json_progress(brain, tmp_path):
+    """``diffusionreg train affine --progress json``: progress lines for Slicer's runner."""
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(tiny().to_json())
+    cmd = [sys.executable, "-m", "diffusionreg", "train", "affine", "--progress", "json",
+           "--data", str(brain / "vxm_test_scan_T1.nii.gz"), "--config", str(cfg_path), "--steps", "2",
+           "--val-every", "0", "--threads", "1", "--output", str(tmp_path / "run")]
+    res = subprocess.run(cmd, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    records = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    train_lines = [r for r in records if r["stage"] == "train affine"]
+    assert train_lines[0]["fraction"] == 0.0 and train_lines[-1]["fraction"] == 1.0
+    assert any(r["message"].startswith("step 2/2") for r in train_lines)

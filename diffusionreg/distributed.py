@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` as ``torchrun`` sets them (``(0, 1)`` in a plain process)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def any_rank(flag: bool, world_size: int) -> bool:
@@ -21,6 +28,19 @@ def any_rank(flag: bool, world_size: int) -> bool:
     return bool(vote.item() > 0)
 
 
+def gather_to_all(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape and dtype on all ranks), in rank order, on every rank.
+
+    A CPU tensor such as a ``torch.Generator`` state: gloo gathers CPU tensors, which is why the
+    process group is gloo even on GPUs.
+    """
+    if world_size <= 1:
+        return [tensor]
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor)
+    return gathered
+
+
 def start_process_group(world_size: int) -> bool:
     """Join the ``torchrun`` process group (gloo: it runs on CPU and GPU alike).
 
@@ -33,9 +53,11 @@ def start_process_group(world_size: int) -> bool:
     return True
 
 
-def end_process_group(owns_group: bool) -> None:
-    """Wait for every rank, then destroy the group if this process created it."""
+def end_process_group(owns_group: bool, wait: bool = True) -> None:
+    """Wait for every rank (unless ``wait`` is False: after an error the others may never come),
+    then destroy the group if this process created it."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         if owns_group:
             dist.destroy_process_group()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from diffusionreg.errors import InputError
 from diffusionreg.reporting import add_report_options, check_report_options
+from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
 
 from diffusionreg.vocabulary import EXIT_OK, INITIALIZATIONS, MODALITIES
 
@@ -57,15 +58,8 @@ def add_commands(commands, train_commands, common) -> None:
                    help="held-back validation volumes (excluded from training)")
     t.add_argument("--modality", default="mri", choices=MODALITIES[:-1])
     t.add_argument("--config", default="compact", help="compact | full | path to config JSON")
-    t.add_argument("--steps", type=int, default=1000, help="optimisation steps")
     t.add_argument("--batch-size", type=int, default=None, help="override the config batch size")
-    t.add_argument("--output", required=True, type=Path, help="run folder (checkpoints, EMA)")
-    t.add_argument("--resume", action="store_true", help="continue from output/checkpoint.pt")
-    t.add_argument("--checkpoint-minutes", type=float, default=4.0)
-    t.add_argument("--val-every", type=int, default=1000, help="validation interval (steps)")
-    t.add_argument("--max-minutes", type=float, default=None,
-                   help="stop cleanly (checkpoint + EMA export) after this wall time")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    add_run_arguments(t, val_every=1000)
     t.add_argument("--seed", type=int, default=None, help="override the config seed")
     t.set_defaults(handler=_run_train)
 
@@ -74,20 +68,9 @@ def _run_train(args: argparse.Namespace, progress) -> int:
     from .config import get_config
     from .training import TrainOptions, train
 
-    cfg = get_config(args.config)
-    if args.batch_size:
-        cfg.batch_size = args.batch_size
-    if args.seed is not None:
-        cfg.seed = args.seed
-    if args.steps < 1:
-        raise InputError("--steps must be >= 1")
-    mode = "none" if args.quiet or args.progress != "tqdm" else "tqdm"
-    summary = train(TrainOptions(
-        data=args.data, output=str(args.output), config=cfg, steps=args.steps,
-        modality=args.modality, val=args.val, resume=args.resume,
-        checkpoint_minutes=args.checkpoint_minutes, val_every=args.val_every,
-        threads=args.threads, progress=mode, max_minutes=args.max_minutes))
-    progress.log("training finished: " + json.dumps(summary))
+    cfg = with_overrides(get_config(args.config), batch_size=args.batch_size, seed=args.seed)
+    train(TrainOptions(data=args.data, config=cfg, modality=args.modality, val=args.val),
+          RunOptions.from_args(args), progress)
     return EXIT_OK
 
 

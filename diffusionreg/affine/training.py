@@ -1,20 +1,17 @@
-"""Self-supervised training of the spatial-diffusion affine network.
+"""Self-supervised training of the spatial-diffusion affine network (an adapter of the training engine).
 
 Per sample: a training volume (on a canonical grid of twice the network resolution, same
 field of view) gets a shared global augmentation (rotation, scale, shift, gamma) while it is
 sampled onto the network grid; the fixed and moving copies then get independent artifacts
 and crops; the moving copy is warped by a one-jump forward sample M at a random t; the target
-is M^-1 and the loss the mean Frobenius norm. Adam, warm-up + cosine LR, EMA, atomic
-checkpoints every few minutes, resume, validation (loss + recovery error in mm of random
-known affines on held-back volumes), tqdm, DDP under torchrun (gloo on CPU).
+is M^-1 and the loss the mean Frobenius norm. Adam with warm-up + cosine LR, gradient norm
+clipped at 1, EMA; validation: loss + recovery error in mm of random known affines on held-back
+volumes (best = lowest mean recovery error). Checkpoints, resume, DDP, export and progress are
+the engine's (:mod:`diffusionreg.training`).
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +19,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffusionreg.distributed import any_rank, end_process_group, start_process_group
-from diffusionreg.image import Image, read_image
-
 from diffusionreg.errors import InputError
+from diffusionreg.image import read_image
+from diffusionreg.progress import Progress
+from diffusionreg.training.ema import EMA
+from diffusionreg.training.engine import TrainingTask, run_training
+from diffusionreg.training.export import export_weights as _export_weights
+from diffusionreg.training.lr import warmup_cosine
+from diffusionreg.training.options import RunOptions
+
 from .artifacts import apply_artifacts
 from .config import AffineConfig
 from .network import AffineDiffusionNet, count_parameters
 from .preprocess import foreground_centroid, network_grid, to_network
 from .reverse import reverse_process
-from .sampling import euler_rotation, frobenius_loss, sample_forward, sample_uniform_affine, warp
+from .sampling import (
+    euler_rotation,
+    frobenius_loss,
+    sample_forward,
+    sample_uniform_affine,
+    warp,
+)
 from .schedule import Schedule
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
@@ -118,41 +126,6 @@ def make_batch(subjects: list[torch.Tensor], cfg: AffineConfig, sched: Schedule,
     return torch.cat([fixed_t, moving_t], 1), t, cls, target, mat
 
 
-# --- EMA and learning rate -----------------------------------------------------------------
-class EMA:
-    """Exponential moving average: decay = min(beta, 1 - (1 + n)^-power) where n counts
-    updates after ``start`` steps (before that the EMA copies the weights)."""
-
-    def __init__(self, model: torch.nn.Module, beta: float, power: float, start: int):
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.beta, self.power, self.start = beta, power, start
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        src = model.state_dict()
-        if step <= self.start:
-            self.model.load_state_dict(src)
-            return
-        decay = min(self.beta, max(0.0, 1 - (1 + step - self.start) ** -self.power))
-        for k, v in self.model.state_dict().items():
-            if v.dtype.is_floating_point:
-                v.mul_(decay).add_(src[k], alpha=1 - decay)
-            else:
-                v.copy_(src[k])
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """min((t+1)/warmup, 1/2 (1 + cos(pi (t - warmup) / (total - warmup))))."""
-    warm = (step + 1) / max(warmup, 1)
-    if total <= warmup:
-        return min(warm, 1.0)
-    cos = 0.5 * (1 + math.cos(math.pi * min(max(step - warmup, 0), total - warmup)
-                              / (total - warmup)))
-    return min(warm, cos)
-
-
 # --- validation ------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4,
@@ -184,62 +157,32 @@ def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4,
             "recovery_mm_median": float(np.median(errs)), "recovery_mm_max": float(np.max(errs))}
 
 
-# --- checkpoints -----------------------------------------------------------------------------
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# --- the adapter --------------------------------------------------------------------------------
+#: Gradient norm clip of the affine network (stabilises the first steps at high t).
+CLIP_GRAD_NORM = 1.0
 
 
-def export_weights(model: torch.nn.Module, cfg: AffineConfig, out_dir: Path,
-                   name: str = "model", meta: dict | None = None) -> Path:
-    """Write ``name.safetensors`` + ``config.json`` (atomic)."""
-    from safetensors.torch import save_file
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    path = out_dir / f"{name}.safetensors"
-    tmp = out_dir / f".{name}.tmp.safetensors"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "task": "affine",
-                                           **{k: str(v) for k, v in (meta or {}).items()}})
-    os.replace(tmp, path)
-    cfg_tmp = out_dir / ".config.json.tmp"
-    cfg_tmp.write_text(cfg.to_json())
-    os.replace(cfg_tmp, out_dir / "config.json")
-    return path
+def export_weights(model: torch.nn.Module, cfg: AffineConfig, out_dir: Path, name: str = "model",
+                   meta: dict | None = None) -> Path:
+    """Write ``name.safetensors`` + ``config.json`` of an affine network (atomic)."""
+    return _export_weights(model, cfg.to_json(), out_dir, name, {"task": "affine", **(meta or {})})
 
 
 @dataclass
 class TrainOptions:
+    """What the affine training needs besides the run settings (:class:`RunOptions`)."""
+
     data: list[str]
-    output: str
     config: AffineConfig
-    steps: int = 1000
     modality: str = "mri"
     val: list[str] | None = None       # held-back volumes (files or folders)
-    resume: bool = False
-    checkpoint_minutes: float = 4.0
-    val_every: int = 500
-    threads: int | None = None
-    progress: str = "tqdm"             # tqdm | none
-    max_minutes: float | None = None   # stop (with a checkpoint) after this wall time
-    val_recover: int = 4
+    val_recover: int = 4               # known affines recovered per validation
 
 
-def train(opts: TrainOptions) -> dict:
-    """Train; returns the final summary dict. Rank 0 writes ``output/``:
-    ``checkpoint.pt`` (model, EMA, optimiser, step, RNG; resumable), ``ema.safetensors``,
-    ``config.json``, ``history.jsonl``."""
-    import torch.distributed as dist
-
+def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None) -> dict:
+    """Train (every rank under torchrun); returns the final summary. Rank 0 writes ``run.output``
+    (see :func:`diffusionreg.training.engine.run_training`); the exported weights are the EMA's."""
     cfg = opts.config
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    owns_group = start_process_group(world)
-    out = Path(opts.output)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     files = list_volumes(opts.data)
     val_files = list_volumes(opts.val) if opts.val else []
     val_set = {f.resolve() for f in val_files}
@@ -252,100 +195,20 @@ def train(opts: TrainOptions) -> dict:
 
     torch.manual_seed(cfg.seed)
     net = AffineDiffusionNet(cfg)
-    ema = EMA(net, cfg.ema_beta, cfg.ema_power, cfg.ema_start)
-    optim = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
-    step, elapsed = 0, 0.0
-    ckpt_path = out / "checkpoint.pt"
-    if opts.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        optim.load_state_dict(state["optim"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        gens = state["rng"]
-        gen.set_state(gens[rank % len(gens)])
-    model = net
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net)
-    sched_lr = lambda s: lr_factor(s, cfg.warmup_steps, opts.steps)  # noqa: E731
 
-    def save():
-        rng = [gen.get_state()]
-        if world > 1:
-            gathered = [torch.empty_like(rng[0]) for _ in range(world)]
-            dist.all_gather(gathered, rng[0])
-            rng = gathered
-        if rank != 0:
-            return
-        _atomic_torch_save({"model": net.state_dict(), "ema": ema.model.state_dict(),
-                            "optim": optim.state_dict(), "step": step, "elapsed": elapsed,
-                            "rng": rng, "config": json.loads(cfg.to_json())}, ckpt_path)
-        export_weights(ema.model, cfg, out, "ema", {"step": step})
-
-    if rank == 0:
-        print(f"affine training: {len(files)} volumes ({', '.join(f.name for f in files)}); "
-              f"validation: {', '.join(f.name for f in val_files) or '(train[0])'}; "
-              f"{count_parameters(net)} parameters; config {cfg.name}; world {world}; "
-              f"start step {step}/{opts.steps}", flush=True)
-    bar = None
-    if rank == 0 and opts.progress == "tqdm":
-        from tqdm import tqdm
-        bar = tqdm(total=opts.steps, initial=step, desc="train affine", mininterval=10,
-                   dynamic_ncols=True)
-    last_ckpt = time.monotonic()
-    t0 = time.monotonic() - elapsed
-    run_start = time.monotonic()
-    history = out / "history.jsonl"
-    summary: dict = {}
-    loss_avg = None
-    while step < opts.steps:
-        net.train()
-        for g in optim.param_groups:
-            g["lr"] = cfg.lr * sched_lr(step)
+    def step(model: torch.nn.Module, gen: torch.Generator):
         x, t, cls, target, _ = make_batch(subjects, cfg, sched, gen, opts.modality)
-        pred = model(x, t, cls if cfg.n_classes > 1 else None)
-        loss = frobenius_loss(pred, target)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optim.step()
-        step += 1
-        ema.update(net, step)
-        lv = loss.item()
-        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
-        elapsed = time.monotonic() - t0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{optim.param_groups[0]['lr']:.2e}",
-                            refresh=False)
-        if rank == 0 and (step % 50 == 0 or step == 1):
-            rec = {"step": step, "loss": lv, "loss_avg": loss_avg, "elapsed_s": round(elapsed, 1)}
-            with open(history, "a", encoding="utf-8") as h:
-                h.write(json.dumps(rec) + "\n")
-        done = step >= opts.steps
-        out_of_time = (opts.max_minutes is not None
-                       and time.monotonic() - run_start > 60 * opts.max_minutes)
-        out_of_time = any_rank(out_of_time, world)
-        if (opts.val_every and step % opts.val_every == 0) or done or out_of_time:
-            if rank == 0:
-                summary = validate(ema.model, val_subjects, cfg, sched,
-                                   n_recover=opts.val_recover)
-                summary.update(step=step, loss_avg=loss_avg, elapsed_s=round(elapsed, 1))
-                print("validation " + json.dumps(summary), flush=True)
-                with open(history, "a", encoding="utf-8") as h:
-                    h.write(json.dumps({"validation": summary}) + "\n")
-        tick = time.monotonic() - last_ckpt > 60 * opts.checkpoint_minutes
-        tick = any_rank(tick, world)
-        if tick or done or out_of_time:
-            save()
-            last_ckpt = time.monotonic()
-        if out_of_time:
-            break
-    if bar is not None:
-        bar.close()
-    end_process_group(owns_group)
-    summary.setdefault("step", step)
-    summary["loss_avg"] = loss_avg
-    summary["elapsed_s"] = round(elapsed, 1)
-    return summary
+        return frobenius_loss(model(x, t, cls if cfg.n_classes > 1 else None), target), {}
+
+    task = TrainingTask(
+        name="affine", network=net, config_json=cfg.to_json(), seed=cfg.seed, modality=opts.modality,
+        optimizer=torch.optim.Adam(net.parameters(), lr=cfg.lr), step=step,
+        lr_factor=lambda s: warmup_cosine(s, cfg.warmup_steps, run.steps),
+        ema=EMA(net, cfg.ema_beta, cfg.ema_power, cfg.ema_start), clip_grad_norm=CLIP_GRAD_NORM,
+        validate=lambda model: validate(model, val_subjects, cfg, sched, n_recover=opts.val_recover),
+        score=lambda m: m["recovery_mm_mean"],
+        description=(f"{len(files)} volumes ({', '.join(f.name for f in files)}); validation: "
+                     f"{', '.join(f.name for f in val_files) or '(train[0])'}; {count_parameters(net)} "
+                     f"parameters; config {cfg.name}"),
+        data=list(opts.data), val_data=list(opts.val or []))
+    return run_training(task, run, progress)

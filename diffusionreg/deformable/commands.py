@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from diffusionreg.errors import InputError
-from diffusionreg.vocabulary import EXIT_OK
+from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
+from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, MODALITIES
 
 
 def add_commands(commands, train_commands, common) -> None:
@@ -46,13 +47,9 @@ def add_commands(commands, train_commands, common) -> None:
     t.add_argument("--val-pairs", nargs="+", default=None,
                    help="validation pairs (folders with case_XXX_landmarks_voxel.csv give TRE)")
     t.add_argument("--config", default="compact", help="preset name (compact, full, lung-icon, ...) or JSON")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--output", required=True, type=Path, help="run folder")
-    t.add_argument("--resume", action="store_true", help="continue from output/checkpoint.pt")
-    t.add_argument("--checkpoint-minutes", type=float, default=4.0)
-    t.add_argument("--val-every", type=int, default=250)
-    t.add_argument("--max-minutes", type=float, default=None)
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--modality", default=ANY_MODALITY, choices=MODALITIES,
+                   help="modality of the best model's Models.json entry (default any)")
+    add_run_arguments(t, val_every=250)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.set_defaults(handler=_run_train)
@@ -71,19 +68,9 @@ def _run_train(args: argparse.Namespace, progress) -> int:
     from .config import get_config
     from .training import TrainOptions, train
 
-    cfg = get_config(args.config, args.method)
-    if args.seed is not None:
-        cfg.seed = args.seed
-    if args.lr is not None:
-        cfg.lr = args.lr
-    if args.steps < 1:
-        raise InputError("--steps must be >= 1")
-    mode = "none" if args.quiet or args.progress != "tqdm" else "tqdm"
-    summary = train(TrainOptions(pairs=args.pairs, output=str(args.output), config=cfg, steps=args.steps,
-                                 val_pairs=args.val_pairs, resume=args.resume,
-                                 checkpoint_minutes=args.checkpoint_minutes, val_every=args.val_every,
-                                 threads=args.threads, progress=mode, max_minutes=args.max_minutes))
-    progress.log("training finished: " + json.dumps(summary))
+    cfg = with_overrides(get_config(args.config, args.method), seed=args.seed, lr=args.lr)
+    train(TrainOptions(pairs=args.pairs, config=cfg, val_pairs=args.val_pairs, modality=args.modality),
+          RunOptions.from_args(args), progress)
     return EXIT_OK
 
 

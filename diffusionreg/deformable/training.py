@@ -1,39 +1,47 @@
-"""Training of the deformable networks (single process or torchrun/DDP, gloo on CPU).
+"""Training of the deformable networks (an adapter of :mod:`diffusionreg.training`; torchrun/DDP).
 
 Pairs are loaded once onto their network grids (:func:`.register.network_grid` of the fixed
 image; the moving image resampled onto the same grid) and augmented on the fly per image:
 random affine (probability ``augment_affine_prob``; translation std in normalised units,
 rotation, log-scale, log-shear), a smooth random deformation (std ``augment_elastic_mm``) and,
-for non-binary inputs, random gamma and scale. Rank 0 writes ``output/``: ``checkpoint.pt``
-(model, optimiser, step, RNG states; resumable), ``model.safetensors`` + ``config.json``
-(latest), ``best.safetensors`` (best validation), ``history.jsonl``.
+for non-binary inputs, random gamma and scale. Each step takes the two images of a pair in a
+random order (the methods are symmetric). The engine writes the run folder (checkpoint, latest
+``model.safetensors``, ``best/`` with its registry entry, ``history.jsonl``).
 
 Validation (zero-shot network, rank 0): landmark TRE in mm (when the pairs have
-``case_XXX_landmarks_voxel.csv``), similarity, folding and inverse consistency.
+``case_XXX_landmarks_voxel.csv``), similarity, folding and inverse consistency; the best model
+has the lowest TRE (mean L1 similarity without landmarks).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from diffusionreg.distributed import any_rank, end_process_group, start_process_group
 from diffusionreg import fields
+from diffusionreg.distributed import rank_and_world
 from diffusionreg.errors import InputError
 from diffusionreg.image import IMAGE_SUFFIXES, read_image
+from diffusionreg.progress import Progress
 from diffusionreg.spaces import apply_affine
+from diffusionreg.training.engine import TrainingTask, run_training
+from diffusionreg.training.options import RunOptions
 
 from .config import DeformableConfig
-from .register import _sample_field, build_network, export_model, network_grid, pair_loss, to_network, triplet_loss
+from .register import (
+    _sample_field,
+    build_network,
+    network_grid,
+    pair_loss,
+    to_network,
+    triplet_loss,
+)
 
 
 # ----------------------------------------------------------------------------- data
@@ -183,142 +191,53 @@ class _LossModule(nn.Module):
 
 @dataclass
 class TrainOptions:
+    """What the deformable training needs besides the run settings (:class:`RunOptions`)."""
+
     pairs: list[str]
-    output: str
     config: DeformableConfig
-    steps: int = 1000
     val_pairs: list[str] | None = None
-    resume: bool = False
-    checkpoint_minutes: float = 4.0
-    val_every: int = 250
-    threads: int | None = None
-    progress: str = "tqdm"
-    max_minutes: float | None = None
+    modality: str = "any"     # registry modality of the best model
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _batch(data: list[LoadedPair], cfg: DeformableConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """Augmented images of ``batch_size`` random pairs, each pair in a random order, plus (with the
+    group-consistency term) a third image: the fixed image of another random pair (same grid shape;
+    pairs have their own world placement, which the images do not carry)."""
+    idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
+    a, b = [], []
+    for i in idx:
+        first, second = data[i].moving, data[i].fixed
+        if float(torch.rand((), generator=gen)) < 0.5:
+            first, second = second, first
+        a.append(augment(first, cfg, gen))
+        b.append(augment(second, cfg, gen))
+    images = [torch.cat(a), torch.cat(b)]
+    if cfg.cycle_weight > 0:
+        j = int(torch.randint(len(data), (1,), generator=gen))
+        images.append(torch.cat([augment(data[j].fixed, cfg, gen) for _ in idx]))
+    return images
 
 
-def train(opts: TrainOptions) -> dict:
-    import torch.distributed as dist
-
+def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None) -> dict:
+    """Train (every rank under torchrun); returns the final summary. Rank 0 validates and writes
+    ``run.output`` (see :func:`diffusionreg.training.engine.run_training`)."""
     cfg = opts.config
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    owns_group = start_process_group(world)
-    out = Path(opts.output)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    train_list = list_pairs(opts.pairs)
+    rank, _ = rank_and_world()
+    data = [load_pair(a, b, lm, cfg) for a, b, lm in list_pairs(opts.pairs)]
     val_list = list_pairs(opts.val_pairs) if opts.val_pairs else []
-    data = [load_pair(a, b, lm, cfg) for a, b, lm in train_list]
     val = [load_pair(a, b, lm, cfg) for a, b, lm in val_list] if rank == 0 else []
 
     torch.manual_seed(cfg.seed)
     net = build_network(cfg)
-    optim = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
-    step, elapsed, best = 0, 0.0, math.inf
-    ckpt = out / "checkpoint.pt"
-    if opts.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
-        optim.load_state_dict(state["optim"])
-        step, elapsed, best = int(state["step"]), float(state["elapsed"]), float(state.get("best", math.inf))
-        rngs = state["rng"]
-        gen.set_state(rngs[rank % len(rngs)])
-    module: nn.Module = _LossModule(net, cfg)
-    if world > 1:
-        module = nn.parallel.DistributedDataParallel(module)
-
-    def save() -> None:
-        rng = [gen.get_state()]
-        if world > 1:
-            gathered = [torch.empty_like(rng[0]) for _ in range(world)]
-            dist.all_gather(gathered, rng[0])
-            rng = gathered
-        if rank != 0:
-            return
-        _atomic_save({"model": net.state_dict(), "optim": optim.state_dict(), "step": step, "elapsed": elapsed,
-                      "best": best, "rng": rng, "config": json.loads(cfg.to_json())}, ckpt)
-        export_model(net, cfg, out, "model", {"step": step})
-
-    if rank == 0:
-        n_params = sum(p.numel() for p in net.parameters())
-        print(f"deformable training ({cfg.method}, config {cfg.name}): {len(data)} pairs, {len(val)} validation "
-              f"pairs, {n_params} parameters, world {world}, start step {step}/{opts.steps}", flush=True)
-    bar = None
-    if rank == 0 and opts.progress == "tqdm":
-        from tqdm import tqdm
-
-        bar = tqdm(total=opts.steps, initial=step, desc=f"train {cfg.method}", mininterval=10, dynamic_ncols=True)
-    history = out / "history.jsonl"
-    t0 = time.monotonic() - elapsed
-    run_start = last_ckpt = time.monotonic()
-    summary: dict = {}
-    loss_avg = None
-    net.train()
-    while step < opts.steps:
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
-        a, b = [], []
-        for i in idx:
-            pair = data[i]
-            first, second = (pair.moving, pair.fixed)
-            if float(torch.rand((), generator=gen)) < 0.5:  # both orders: the method is symmetric
-                first, second = second, first
-            a.append(augment(first, cfg, gen))
-            b.append(augment(second, cfg, gen))
-        if cfg.cycle_weight > 0:
-            # group consistency: a third image, the fixed image of another random pair (same grid
-            # shape; pairs have their own world placement, which the images do not carry)
-            j = int(torch.randint(len(data), (1,), generator=gen))
-            third = torch.cat([augment(data[j].fixed, cfg, gen) for _ in idx])
-            loss, stats = module(torch.cat(a), torch.cat(b), third)
-        else:
-            loss, stats = module(torch.cat(a), torch.cat(b))
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        step += 1
-        lv = float(loss.detach())
-        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
-        elapsed = time.monotonic() - t0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", refresh=False)
-        if rank == 0 and (step % 25 == 0 or step == 1):
-            with open(history, "a", encoding="utf-8") as h:
-                h.write(json.dumps({"step": step, "loss": lv, "loss_avg": loss_avg, **stats,
-                                    "elapsed_s": round(elapsed, 1)}) + "\n")
-        done = step >= opts.steps
-        out_of_time = opts.max_minutes is not None and time.monotonic() - run_start > 60 * opts.max_minutes
-        out_of_time = any_rank(out_of_time, world)
-        if rank == 0 and val and ((opts.val_every and step % opts.val_every == 0) or done or out_of_time):
-            summary = validate(net, cfg, val)
-            summary.update(step=step, loss_avg=loss_avg, elapsed_s=round(elapsed, 1))
-            print("validation " + json.dumps(summary), flush=True)
-            with open(history, "a", encoding="utf-8") as h:
-                h.write(json.dumps({"validation": summary}) + "\n")
-            key = summary.get("val_tre_mm", summary["val_l1"])
-            if key < best:
-                best = key
-                export_model(net, cfg, out, "best", {"step": step, "val": json.dumps(summary)})
-        tick = time.monotonic() - last_ckpt > 60 * opts.checkpoint_minutes
-        tick = any_rank(tick, world)
-        if tick or done or out_of_time:
-            save()
-            last_ckpt = time.monotonic()
-        if out_of_time:
-            break
-    if bar is not None:
-        bar.close()
-    end_process_group(owns_group)
-    summary.setdefault("step", step)
-    summary["loss_avg"] = loss_avg
-    summary["elapsed_s"] = round(elapsed, 1)
-    return summary
+    n_params = sum(p.numel() for p in net.parameters())
+    task = TrainingTask(
+        name="deformable", network=net, config_json=cfg.to_json(), seed=cfg.seed,
+        modality=opts.modality,
+        optimizer=torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999)),
+        train_module=_LossModule(net, cfg), step=lambda module, gen: module(*_batch(data, cfg, gen)),
+        validate=(lambda model: validate(model, cfg, val)) if opts.val_pairs else None,
+        score=lambda m: m.get("val_tre_mm", m["val_l1"]),
+        description=(f"{cfg.method}, config {cfg.name}: {len(data)} pairs, {len(val_list)} validation pairs, "
+                     f"{n_params} parameters"),
+        data=list(opts.pairs), val_data=list(opts.val_pairs or []), weights_metadata={"method": cfg.method})
+    return run_training(task, run, progress)
