@@ -10,8 +10,8 @@ Conventions (see ``docs/conventions.md``):
   grid, both grids sharing one index space.
 * Between sample points fields and volumes are trilinear; outside the grid they are
   extended as asked (``padding_mode``); displacements are always extended by their border value.
-* ``grid_sample`` with ``align_corners=True`` is used internally (voxel centres at -1 and +1);
-  that normalisation never leaves this module.
+* Sampling goes through :func:`diffusionreg.spaces.sample` (voxel positions in, no
+  normalisation written here).
 
 Everything is device- and dtype-agnostic: results live on the device and dtype of the inputs.
 """
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from diffusionreg import spaces
 from diffusionreg.errors import InputError
 
 __all__ = [
@@ -86,20 +87,6 @@ def identity_grid(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
-def _voxel_to_grid_sample(positions: torch.Tensor) -> torch.Tensor:
-    """Voxel positions ``(B, 3, D0, D1, D2)`` -> grid_sample grid ``(B, D0, D1, D2, 3)`` (align_corners=True).
-
-    ``n = 2 index / (size - 1) - 1`` per axis; the last axis is reordered to grid_sample's
-    ``(x, y, z)`` = array axes ``(2, 1, 0)``. A size-1 axis maps every index to voxel 0.
-    """
-    sizes = positions.shape[2:]
-    scale = torch.tensor(
-        [2.0 / max(int(s) - 1, 1) for s in sizes], device=positions.device, dtype=positions.dtype
-    ).view(1, SPATIAL_DIMS, 1, 1, 1)
-    normalised = positions * scale - 1.0
-    return normalised.flip(1).permute(0, 2, 3, 4, 1)
-
-
 def warp(
     volume: torch.Tensor,
     u: torch.Tensor,
@@ -129,13 +116,7 @@ def warp(
     dtype = u.dtype if integer_input else torch.promote_types(volume.dtype, u.dtype)
     volume_values, u = _broadcast_batch(volume.to(dtype), u.to(dtype))
     positions = identity_grid(u.shape[2:], device=u.device, dtype=u.dtype) + u
-    warped = F.grid_sample(
-        volume_values,
-        _voxel_to_grid_sample(positions),
-        mode=mode,
-        padding_mode=padding_mode,
-        align_corners=True,
-    )
+    warped = spaces.sample(volume_values, positions, mode=mode, padding_mode=padding_mode)
     if integer_input:
         # Nearest sampling returns stored values exactly; rounding only guards the cast.
         return warped.round().to(volume.dtype)

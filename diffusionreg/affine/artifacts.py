@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffusionreg import fields
+from diffusionreg.spaces import sample
+
 from .config import AffineConfig
 
 
@@ -35,12 +38,6 @@ def _control_shape(grid: tuple[int, int, int], axial: int) -> list[int]:
     return shape
 
 
-def identity_grid(shape, dtype=torch.float32) -> torch.Tensor:
-    """(1, D0, D1, D2, 3) normalised sampling grid (align_corners=False), (x, y, z) order."""
-    theta = torch.eye(3, 4, dtype=dtype)[None]
-    return F.affine_grid(theta, [1, 1, *shape], align_corners=False)
-
-
 def elastic(vol: torch.Tensor, cfg: AffineConfig, gen, axial: int = 1) -> torch.Tensor:
     """Smooth random deformation: control grid of N(0,1) clamped at +-2, scaled to
     cfg.elastic_std_vox voxels, upsampled trilinearly; each component is along its own
@@ -49,12 +46,8 @@ def elastic(vol: torch.Tensor, cfg: AffineConfig, gen, axial: int = 1) -> torch.
     ctrl = torch.randn((1, 3, *_control_shape(cfg.elastic_grid, axial)), generator=gen)
     ctrl = ctrl.clamp(-2, 2) * cfg.elastic_std_vox
     disp = F.interpolate(ctrl, size=tuple(shape), mode="trilinear", align_corners=True)[0]
-    # voxel displacement along array axis a -> normalised along that axis: 2 / size_a
-    scale = torch.tensor([2.0 / s for s in shape]).reshape(3, 1, 1, 1)
-    disp = (disp * scale).permute(1, 2, 3, 0).flip(-1)  # to (x, y, z) = (k, j, i)
-    grid = identity_grid(shape) + disp[None]
-    out = F.grid_sample((vol[None] + 1) / 2, grid, mode="bilinear", padding_mode="zeros",
-                        align_corners=False)[0]
+    positions = fields.identity_grid(shape) + disp[None]  # voxel indices
+    out = sample((vol[None] + 1) / 2, positions, mode="bilinear", padding_mode="zeros")[0]
     return out * 2 - 1
 
 

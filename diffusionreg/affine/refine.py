@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusionreg.image import Grid, Image, centred_grid, resample
-from diffusionreg.spaces import world_to_normalized
+from diffusionreg.spaces import sample_affine, space_of_grid
 from diffusionreg.transforms import AffineTransform
 
 from .config import RefineConfig, RefineLevel  # noqa: F401 - the settings live with the model config
@@ -126,15 +126,12 @@ def refine_affine(
         moving_centre = initial.map_points(pivot[None])[0]
         grid_m = centred_grid((size,) * 3, level.spacing_mm, moving_centre)
         moving_t = torch.from_numpy(resample(moving_n, grid_m, None, "linear", default=0.0).array).to(device, dtype)
-        to_moving_norm = torch.as_tensor(world_to_normalized(grid_m.affine, grid_m.shape), dtype=torch.float64, device=device)
-        from_fixed_norm = torch.as_tensor(np.linalg.inv(world_to_normalized(grid_f.affine, grid_f.shape)), dtype=torch.float64, device=device)
+        space_f, space_m = space_of_grid(grid_f), space_of_grid(grid_m)  # LPS mm on each grid
         volume = moving_t[None, None]
 
         def score(corrected: bool = True) -> torch.Tensor:
             matrix = initial_matrix @ correction() if corrected else initial_matrix
-            theta = to_moving_norm @ matrix @ from_fixed_norm
-            sampling = F.affine_grid(theta[None, :3].to(dtype), (1, 1) + grid_f.shape, align_corners=False)
-            warped = F.grid_sample(volume, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0]
+            warped = sample_affine(volume, matrix[None], space_f, space_m, padding_mode="zeros")[0, 0]
             if config.metric == "mi":
                 return _mutual_information(fixed_t, warped, weight, config.histogram_bins)
             return _ncc(fixed_t, warped, weight)

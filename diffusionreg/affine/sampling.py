@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from diffusionreg.spaces import sample_affine, torch_space
 
 from .schedule import Schedule
 
@@ -17,10 +18,7 @@ from .schedule import Schedule
 def warp(volume: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Warp (B,C,D0,D1,D2) volumes in [-1, 1] by (B,3,4) or (B,4,4) normalised affines.
     Outside the field of view is background (-1), i.e. zero padding in [0, 1] space."""
-    theta = theta[:, :3, :].to(volume.dtype)
-    grid = F.affine_grid(theta, list(volume.shape), align_corners=False)
-    out = F.grid_sample((volume + 1) / 2, grid, mode=mode, padding_mode="zeros",
-                        align_corners=False)
+    out = sample_affine((volume + 1) / 2, theta, torch_space(volume.shape[2:]), mode=mode, padding_mode="zeros")
     return out * 2 - 1
 
 

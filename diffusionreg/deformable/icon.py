@@ -1,8 +1,8 @@
 """Two-step inverse-consistent registration network (Unleashing Registration, ConstrICON idea).
 
 Per step ``s`` a MONAI UNet ``U_s`` (2 -> 3 channels) runs on both input orders;
-``a = 0.35 tanh(U_s([A, B]))``, ``b = 0.35 tanh(U_s([B, A]))`` (normalised units,
-align_corners=False) and the velocity ``v_s = Up(P(a - b))`` is antisymmetric by
+``a = 0.35 tanh(U_s([A, B]))``, ``b = 0.35 tanh(U_s([B, A]))`` (:func:`.losses.normalised_space` units:
+the torch ``align_corners=False`` scale, components in array order) and the velocity ``v_s = Up(P(a - b))`` is antisymmetric by
 construction (``P``: two 7^3 stride-2 box pools, then two stride-1 ones; ``Up``: trilinear).
 ``exp`` is scaling and squaring (12 squarings). After step 1 both images move half-way
 (``A' = A o exp(v1/2)``, ``B' = B o exp(-v1/2)``, detached); step 2 registers them; the result

@@ -5,7 +5,7 @@
 * :func:`gradient_loss`: mean squared forward difference of the displacement, i.e. of
   ``J - I`` (dimensionless; equal in any uniformly scaled coordinates), averaged over axes.
 * :func:`icon_regulariser`: Unleashing Registration's sum over axes of the mean squared
-  forward difference of the displacement in normalised (align_corners=False) units.
+  forward difference of the displacement in :func:`normalised_space` units.
 * :func:`ndv_loss`: total non-diffeomorphic volume (Liu et al. 10-stencil), voxels.
 * :func:`cycle_consistency_loss`: ``|phi12 o phi23 o phi31 - id|^2`` (group consistency).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffusionreg import fields
+from diffusionreg import fields, spaces
 
 
 def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -71,15 +71,20 @@ def gradient_loss(u: torch.Tensor) -> torch.Tensor:
     return total / 3.0
 
 
+def normalised_space(shape) -> spaces.Space:
+    """The networks' normalised displacement units: torch ``align_corners=False`` scale
+    (``2 / size_c`` per voxel) with components kept in array order ``(i, j, k)``."""
+    return spaces.torch_space(tuple(shape), components="ijk")
+
+
 def to_normalised(u: torch.Tensor) -> torch.Tensor:
-    """Voxel displacement -> align_corners=False normalised units (component c times 2 / size_c)."""
-    scale = torch.tensor([2.0 / s for s in u.shape[2:]], dtype=u.dtype, device=u.device)
-    return u * scale.view(1, 3, 1, 1, 1)
+    """Voxel displacement -> :func:`normalised_space` units (component c times 2 / size_c)."""
+    return spaces.rescale_displacement(u, spaces.voxel_space(u.shape[2:]), normalised_space(u.shape[2:]))
 
 
 def from_normalised(u: torch.Tensor) -> torch.Tensor:
-    scale = torch.tensor([s / 2.0 for s in u.shape[2:]], dtype=u.dtype, device=u.device)
-    return u * scale.view(1, 3, 1, 1, 1)
+    """Inverse of :func:`to_normalised`."""
+    return spaces.rescale_displacement(u, normalised_space(u.shape[2:]), spaces.voxel_space(u.shape[2:]))
 
 
 def icon_regulariser(u: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from diffusionreg import fields
-from diffusionreg.errors import InputError
+from diffusionreg import fields, spaces
+from diffusionreg.errors import InputError, ParameterError
 from diffusionreg.image import Grid, Image, centred_grid, nearest_axis_direction, resample, resized_grid
 from diffusionreg.spaces import apply_affine
 from diffusionreg.transforms import (AffineTransform, CompositeTransform, DisplacementFieldTransform,
@@ -227,13 +227,8 @@ def predict(model: DeformableModel, moving: torch.Tensor, fixed: torch.Tensor, i
 def _sample_field(u: torch.Tensor, index) -> np.ndarray:
     """Trilinear values ``(N, 3)`` of the voxel field ``u`` ``(1, 3, ...)`` at float indices ``(N, 3)``
     (numpy or torch; border-extended outside the grid)."""
-    shape = u.shape[2:]
-    index = torch.as_tensor(index, dtype=torch.float64)
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], dtype=torch.float64)
-    normalised = index * scale - 1.0
-    grid = normalised.flip(1).to(u.dtype).reshape(1, -1, 1, 1, 3)
-    values = torch.nn.functional.grid_sample(u.cpu(), grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return values.view(3, -1).T.double().numpy()
+    positions = torch.as_tensor(index, dtype=torch.float64).T[None]  # (1, 3, N) voxel indices
+    return spaces.sample(u.cpu(), positions)[0].T.double().numpy()
 
 
 def _map_points(transform, points: np.ndarray) -> np.ndarray:
@@ -332,11 +327,11 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
     t0 = time.perf_counter()
     steps = cfg.io_steps if io_steps is None else int(io_steps)
     if steps < 0:
-        raise InputError("--instance-optimization must be >= 0")
+        raise ParameterError("io_steps", "must be >= 0")
     refine_cfg = cfg.refine
     if refine_iterations is not None:
         if refine_iterations < 0:
-            raise InputError("--refine-iterations must be >= 0")
+            raise ParameterError("refine_iterations", "must be >= 0")
         refine_cfg = replace(refine_cfg, iterations=int(refine_iterations))
     initial_matrix = _affine_part(initial)
     if want_inverse and initial_matrix is None:

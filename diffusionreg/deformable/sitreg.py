@@ -26,11 +26,12 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusionreg import fields
+from diffusionreg import fields, spaces
 
 from .config import SITRegConfig
 
@@ -192,16 +193,6 @@ class HalfAffine(nn.Module):
         return a, a_inv
 
 
-def _normalised_from_voxel(shape) -> torch.Tensor:
-    """4x4 voxel -> centred-normalised (isotropic grid: the largest axis spans [-1, 1])."""
-    scale = 2.0 / max(shape)
-    m = torch.eye(4, dtype=torch.float64)
-    for c, s in enumerate(shape):
-        m[c, c] = scale
-        m[c, 3] = -scale * (s - 1) / 2.0
-    return m
-
-
 def _affine_positions(matrix_vox: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Apply ``(B, 4, 4)`` voxel-space matrices to positions ``(B, 3, ...)``."""
     lin = matrix_vox[:, :3, :3].to(positions.dtype)
@@ -209,20 +200,22 @@ def _affine_positions(matrix_vox: torch.Tensor, positions: torch.Tensor) -> torc
     return torch.einsum("bij,bj...->bi...", lin, positions) + t.view(-1, 3, 1, 1, 1)
 
 
+def level_space(level_shape, factor: int) -> spaces.Space:
+    """Voxels of feature level ``2^k = factor`` placed on the full-resolution voxel grid:
+    start-aligned, level voxel ``j`` at full index ``(j + 0.5) factor - 0.5`` (shared outer faces)."""
+    to_full = spaces.homogeneous(np.diag([float(factor)] * 3), [0.5 * factor - 0.5] * 3)
+    return spaces.voxel_space(level_shape, affine=to_full)
+
+
 def _to_level(u: torch.Tensor, level_shape, factor: int) -> torch.Tensor:
-    """A full-resolution voxel field sampled at the start-aligned level grid (voxel ``j`` at
-    full index ``(j + 0.5) factor - 0.5``; points past the end of an odd-sized grid, from "ceil"
-    padding, take border values), in level voxel units."""
+    """A full-resolution voxel field sampled at the level grid (:func:`level_space`; points past
+    the end of an odd-sized grid, from "ceil" padding, take border values), in level voxel units."""
     if factor == 1:
         return u
-    shape = u.shape[2:]
-    axes = []
-    for n_level, n_full in zip(level_shape, shape):
-        pos = (torch.arange(n_level, dtype=u.dtype, device=u.device) + 0.5) * factor - 0.5
-        axes.append(pos * (2.0 / max(n_full - 1, 1)) - 1.0)
-    g0, g1, g2 = torch.meshgrid(*axes, indexing="ij")
-    grid = torch.stack([g2, g1, g0], -1)[None].expand(u.shape[0], -1, -1, -1, -1)
-    return F.grid_sample(u, grid, mode="bilinear", padding_mode="border", align_corners=True) / factor
+    full = spaces.voxel_space(u.shape[2:])
+    level = level_space(level_shape, factor)
+    positions = spaces.coordinates(level, full, dtype=u.dtype, device=u.device).expand(u.shape[0], -1, -1, -1, -1)
+    return spaces.rescale_displacement(spaces.sample(u, positions), full, level)
 
 
 class SITReg(nn.Module):
@@ -265,7 +258,8 @@ class SITReg(nn.Module):
         a_vox = a_inv_vox = None
         if self.affine is not None:
             a_n, a_inv_n = self.affine(feats1[-1], feats2[-1])
-            to_n = _normalised_from_voxel(self.shape).to(a_n.device)
+            # The half-affine was trained in SITReg's centred-normalised system.
+            to_n = torch.as_tensor(spaces.centred_space(self.shape).from_voxel, device=a_n.device)
             from_n = torch.linalg.inv(to_n)
             a_vox = from_n @ a_n.double() @ to_n
             a_inv_vox = from_n @ a_inv_n.double() @ to_n
