@@ -62,23 +62,11 @@ class DeformableModel:
 
 def export_model(net: nn.Module, cfg: DeformableConfig, out_dir: Path, name: str = "model",
                  meta: dict | None = None) -> Path:
-    """Write ``<name>.safetensors`` and ``config.json`` atomically."""
-    import os
+    """Write ``<name>.safetensors`` and ``config.json`` atomically (the training engine's exporter)."""
+    from diffusionreg.training.export import export_weights
 
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-    path = out_dir / f"{name}.safetensors"
-    tmp = out_dir / f".{name}.tmp.safetensors"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "task": "deformable", "method": cfg.method,
-                                           **{k: str(v) for k, v in (meta or {}).items()}})
-    os.replace(tmp, path)
-    cfg_tmp = out_dir / ".config.json.tmp"
-    cfg_tmp.write_text(cfg.to_json())
-    os.replace(cfg_tmp, out_dir / "config.json")
-    return path
+    return export_weights(net, cfg.to_json(), out_dir, name,
+                          {"task": "deformable", "method": cfg.method, **(meta or {})})
 
 
 def load_model(name_or_path: str | None, device: torch.device | str = "cpu", method: str | None = None,
