@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffusionreg.errors import InputError
 from diffusionreg.progress import Progress
 from diffusionreg.training.ema import EMA
 from diffusionreg.training.engine import TrainingTask, run_training
@@ -176,6 +177,10 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tmp_path):
     state = _checkpoint(tmp_path / "run")
     assert 1 <= summary["step"] == state["step"] < 10_000 and "val_mse" in summary
     assert (tmp_path / "run" / "model.safetensors").exists()
+    # nothing lost: the run is continued with resume only, never overwritten
+    with pytest.raises(InputError, match="--resume"):
+        run_training(toy_task(run), run)
+    assert _checkpoint(tmp_path / "run")["step"] == state["step"]
 
 
 def _tiny_volumes(folder: Path) -> list[str]:

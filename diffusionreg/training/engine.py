@@ -35,6 +35,7 @@ from diffusionreg.distributed import (
     rank_and_world,
     start_process_group,
 )
+from diffusionreg.errors import InputError
 from diffusionreg.progress import Progress
 
 from .checkpoint import CHECKPOINT_NAME, TrainingState, load_checkpoint, save_checkpoint
@@ -81,6 +82,10 @@ class TrainingTask:
 def run_training(task: TrainingTask, run: RunOptions, progress: Progress | None = None) -> dict:
     """Train ``task`` for ``run.steps`` (under ``torchrun``: every rank calls this). Returns the last
     validation metrics with ``step``, ``loss_avg`` and ``elapsed_s``. Rank 0 writes ``run.output``."""
+    if (run.output / CHECKPOINT_NAME).exists() and not run.resume:
+        # nothing lost: a finished or interrupted run is continued on purpose or left alone
+        raise InputError(f"{run.output} holds a training checkpoint: pass --resume to continue it or "
+                         "choose another --output")
     rank, world = rank_and_world()
     if run.threads:
         torch.set_num_threads(run.threads)

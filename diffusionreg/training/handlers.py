@@ -58,14 +58,14 @@ class HistoryWriter(Handler):
 
 class ProgressReporter(Handler):
     """One :class:`~diffusionreg.progress.Progress` stage over the run's steps (tqdm bar, JSON lines
-    for Slicer, or nothing), updated at most every ``min_seconds`` so fast steps do not flood Slicer's
-    log; validation results go to the log."""
+    for Slicer, or nothing); JSON lines at most every ``json_seconds`` so fast steps do not flood
+    Slicer's log (tqdm throttles itself). Validation results go to the log."""
 
-    def __init__(self, progress: Progress, stage_name: str, total_steps: int, min_seconds: float = 1.0) -> None:
+    def __init__(self, progress: Progress, stage_name: str, total_steps: int, json_seconds: float = 1.0) -> None:
         self.progress = progress
         self.stage_name = stage_name
         self.total = total_steps
-        self.min_seconds = min_seconds
+        self.min_seconds = json_seconds if progress.mode == "json" else 0.0
         self._stage = None
         self._reported = 0
         self._last = 0.0
