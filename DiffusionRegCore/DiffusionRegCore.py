@@ -1,22 +1,28 @@
-"""DiffusionRegCore: the hidden module shared by the DiffusionReg modules.
+"""DiffusionRegCore: the hidden module shared by the DiffusionReg modules, and their panel kit.
 
-It owns what every module needs and nothing module-specific: installing the backend's
-dependencies on first use, probing devices in a subprocess, running the backend in a
-background process (progress, log, cancel, temporary folder), moving volumes and transforms
-between MRML nodes and files, and the model manager. The testable parts live in
-``DiffusionRegCoreLib`` (no Qt there); this file adds the Qt/Slicer glue.
+It owns what every module needs and nothing module-specific:
 
-Nothing heavy happens at import or in ``setup()``: torch is never imported into Slicer's
-process by this extension, and dependencies are only installed when the user asks for a
-registration (or presses "Install dependencies").
+- :class:`BackendTask`: one prepared job (``DiffusionRegCoreLib.job``) run in the background
+  from a Qt timer, with an injectable process factory;
+- :class:`DiffusionRegCoreLogic`: locations, the worker's Python, first-use dependency
+  installation, settings, the device probe, the model manager;
+- :class:`JobPanel`: the widgets every module panel has (modality and model selectors with the
+  model that will run, model buttons, device selector, temporary files, dependency install,
+  the Run <-> Cancel button with the reason it is disabled as text, one weighted progress bar
+  with elapsed/remaining time, and the log). A module adds only its inputs, options and result
+  handling (see SpatialDiffusionReg.py).
+
+The testable parts live in ``DiffusionRegCoreLib`` (no Qt there); this file adds the Qt/Slicer
+glue. Nothing heavy happens at import or in ``setup()``: torch is never imported into Slicer's
+process, and dependencies are only installed when the user runs a job (or presses "Install").
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 import qt
 import slicer
@@ -38,10 +44,11 @@ except ImportError:  # Slicer < 5.4
 from DiffusionRegCoreLib import command as backendCommand
 from DiffusionRegCoreLib import device as deviceProbe
 from DiffusionRegCoreLib import install as dependencyInstall
+from DiffusionRegCoreLib import model_choice, mrml_io, paths
 from DiffusionRegCoreLib import models as modelRegistry
-from DiffusionRegCoreLib import mrml_io, paths
-from DiffusionRegCoreLib.process import BackendProcess, ProcessResult, WorkFolder
-from DiffusionRegCoreLib.progress import ProgressEvent
+from DiffusionRegCoreLib.job import JobOutcome, PreparedJob, finishJob
+from DiffusionRegCoreLib.process import BackendProcess, WorkFolder
+from DiffusionRegCoreLib.progress import OverallProgress, ProgressEvent
 
 #: Lib modules in dependency order (reloaded by the modules' "Reload" in developer mode).
 LIB_MODULES = (
@@ -49,23 +56,27 @@ LIB_MODULES = (
     "DiffusionRegCoreLib.progress",
     "DiffusionRegCoreLib.command",
     "DiffusionRegCoreLib.process",
+    "DiffusionRegCoreLib.job",
     "DiffusionRegCoreLib.mrml_io",
+    "DiffusionRegCoreLib.results",
     "DiffusionRegCoreLib.device",
     "DiffusionRegCoreLib.models",
+    "DiffusionRegCoreLib.model_choice",
     "DiffusionRegCoreLib.install",
 )
 
 SETTINGS_DEVICE = "DiffusionReg/Device"
+#: The requirement files of the backend's affine path (every module needs these).
+COMMON_REQUIREMENTS = "requirements.txt"
 
 #: Running tasks, kept referenced so their timers live even if the caller drops the task.
 _ACTIVE_TASKS: set = set()
 
 
-def reloadLib() -> None:
-    """Reload DiffusionRegCoreLib and DiffusionRegCore (importlib; ``imp`` is gone in 3.12)."""
-    for name in LIB_MODULES:
-        module = importlib.import_module(name)
-        importlib.reload(module)
+def reloadLib(extraModules: Sequence[str] = ()) -> None:
+    """Reload DiffusionRegCoreLib (+ a module's own Lib) and DiffusionRegCore (importlib; ``imp`` is gone in 3.12)."""
+    for name in (*LIB_MODULES, *extraModules):
+        importlib.reload(importlib.import_module(name))
     import DiffusionRegCore
 
     importlib.reload(DiffusionRegCore)
@@ -83,73 +94,71 @@ class DiffusionRegCore(ScriptedLoadableModule):
         self.parent.categories = ["Registration"]
         self.parent.dependencies = []
         self.parent.hidden = True
-        self.parent.contributors = ["DiffusionReg developers"]
+        self.parent.contributors = ["DiffusionReg developers (DiffusionReg project)"]
         self.parent.helpText = _(
             "Shared services of the DiffusionReg extension: dependency installation, device probe, "
-            "background process runner, node import/export and model manager. "
+            "background jobs, node import/export, result import and the model manager. "
             "Used by Spatial Diffusion Registration and the other DiffusionReg modules."
         )
         self.parent.acknowledgementText = _(
-            "DiffusionReg builds on 3D Slicer, PyTorch (through the SlicerPyTorch extension), MONAI and SimpleITK."
+            "DiffusionReg builds on 3D Slicer, PyTorch (through the SlicerPyTorch extension) and SimpleITK."
         )
 
 
 #
-# Background task: one backend run driven by a QTimer
+# Background task: one prepared job driven by a QTimer
 #
 
 
 class BackendTask:
-    """A backend run inside Slicer: process + temporary folder + result import.
+    """A :class:`PreparedJob` running in the background inside Slicer.
 
-    ``importResults(task)`` runs on the main thread after a successful exit (load the output
-    files into nodes there); ``onFinished(task)`` always runs last. ``state`` is one of
-    ``running``, ``importing``, ``completed``, ``cancelled``, ``failed``.
+    ``processFactory`` (default :class:`BackendProcess`) is injectable, like
+    :func:`DiffusionRegCoreLib.job.runJob`'s. ``onFinished(task)`` always runs last; ``state`` is
+    ``running``, ``completed``, ``cancelled`` or ``failed`` and ``outputs`` what the job imported.
     """
 
     POLL_INTERVAL_MS = 100
 
-    def __init__(
-        self,
-        command: list[str],
-        env: dict[str, str],
-        workFolder: WorkFolder,
-        keepTemporaryFiles: bool = False,
-        onProgress: Callable[[ProgressEvent], None] | None = None,
-        onLog: Callable[[str], None] | None = None,
-        importResults: Callable[["BackendTask"], object] | None = None,
-        onFinished: Callable[["BackendTask"], None] | None = None,
-        name: str = "DiffusionReg",
-    ) -> None:
-        self.command = command
-        self.env = env
-        self.workFolder = workFolder
+    def __init__(self, job: PreparedJob, processFactory=BackendProcess, keepTemporaryFiles: bool = False,
+                 onProgress: Callable[[ProgressEvent], None] | None = None, onLog: Callable[[str], None] | None = None,
+                 onFinished: Callable[[BackendTask], None] | None = None) -> None:
+        self.job = job
+        self.processFactory = processFactory
         self.keepTemporaryFiles = keepTemporaryFiles
         self.onProgress = onProgress
         self.onLog = onLog
-        self.importResults = importResults
         self.onFinished = onFinished
-        self.name = name
         self.state = "idle"
-        self.error: str | None = None
-        self.outputs: object = None
-        self.processResult: ProcessResult | None = None
-        self._process: BackendProcess | None = None
+        self.outcome: JobOutcome | None = None
+        self._process = None
         self._timer: qt.QTimer | None = None
 
-    def start(self) -> "BackendTask":
-        self._log(f"Running: {backendCommand.quoteCommand(self.command)}")
-        self._process = BackendProcess(
-            self.command, env=self.env, cwd=str(self.workFolder.path),
-            onProgress=self.onProgress, onLog=lambda line, stream: self._log(line), onFinished=self._processFinished,
+    @property
+    def outputs(self):
+        return self.outcome.outputs if self.outcome else None
+
+    @property
+    def error(self) -> str | None:
+        return self.outcome.error if self.outcome else None
+
+    @property
+    def processResult(self):
+        return self.outcome.processResult if self.outcome else None
+
+    def start(self) -> BackendTask:
+        self._log(f"Running: {backendCommand.quoteCommand(self.job.command)}")
+        for note in self.job.notes:
+            self._log(note)
+        self._process = self.processFactory(
+            self.job.command, env=self.job.env, cwd=str(self.job.workFolder.path), onProgress=self.onProgress,
+            onLog=lambda line, stream: self._log(line), onFinished=self._processFinished,
         )
         try:
             self._process.start()
         except OSError as error:
-            self.state = "failed"
-            self.error = f"could not start {self.command[0]}: {error}"
-            self._cleanup()
-            raise RuntimeError(self.error) from error
+            self.job.workFolder.cleanup()
+            raise RuntimeError(f"could not start {self.job.command[0]}: {error}") from error
         self.state = "running"
         _ACTIVE_TASKS.add(self)
         self._timer = qt.QTimer()
@@ -160,7 +169,7 @@ class BackendTask:
 
     @property
     def running(self) -> bool:
-        return self.state in ("running", "importing")
+        return self.state == "running"
 
     def cancel(self) -> None:
         """Stop the backend (whole process tree); the task then ends as ``cancelled``."""
@@ -168,8 +177,8 @@ class BackendTask:
             self._log("Cancelling...")
             self._process.cancel()
 
-    def wait(self, timeout: float | None = None) -> "BackendTask":
-        """Block (keeping Slicer responsive) until the task has ended."""
+    def wait(self, timeout: float | None = None) -> BackendTask:
+        """Block (keeping Slicer responsive) until the task has ended; cancel after ``timeout`` s."""
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -178,7 +187,7 @@ class BackendTask:
             if self.running:
                 slicer.app.processEvents()
                 time.sleep(0.05)
-            if deadline is not None and time.monotonic() > deadline and self.state == "running":
+            if deadline is not None and time.monotonic() > deadline and self.running:
                 self.cancel()
                 deadline = None
         return self
@@ -188,34 +197,15 @@ class BackendTask:
             self._process.poll()
 
     def _log(self, line: str) -> None:
-        logging.info(f"{self.name}: {line}")
+        logging.info(f"{self.job.name}: {line}")
         if self.onLog:
             self.onLog(line)
 
-    def _processFinished(self, process: BackendProcess) -> None:
+    def _processFinished(self, process) -> None:
         if self._timer is not None:
             self._timer.stop()
-        self.processResult = process.result()
-        if process.cancelled:
-            self.state = "cancelled"
-            self._log("Cancelled.")
-        elif not self.processResult.succeeded:
-            self.state = "failed"
-            self.error = self.processResult.summary()
-            self._log(f"Failed: {self.error}")
-        else:
-            self.state = "importing"
-            try:
-                if self.importResults is not None:
-                    self.outputs = self.importResults(self)
-                self.state = "completed"
-                self._log(f"Completed in {self.processResult.elapsedSeconds:.1f} s.")
-            except Exception as error:  # noqa: BLE001 - reported to the user
-                logging.exception(f"{self.name}: loading the results failed")
-                self.state = "failed"
-                self.error = f"loading the results failed: {error}"
-                self._log(self.error)
-        self._cleanup()
+        self.outcome = finishJob(self.job, process.result(), self.keepTemporaryFiles, self._log)
+        self.state = self.outcome.state
         _ACTIVE_TASKS.discard(self)
         if self.onFinished:
             self.onFinished(self)
@@ -224,12 +214,6 @@ class BackendTask:
     def activeTasks() -> list:
         """Tasks still running in this session (e.g. to cancel them all)."""
         return list(_ACTIVE_TASKS)
-
-    def _cleanup(self) -> None:
-        if self.keepTemporaryFiles:
-            self._log(f"Temporary files kept in {self.workFolder.path}")
-        else:
-            self.workFolder.cleanup()
 
 
 #
@@ -243,21 +227,24 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
     #: Device probe result shared by all modules of this session (probing imports torch: ~seconds).
     deviceInfo: deviceProbe.DeviceInfo | None = None
 
-    def __init__(self):
+    def __init__(self, processFactory=BackendProcess):
         ScriptedLoadableModuleLogic.__init__(self)
+        self.processFactory = processFactory
 
     # --- locations --------------------------------------------------------------------
     @staticmethod
     def pythonExecutable() -> str:
-        return backendCommand.pythonExecutable(slicer.app.slicerHome)
+        """``PythonSlicer``; raises :class:`command.PythonSlicerNotFound` with a clear message."""
+        return backendCommand.pythonExecutable(slicer.app.slicerHome, inSlicer=True)
 
     @staticmethod
     def backendRoot() -> Path:
         return paths.backendRoot()
 
     @staticmethod
-    def requirementsPath() -> Path:
-        return paths.coreResourcePath("requirements.txt")
+    def requirementFiles(*extra: str) -> list[Path]:
+        """The common requirement file plus a module's extra ones (e.g. ``requirements-deformable.txt``)."""
+        return [paths.coreResourcePath(name) for name in (COMMON_REQUIREMENTS, *extra)]
 
     @staticmethod
     def modelManager() -> modelRegistry.ModelManager:
@@ -276,15 +263,14 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
         qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(path)))
 
     # --- dependencies -----------------------------------------------------------------
-    def dependencyPlan(self) -> dependencyInstall.InstallPlan:
-        return dependencyInstall.currentPlan(self.requirementsPath())
+    def dependencyPlan(self, requirementFiles=None) -> dependencyInstall.InstallPlan:
+        return dependencyInstall.currentPlan(requirementFiles or self.requirementFiles())
 
-    def dependenciesInstalled(self) -> bool:
-        return self.dependencyPlan().empty
-
-    def ensureDependencies(self, requester: str = "DiffusionReg", askConfirmation: bool = True, log=None) -> bool:
-        """Install missing dependencies after one confirmation (see DiffusionRegCoreLib.install)."""
-        return dependencyInstall.ensureDependencies(self.requirementsPath(), requester, askConfirmation, log)
+    def ensureDependencies(self, requirementFiles=None, requester: str = "DiffusionReg", askConfirmation: bool = True,
+                           log=None) -> bool:
+        """Install what the module's requirement files list after one confirmation (see DiffusionRegCoreLib.install)."""
+        return dependencyInstall.ensureDependencies(requirementFiles or self.requirementFiles(), requester,
+                                                    askConfirmation, log)
 
     # --- settings ---------------------------------------------------------------------
     @staticmethod
@@ -296,54 +282,438 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
     def saveDevice(device: str) -> None:
         qt.QSettings().setValue(SETTINGS_DEVICE, device)
 
-    # --- processes --------------------------------------------------------------------
+    # --- jobs -------------------------------------------------------------------------
     def backendEnvironment(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return backendCommand.backendEnvironment(self.backendRoot(), extra=extra)
 
-    def startTask(self, command, workFolder: WorkFolder, **kwargs) -> BackendTask:
-        """Start ``command`` in the background; see :class:`BackendTask` for the callbacks."""
-        env = kwargs.pop("env", None) or self.backendEnvironment()
-        return BackendTask(command, env, workFolder, **kwargs).start()
+    def startJob(self, job: PreparedJob, **kwargs) -> BackendTask:
+        """Run ``job`` in the background; see :class:`BackendTask` for the callbacks."""
+        return BackendTask(job, self.processFactory, **kwargs).start()
 
     def probeDevices(self, onFinished: Callable[[deviceProbe.DeviceInfo], None] | None = None,
                      wait: bool = False, timeout: float = 180.0):
-        """Find torch devices in a subprocess; the result is also kept in ``deviceInfo``.
-
-        With ``wait`` returns the DeviceInfo; otherwise returns the running BackendTask and
-        calls ``onFinished(info)`` when done.
-        """
+        """Find torch devices in a subprocess; the result is also kept in ``deviceInfo``."""
         workFolder = self.createWorkFolder()
 
-        def done(task: BackendTask):
-            output = "\n".join(task.processResult.log if task.processResult else [])
-            info = deviceProbe.parseProbeOutput(output)
+        def parse(processResult):
+            info = deviceProbe.parseProbeOutput("\n".join(processResult.log))
             DiffusionRegCoreLogic.deviceInfo = info
-            if onFinished:
-                onFinished(info)
+            return info
 
-        task = BackendTask(deviceProbe.probeCommand(self.pythonExecutable()), self.backendEnvironment(),
-                           workFolder, onFinished=done, name="DiffusionReg device probe").start()
+        job = PreparedJob("DiffusionReg device probe", deviceProbe.probeCommand(self.pythonExecutable()), workFolder,
+                          parse, env=self.backendEnvironment())
+
+        def done(task: BackendTask):
+            if onFinished and task.outputs is not None:
+                onFinished(task.outputs)
+
+        task = self.startJob(job, onFinished=done)
         if wait:
             task.wait(timeout)
             return DiffusionRegCoreLogic.deviceInfo
         return task
 
-    # --- nodes ------------------------------------------------------------------------
-    @staticmethod
-    def exportVolume(volumeNode, path, world=True, stopAt=None):
-        return mrml_io.exportVolume(volumeNode, path, world=world, stopAt=stopAt)
-
-    @staticmethod
-    def importVolume(path, volumeNode=None, name=None):
-        return mrml_io.importVolume(path, slicer.mrmlScene, volumeNode, name)
-
-    @staticmethod
-    def importTransform(path, transformNode=None, name=None, movingNode=None, fixedNode=None):
-        return mrml_io.importTransform(path, slicer.mrmlScene, transformNode, name, movingNode, fixedNode)
+    def downloadModelJob(self, name: str) -> PreparedJob:
+        """``diffusionreg models pull NAME``: the backend downloads and sha256-checks registry weights."""
+        commandLine = backendCommand.backendCommand(self.pythonExecutable(), ["models", "pull"], [name])
+        return PreparedJob(f"DiffusionReg download {name}", commandLine, self.createWorkFolder(),
+                           lambda result: name, {"download": 1.0}, env=self.backendEnvironment())
 
 
 #
-# DiffusionRegCoreWidget: a small panel for dependencies, devices and models
+# The panel kit
+#
+
+
+class JobPanel:
+    """The shared part of a DiffusionReg module panel, added below the module's own ``.ui``.
+
+    The module passes:
+
+    - ``task``: the model task (``affine``, ``deformable``) whose installed models fill the
+      modality and model selectors;
+    - ``validate()``: returns "" when the job can run, else the reason (shown beside Run);
+    - ``start(panel)``: prepares and starts the job (``logic.startJob``) and returns the task;
+      the panel's :meth:`onProgress`, :meth:`log` and :meth:`onFinished` are the callbacks to use;
+    - ``requirementFiles``: what must be installed before a run;
+    - ``onResult(outputs)``: optional, called on the main thread after a completed run;
+    - ``onModelChanged()``: optional, called when the modality or model selection changes.
+    """
+
+    def __init__(self, parentLayout, task: str, validate: Callable[[], str], start: Callable[[JobPanel], BackendTask],
+                 requirementFiles: Sequence[Path], requester: str, runText: str = "Run",
+                 onResult: Callable[[object], None] | None = None, logic: DiffusionRegCoreLogic | None = None,
+                 onModelChanged: Callable[[], None] | None = None) -> None:
+        self.task = task
+        self.validate = validate
+        self.startJob = start
+        self.requirementFiles = list(requirementFiles)
+        self.requester = requester
+        self.runText = runText
+        self.onResult = onResult
+        self.onModelChanged = onModelChanged
+        self.logic = logic or DiffusionRegCoreLogic()
+        self.runningTask: BackendTask | None = None
+        self._overall: OverallProgress | None = None
+        self._entries: list = []
+        self._updating = False
+        self._build(parentLayout)
+        self.populateDevices()
+        self.populateModels()
+        self.setIdle(_("Idle"))
+
+    # --- widgets ---------------------------------------------------------------------------
+    def _build(self, parentLayout) -> None:
+        import ctk
+
+        modelSection = ctk.ctkCollapsibleButton()
+        modelSection.text = _("Model")
+        parentLayout.addWidget(modelSection)
+        form = qt.QFormLayout(modelSection)
+        self.modalityComboBox = qt.QComboBox()
+        self.modalityComboBox.toolTip = _("Only modalities that an installed model supports are listed")
+        form.addRow(_("Modality:"), self.modalityComboBox)
+        self.modelComboBox = qt.QComboBox()
+        form.addRow(_("Model:"), self.modelComboBox)
+        self.modelInfoLabel = qt.QLabel()
+        self.modelInfoLabel.wordWrap = True
+        form.addRow("", self.modelInfoLabel)
+        buttons = qt.QHBoxLayout()
+        self.downloadModelButton = qt.QPushButton(_("Download"))
+        self.downloadModelButton.toolTip = _("Download the selected model (sha256-checked) into your models folder")
+        self.importModelButton = qt.QPushButton(_("Import..."))
+        self.verifyModelsButton = qt.QPushButton(_("Verify"))
+        self.openModelsFolderButton = qt.QPushButton(_("Open folder"))
+        for button in (self.downloadModelButton, self.importModelButton, self.verifyModelsButton, self.openModelsFolderButton):
+            buttons.addWidget(button)
+        form.addRow(_("Models:"), buttons)
+
+        advanced = ctk.ctkCollapsibleButton()
+        advanced.text = _("Device and dependencies")
+        advanced.collapsed = True
+        parentLayout.addWidget(advanced)
+        form = qt.QFormLayout(advanced)
+        deviceRow = qt.QHBoxLayout()
+        self.deviceComboBox = qt.QComboBox()
+        self.detectDevicesButton = qt.QPushButton(_("Detect"))
+        deviceRow.addWidget(self.deviceComboBox, 1)
+        deviceRow.addWidget(self.detectDevicesButton)
+        form.addRow(_("Device:"), deviceRow)
+        self.deviceInfoLabel = qt.QLabel()
+        self.deviceInfoLabel.wordWrap = True
+        form.addRow("", self.deviceInfoLabel)
+        tempRow = qt.QHBoxLayout()
+        self.keepTemporaryFilesCheckBox = qt.QCheckBox(_("Keep"))
+        self.keepTemporaryFilesCheckBox.toolTip = _("Keep the files exchanged with the backend (to repeat the logged command)")
+        self.showTemporaryFolderButton = qt.QPushButton(_("Show folder"))
+        tempRow.addWidget(self.keepTemporaryFilesCheckBox)
+        tempRow.addWidget(self.showTemporaryFolderButton)
+        form.addRow(_("Temporary files:"), tempRow)
+        self.installDependenciesButton = qt.QPushButton(_("Install dependencies"))
+        form.addRow(_("Python packages:"), self.installDependenciesButton)
+
+        runRow = qt.QHBoxLayout()
+        self.runButton = qt.QPushButton(self.runText)
+        self.reasonLabel = qt.QLabel()
+        self.reasonLabel.wordWrap = True
+        self.reasonLabel.setStyleSheet("color: #b05000")
+        runRow.addWidget(self.runButton)
+        runRow.addWidget(self.reasonLabel, 1)
+        parentLayout.addLayout(runRow)
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.setRange(0, 1000)  # per mille: smooth over long runs
+        parentLayout.addWidget(self.progressBar)
+        logSection = ctk.ctkCollapsibleButton()
+        logSection.text = _("Log")
+        parentLayout.addWidget(logSection)
+        box = qt.QVBoxLayout(logSection)
+        self.logTextEdit = qt.QPlainTextEdit()
+        self.logTextEdit.readOnly = True
+        self.logTextEdit.maximumBlockCount = 5000
+        box.addWidget(self.logTextEdit)
+
+        self.runButton.connect("clicked(bool)", self.onRunButton)
+        self.modalityComboBox.connect("currentIndexChanged(int)", lambda index: self._modalityChanged())
+        self.modelComboBox.connect("currentIndexChanged(int)", lambda index: self.updateModelInfo())
+        self.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.detectDevicesButton.connect("clicked(bool)", self.onDetectDevices)
+        self.showTemporaryFolderButton.connect("clicked(bool)", lambda: self.logic.openFolder(self.logic.temporaryParent()))
+        self.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
+        self.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.verifyModelsButton.connect("clicked(bool)", self.onVerifyModels)
+        self.openModelsFolderButton.connect("clicked(bool)", lambda: self.logic.openFolder(paths.userModelsDir()))
+        self.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+
+    # --- values the module reads ---------------------------------------------------------
+    @property
+    def modality(self) -> str:
+        return self.modalityComboBox.currentData or ""
+
+    @property
+    def model(self) -> str:
+        """``--model``: "" for the modality's default."""
+        return self.modelComboBox.currentData or ""
+
+    @property
+    def device(self) -> str:
+        return self.deviceComboBox.currentData or "auto"
+
+    @property
+    def keepTemporaryFiles(self) -> bool:
+        return bool(self.keepTemporaryFilesCheckBox.checked)
+
+    def selectModality(self, modality: str) -> None:
+        index = self.modalityComboBox.findData(modality)
+        if index >= 0:
+            self.modalityComboBox.currentIndex = index
+
+    def selectModel(self, model: str) -> None:
+        index = self.modelComboBox.findData(model or "")
+        self.modelComboBox.currentIndex = max(index, 0)
+
+    # --- models (issue: only what is installed is offered) --------------------------------
+    def populateModels(self) -> None:
+        try:
+            self._entries = [e for e in self.logic.modelManager().models(self.task)]
+        except ValueError as error:
+            self._entries = []
+            self.log(str(error))
+        previous = self.modality
+        self._updating = True
+        try:
+            self.modalityComboBox.clear()
+            for modality in model_choice.installedModalities(self._entries, self.task):
+                self.modalityComboBox.addItem(model_choice.modalityLabel(modality), modality)
+        finally:
+            self._updating = False
+        self.selectModality(previous)
+        self._modalityChanged()
+
+    def _modalityChanged(self) -> None:
+        if self._updating:
+            return
+        previous = self.model
+        self._updating = True
+        try:
+            combo = self.modelComboBox
+            combo.clear()
+            combo.addItem(_("Default for the modality"), "")
+            for entry in self._entries:
+                if entry.modality not in (self.modality, model_choice.ANY):
+                    continue
+                state = {"installed": "", "downloadable": _(" (not downloaded)"), "missing": _(" (file missing)")}[entry.state]
+                # Listed so the user sees it; choosing one not installed disables Register with the reason.
+                combo.addItem(entry.label() + state, entry.modelArgument())
+        finally:
+            self._updating = False
+        self.selectModel(previous)
+        self.updateModelInfo()
+
+    def updateModelInfo(self) -> None:
+        if self._updating:
+            return
+        if not self.modality:
+            self.modelInfoLabel.text = _("No {task} model is installed: import one, or download one below.").format(task=self.task)
+        else:
+            entry, reason = model_choice.modelToRun(self._entries, self.task, self.modality, self.model)
+            self.modelInfoLabel.text = model_choice.describeModel(entry) if entry else reason
+        downloadable = [e for e in self._entries if e.state == "downloadable"]
+        self.downloadModelButton.enabled = bool(downloadable)
+        if self.onModelChanged:
+            self.onModelChanged()
+        self.updateRunButton()
+
+    def modelReason(self) -> str:
+        """Why the selected modality/model cannot run ("" when it can)."""
+        if not self.modality:
+            return _("No {task} model is installed").format(task=self.task)
+        return model_choice.modelToRun(self._entries, self.task, self.modality, self.model)[1]
+
+    def onDownloadModel(self) -> None:
+        names = [e.name for e in self._entries if e.state == "downloadable"]
+        if not names:
+            return
+        name = names[0] if len(names) == 1 else qt.QInputDialog.getItem(
+            self.runButton, _("Download model"), _("Model:"), names, 0, False)
+        if not name:
+            return
+        self._startTask(lambda: self.logic.startJob(self.logic.downloadModelJob(name), onProgress=self.onProgress,
+                                                    onLog=self.log, onFinished=self._downloadFinished),
+                        {"download": 1.0})
+
+    def _downloadFinished(self, task: BackendTask) -> None:
+        self.onFinished(task, quiet=True)
+        self.populateModels()
+
+    def onImportModel(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.runButton, _("Import model weights"), "",
+                                              _("Model files (*.safetensors *.pt *.pth);;All files (*)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
+            entry = self.logic.modelManager().importFile(path, task=self.task, modality=self.modality or "any")
+            self.log(f"Imported model '{entry.name}' to {entry.path} (sha256 {entry.sha256}).")
+            self.populateModels()
+            self.selectModel(entry.modelArgument())
+
+    def onVerifyModels(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to verify the models."), waitCursor=True):
+            results = self.logic.modelManager().verifyAll(self.task)
+            for result in results:
+                self.log(result.text())
+            if not results:
+                self.log(_("No models are registered."))
+            bad = [r for r in results if r.status in ("mismatch", "missing")]
+            if bad:
+                slicer.util.warningDisplay("\n".join(r.text() for r in bad), windowTitle=_("Model checksums"))
+
+    # --- devices ---------------------------------------------------------------------------
+    def populateDevices(self) -> None:
+        combo = self.deviceComboBox
+        saved = self.logic.savedDevice()
+        self._updating = True
+        try:
+            combo.clear()
+            for label, value in deviceProbe.deviceChoices(DiffusionRegCoreLogic.deviceInfo):
+                combo.addItem(label, value)
+            index = combo.findData(saved)
+            if index < 0:
+                combo.addItem(saved, saved)
+                index = combo.count - 1
+            combo.currentIndex = index
+        finally:
+            self._updating = False
+        self.updateDeviceInfo()
+
+    def onDeviceChanged(self, index: int) -> None:
+        if self._updating:
+            return
+        self.logic.saveDevice(self.device)
+        self.updateDeviceInfo()
+
+    def updateDeviceInfo(self) -> None:
+        info = DiffusionRegCoreLogic.deviceInfo
+        if info is None:
+            self.deviceInfoLabel.text = _("Devices not detected yet (press Detect).")
+            return
+        self.deviceInfoLabel.text = "\n".join([info.summary()] + deviceProbe.deviceWarnings(info, self.device))
+
+    def onDetectDevices(self) -> None:
+        self.detectDevicesButton.enabled = False
+        self.deviceInfoLabel.text = _("Detecting devices (starts Python with PyTorch)...")
+
+        def done(info):
+            self.detectDevicesButton.enabled = True
+            self.populateDevices()
+
+        try:
+            self.logic.probeDevices(done)
+        except Exception as error:  # noqa: BLE001 - e.g. PythonSlicer missing: say it, stay usable
+            self.detectDevicesButton.enabled = True
+            self.deviceInfoLabel.text = str(error)
+
+    # --- dependencies ----------------------------------------------------------------------
+    def onInstallDependencies(self) -> None:
+        if self.ensureDependencies():
+            self.log(_("All dependencies are installed."))
+
+    def ensureDependencies(self) -> bool:
+        """Install what is missing (one confirmation); on failure the panel stays idle with the error shown."""
+        try:
+            return self.logic.ensureDependencies(self.requirementFiles, self.requester, log=self.log)
+        except Exception as error:  # noqa: BLE001 - shown to the user, the panel goes back to idle
+            self.fail(_("Installing the dependencies failed: {error}").format(error=error))
+            return False
+
+    # --- run <-> cancel ----------------------------------------------------------------------
+    def updateRunButton(self) -> None:
+        """Run (enabled, or disabled with the reason as text beside it) or Cancel while running."""
+        if self.runningTask is not None and self.runningTask.running:
+            self.runButton.text = _("Cancel")
+            self.runButton.enabled = True
+            self.runButton.toolTip = _("Stop the job (ends the backend process)")
+            self.reasonLabel.text = ""
+            return
+        self.runButton.text = self.runText
+        reason = self.validate() or self.modelReason()
+        self.runButton.enabled = not reason
+        self.runButton.toolTip = reason
+        self.reasonLabel.text = reason
+
+    def onRunButton(self) -> None:
+        if self.runningTask is not None and self.runningTask.running:
+            self.runningTask.cancel()
+            self.runButton.text = _("Cancelling...")
+            self.runButton.enabled = False
+            return
+        self.logTextEdit.clear()
+        self.progressBar.value = 0
+        self.progressBar.setFormat(_("Checking dependencies..."))
+        if not self.ensureDependencies():
+            if self.progressBar.format == _("Checking dependencies..."):
+                self.setIdle(_("Not started: dependencies are not installed"))
+            return
+        self._startTask(lambda: self.startJob(self), None)
+
+    def _startTask(self, start: Callable[[], BackendTask], weights) -> None:
+        try:
+            self.runningTask = start()
+        except Exception as error:  # e.g. bad input found while exporting, PythonSlicer missing
+            logging.exception(f"{self.requester}: could not start")
+            self.fail(_("Could not start: {error}").format(error=error))
+            return
+        self._overall = OverallProgress(weights or self.runningTask.job.stageWeights or {"run": 1.0})
+        self.progressBar.setFormat(_("Starting..."))
+        self.updateRunButton()
+
+    def onProgress(self, event: ProgressEvent) -> None:
+        if self._overall is None:
+            return
+        status = self._overall.update(event)
+        self.progressBar.value = int(round(status.fraction * 1000))
+        self.progressBar.setFormat(status.text())
+
+    def log(self, text: str) -> None:
+        self.logTextEdit.appendPlainText(text)
+        bar = self.logTextEdit.verticalScrollBar()
+        bar.setValue(bar.maximum)
+
+    def onFinished(self, task: BackendTask, quiet: bool = False) -> None:
+        """The job ended: back to a clean idle state, the log kept, errors shown once."""
+        self.runningTask = None
+        seconds = task.processResult.elapsedSeconds if task.processResult else 0.0
+        if task.state == "completed":
+            self.progressBar.value = 1000
+            self.setIdle(_("Done in {seconds:.1f} s").format(seconds=seconds), keepValue=True)
+            if self.onResult and not quiet:
+                self.onResult(task.outputs)
+        elif task.state == "cancelled":
+            self.setIdle(_("Cancelled"))
+        else:
+            self.fail(task.error or _("unknown error"), "\n".join(task.processResult.log[-200:]) if task.processResult else "")
+
+    def fail(self, message: str, details: str = "") -> None:
+        """Show one error, keep the log, and return to idle (Run enabled again when the inputs allow)."""
+        self.runningTask = None
+        self.log(message)
+        self.setIdle(_("Failed: {message}").format(message=message.splitlines()[0][:120]))
+        extra = {"detailedText": details} if details else {}
+        slicer.util.errorDisplay(message, windowTitle=self.requester, **extra)
+
+    def setIdle(self, text: str, keepValue: bool = False) -> None:
+        if not keepValue:
+            self.progressBar.value = 0
+        self.progressBar.setFormat(text)
+        self._overall = None
+        self.updateRunButton()
+
+    def cancelRunning(self) -> None:
+        if self.runningTask is not None and self.runningTask.running:
+            self.runningTask.cancel()
+
+
+#
+# DiffusionRegCoreWidget: dependencies, devices and models for all modules
 #
 
 
@@ -351,97 +721,23 @@ class DiffusionRegCoreWidget(ScriptedLoadableModuleWidget):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = DiffusionRegCoreLogic()
-
-        dependencies = qt.QGroupBox(_("Dependencies"))
-        self.layout.addWidget(dependencies)
-        form = qt.QFormLayout(dependencies)
-        self.dependencyLabel = qt.QLabel(_("not checked"))
-        self.dependencyLabel.wordWrap = True
-        form.addRow(_("Status:"), self.dependencyLabel)
-        self.installButton = qt.QPushButton(_("Install dependencies"))
-        self.installButton.toolTip = _("Install PyTorch (through PyTorch Utils) and the backend's Python packages")
-        form.addRow(self.installButton)
-
-        devices = qt.QGroupBox(_("Devices"))
-        self.layout.addWidget(devices)
-        form = qt.QFormLayout(devices)
-        self.deviceLabel = qt.QLabel(_("not probed"))
-        self.deviceLabel.wordWrap = True
-        form.addRow(self.deviceLabel)
-        self.probeButton = qt.QPushButton(_("Detect devices"))
-        form.addRow(self.probeButton)
-
-        models = qt.QGroupBox(_("Models"))
-        self.layout.addWidget(models)
-        box = qt.QVBoxLayout(models)
-        self.modelList = qt.QListWidget()
-        box.addWidget(self.modelList)
-        buttons = qt.QHBoxLayout()
-        self.importModelButton = qt.QPushButton(_("Import model file..."))
-        self.verifyModelsButton = qt.QPushButton(_("Verify checksums"))
-        self.openModelsFolderButton = qt.QPushButton(_("Open models folder"))
-        for button in (self.importModelButton, self.verifyModelsButton, self.openModelsFolderButton):
-            buttons.addWidget(button)
-        box.addLayout(buttons)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.layout.addWidget(self.statusLabel)
+        # The same kit the modules use, for every task: here it only manages models/devices/dependencies.
+        self.panel = JobPanel(self.layout, "affine", lambda: _("Use a DiffusionReg module to run a job"),
+                              lambda panel: None, self.logic.requirementFiles("requirements-deformable.txt"),
+                              "DiffusionReg")
         self.layout.addStretch(1)
 
-        self.installButton.clicked.connect(self.onInstall)
-        self.probeButton.clicked.connect(self.onProbe)
-        self.importModelButton.clicked.connect(self.onImportModel)
-        self.verifyModelsButton.clicked.connect(self.onVerifyModels)
-        self.openModelsFolderButton.clicked.connect(lambda: self.logic.openFolder(paths.userModelsDir()))
-
     def enter(self):
-        self.updateDependencyStatus()
-        self.updateModelList()
-
-    def updateDependencyStatus(self):
         try:
-            plan = self.logic.dependencyPlan()
+            plan = self.logic.dependencyPlan(self.panel.requirementFiles)
+            self.statusLabel.text = _("Python packages: all installed") if plan.empty else (
+                _("Python packages missing: ") + ", ".join(plan.describe()))
         except Exception as error:  # noqa: BLE001
-            self.dependencyLabel.text = str(error)
-            return
-        self.dependencyLabel.text = _("all installed") if plan.empty else _("missing: ") + ", ".join(plan.describe())
-
-    def updateModelList(self):
-        self.modelList.clear()
-        try:
-            for entry in self.logic.modelManager().models():
-                self.modelList.addItem(f"{entry.label()} [{entry.task}]")
-        except ValueError as error:
-            self.modelList.addItem(str(error))
-
-    def onInstall(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to install dependencies."), waitCursor=True):
-            self.logic.ensureDependencies("DiffusionReg")
-        self.updateDependencyStatus()
-
-    def onProbe(self):
-        self.deviceLabel.text = _("probing (starts Python with torch)...")
-        self.probeButton.enabled = False
-
-        def done(info):
-            self.deviceLabel.text = info.summary()
-            self.probeButton.enabled = True
-
-        with slicer.util.tryWithErrorDisplay(_("Device probe failed."), waitCursor=False):
-            self.logic.probeDevices(done)
-
-    def onImportModel(self):
-        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import model weights"), "",
-                                              "Model files (*.safetensors *.pt *.pth);;All files (*)")
-        if not path:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
-            entry = self.logic.modelManager().importFile(path)
-            slicer.util.infoDisplay(_("Imported model '{name}' (sha256 {sha}).").format(name=entry.name, sha=entry.sha256[:16]))
-        self.updateModelList()
-
-    def onVerifyModels(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to verify models."), waitCursor=True):
-            results = self.logic.modelManager().verifyAll()
-            text = "\n".join(r.text() for r in results) or _("No models are registered.")
-            slicer.util.infoDisplay(text, windowTitle=_("Model checksums"))
+            self.statusLabel.text = str(error)
+        self.panel.populateModels()
 
     def onReload(self):
         reloadLib()
@@ -466,6 +762,8 @@ class DiffusionRegCoreTest(ScriptedLoadableModuleTest):
         self.test_affineFileImport()
         self.setUp()
         self.test_volumeRoundTrip()
+        self.setUp()
+        self.test_backgroundJob()
 
     def test_progressParsing(self):
         from DiffusionRegCoreLib.progress import parseErrorLine, parseProgressLine
@@ -489,7 +787,8 @@ class DiffusionRegCoreTest(ScriptedLoadableModuleTest):
         try:
             path = folder.file("affine.h5")
             sitk.WriteTransform(itkTransform, str(path))
-            node = DiffusionRegCoreLogic.importTransform(path)
+            node = mrml_io.importTransform(path, slicer.mrmlScene)
+            self.assertEqual(node.GetClassName(), "vtkMRMLTransformNode")
             points = np.array([[0.0, 0.0, 0.0], [12.5, -40.0, 33.0]])
             expected = np.array([itkTransform.TransformPoint(p.tolist()) for p in points])
             np.testing.assert_allclose(mrml_io.mapPointsLps(node, points), expected, atol=1e-6)
@@ -507,10 +806,27 @@ class DiffusionRegCoreTest(ScriptedLoadableModuleTest):
         volume.SetOrigin(-10.0, 20.0, 5.0)
         folder = DiffusionRegCoreLogic().createWorkFolder()
         try:
-            path = DiffusionRegCoreLogic.exportVolume(volume, folder.file("volume.nrrd"))
-            loaded = DiffusionRegCoreLogic.importVolume(path)
+            path = mrml_io.exportVolume(volume, folder.file("volume.nrrd"))
+            loaded = mrml_io.importVolume(path, slicer.mrmlScene)
             np.testing.assert_allclose(mrml_io.volumeIjkToRas(loaded), mrml_io.volumeIjkToRas(volume), atol=1e-6)
             np.testing.assert_array_equal(slicer.util.arrayFromVolume(loaded), array)
         finally:
             folder.cleanup()
+        self.delayDisplay("Test passed")
+
+    def test_backgroundJob(self):
+        """A BackendTask runs PythonSlicer in the background: progress, log and the imported result."""
+        self.delayDisplay("Background job with progress")
+        logic = DiffusionRegCoreLogic()
+        script = ("import json; [print(json.dumps({'stage': 'work', 'fraction': f / 4, 'message': ''}), flush=True) "
+                  "for f in range(5)]; print('done')")
+        job = PreparedJob("self-test", [logic.pythonExecutable(), "-c", script], logic.createWorkFolder(),
+                          lambda result: "imported", {"work": 1.0})
+        events, lines = [], []
+        task = logic.startJob(job, onProgress=events.append, onLog=lines.append).wait(120)
+        self.assertEqual(task.state, "completed", task.error)
+        self.assertEqual(task.outputs, "imported")
+        self.assertEqual([e.fraction for e in events], [0.0, 0.25, 0.5, 0.75, 1.0])
+        self.assertIn("done", lines)
+        self.assertFalse(job.workFolder.path.exists())
         self.delayDisplay("Test passed")

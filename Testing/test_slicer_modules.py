@@ -33,7 +33,16 @@ CORE = REPO / "DiffusionRegCore"
 if str(CORE) not in sys.path:
     sys.path.insert(0, str(CORE))
 
-from DiffusionRegCoreLib import command, device, install, model_choice, models, paths, process, progress  # noqa: E402
+from DiffusionRegCoreLib import (
+    command,
+    device,
+    install,
+    model_choice,
+    models,
+    paths,
+    process,
+    progress,
+)
 
 HEAVY_MODULES = {"torch", "monai", "diffusionreg", "numpy.testing", "SimpleITK", "nibabel", "scipy"}
 
@@ -129,7 +138,7 @@ def test_parameter_names_in_ui_are_fields_of_a_matching_type(module: str) -> Non
 
 # --- CMake --------------------------------------------------------------------------------------
 def _cmake_list(text: str, variable: str, module: str) -> list[str]:
-    match = re.search(rf"set\(\s*{variable}\b(.*?)\)", text, re.S)
+    match = re.search(rf"set\(\s*{variable}\b(.*?)\)", text, re.DOTALL)
     assert match, f"{variable} not set"
     items = [line.split("#", 1)[0].strip() for line in match.group(1).splitlines()]
     return [i.replace("${MODULE_NAME}", module) for i in items if i]
@@ -149,7 +158,7 @@ def test_module_cmake_lists_every_script_and_resource(module: str) -> None:
     assert set(scripts) == on_disk_scripts, f"scripts: listed-not-found {set(scripts) - on_disk_scripts}, unlisted {on_disk_scripts - set(scripts)}"
     assert set(resources) == on_disk_resources, f"resources: listed-not-found {set(resources) - on_disk_resources}, unlisted {on_disk_resources - set(resources)}"
     assert len(scripts) == len(set(scripts)) and len(resources) == len(set(resources))
-    call = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", text, re.S)
+    call = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", text, re.DOTALL)
     assert call, "slicerMacroBuildScriptedModule missing"
     for keyword in ("NAME ${MODULE_NAME}", "SCRIPTS ${MODULE_PYTHON_SCRIPTS}", "RESOURCES ${MODULE_PYTHON_RESOURCES}", "WITH_GENERIC_TESTS"):
         assert keyword in call.group(1)
@@ -161,7 +170,7 @@ def test_module_cmake_lists_every_script_and_resource(module: str) -> None:
 def test_top_level_cmake_is_an_extension_with_every_module() -> None:
     text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"cmake_minimum_required\(VERSION [\d.]+", text)
-    assert re.search(r"^project\(DiffusionReg\)", text, re.M)
+    assert re.search(r"^project\(DiffusionReg\)", text, re.MULTILINE)
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                      "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({variable} \S", text), f"{variable} not set"
@@ -169,7 +178,7 @@ def test_top_level_cmake_is_an_extension_with_every_module() -> None:
     assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
     assert text.index("include(${Slicer_EXTENSION_GENERATE_CONFIG})") < text.index("include(${Slicer_EXTENSION_CPACK})")
-    subdirs = re.findall(r"^add_subdirectory\((\w+)\)", text, re.M)
+    subdirs = re.findall(r"^add_subdirectory\((\w+)\)", text, re.MULTILINE)
     module_dirs = sorted(p.parent.name for p in REPO.glob("*/CMakeLists.txt") if (p.parent / f"{p.parent.name}.py").is_file())
     assert sorted(subdirs) == module_dirs
     assert subdirs[0] == "DiffusionRegCore", "the shared module comes first"
@@ -541,7 +550,7 @@ def test_device_probe_runs_in_a_subprocess() -> None:
     info = device.parseProbeOutput(completed.stdout)
     assert info.error is None, info.error
     try:
-        import importlib.metadata as metadata
+        from importlib import metadata
 
         expected = metadata.version("torch")
     except Exception:  # noqa: BLE001 - torch not installed: the probe must say so
@@ -791,3 +800,62 @@ def test_every_slicer_util_call_uses_parameters_slicer_has() -> None:
                 allowed = keyword.arg in positional or ("**" in params and keyword.arg in MESSAGE_BOX_PROPERTIES)
                 assert allowed, f"{path.name}:{call.lineno}: slicer.util.{name} has no parameter {keyword.arg!r}"
     assert {"pip_install", "confirmOkCancelDisplay"} <= seen
+
+
+# --- the panel: one "create new" per output, no control that does nothing, thin modules ------------------
+def _selector_properties(widget) -> dict:
+    found = {}
+    for prop in widget.findall("property"):
+        value = prop.find("*")
+        if value is not None:
+            found[prop.get("name")] = [s.text for s in value.findall("string")] if value.tag == "stringlist" else value.text
+    return found
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if _ui_files(m)])
+def test_each_output_selector_offers_one_way_to_create_a_node(module: str) -> None:
+    """qMRMLNodeComboBox shows one "Create new <type>" per node type with addEnabled, and the
+    none entry reads as another one when its text says "Create new": at most one in total."""
+    for path in _ui_files(module):
+        for widget in ET.parse(path).getroot().iter("widget"):
+            if widget.get("class") != "qMRMLNodeComboBox":
+                continue
+            props = _selector_properties(widget)
+            creators = len(props.get("nodeTypes", [])) if props.get("addEnabled") == "true" else 0
+            if props.get("noneEnabled") == "true" and "create" in (props.get("noneDisplay") or "").lower():
+                creators += 1
+            assert creators <= 1, f"{widget.get('name')}: {creators} 'create new' entries"
+
+
+def test_no_random_seed_control_on_a_deterministic_method() -> None:
+    ui = (REPO / "SpatialDiffusionReg" / "Resources" / "UI" / "SpatialDiffusionReg.ui").read_text(encoding="utf-8")
+    assert "seed" not in ui.lower()
+    assert "seed" not in _parameter_fields(REPO / "SpatialDiffusionReg" / "SpatialDiffusionReg.py")
+
+
+def test_sample_data_checksums_are_constants_that_match_the_files() -> None:
+    """Issue 10 item 6: a checksum computed from the file it checks would check nothing."""
+    path = REPO / "SpatialDiffusionReg" / "SpatialDiffusionReg.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    constants = next(ast.literal_eval(n.value) for n in tree.body
+                     if isinstance(n, ast.AnnAssign | ast.Assign) and "SAMPLE_SHA256" in ast.unparse(n))
+    for name, digest in constants.items():
+        assert models.sha256File(REPO / "Resources" / "Sample" / name) == digest
+    register = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "registerSampleData")
+    assert "sha256File" not in ast.unparse(register) and "SAMPLE_SHA256" in ast.unparse(register)
+
+
+KIT_WIDGETS = ("progressBar", "logTextEdit", "deviceComboBox", "registerButton", "installDependenciesButton",
+               "modelComboBox", "QTimer", "OverallProgress")
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m != "DiffusionRegCore"])
+def test_modules_are_thin_on_top_of_the_kit(module: str) -> None:
+    """Run/Cancel, progress, log, device and model selectors come from DiffusionRegCore.JobPanel."""
+    code = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
+    assert "JobPanel(" in code
+    for name in KIT_WIDGETS:
+        assert name not in code, f"{module}.py re-implements the kit's {name}"
+    for path in _ui_files(module):
+        names = _ui_names(path)
+        assert not names & set(KIT_WIDGETS), f"{path.name} holds kit widgets {names & set(KIT_WIDGETS)}"

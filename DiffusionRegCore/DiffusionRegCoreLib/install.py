@@ -24,9 +24,9 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 #: Packages that belong to Slicer (or to PyTorchUtils): never installed, upgraded or replaced.
 PROTECTED_PACKAGES = ("numpy", "SimpleITK", "vtk", "requests", "torch", "torchvision", "itk")
@@ -178,7 +178,7 @@ class InstallError(RuntimeError):
 def pyTorchUtilsLogic():
     """SlicerPyTorch's logic, or None when the PyTorch extension is not installed."""
     try:
-        import PyTorchUtils  # noqa: F401 - module of the PyTorch extension
+        import PyTorchUtils
     except ImportError:
         return None
     return PyTorchUtils.PyTorchUtilsLogic()
@@ -239,7 +239,7 @@ def ensureDependencies(requirementsPath, requester: str = "DiffusionReg",
         log("Installing PyTorch through PyTorch Utils...")
         try:
             torch = _installTorch(torchLogic)
-        except Exception as error:  # noqa: BLE001 - show the reason to the user
+        except Exception as error:  # any failure of PyTorch Utils: shown to the user with what to do
             raise InstallError(f"PyTorch installation failed: {error}. Try the PyTorch Utils module.") from error
         if torch is None:
             raise InstallError("PyTorch was not installed. Install it from the PyTorch Utils module and try again.")
@@ -255,7 +255,7 @@ def ensureDependencies(requirementsPath, requester: str = "DiffusionReg",
             log("pip " + " ".join(arguments))
             try:
                 slicer.util.pip_install(arguments)
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:  # pip failed (CalledProcessError) or could not start
                 raise InstallError(
                     f"pip could not install {', '.join(plan.pipRequirements)}: {error}. "
                     "Restart Slicer and try again; the Python console shows pip's full log."

@@ -19,9 +19,10 @@ No Qt here; the MRML tier runs these functions with slicer-core exactly as the m
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .process import BackendProcess, ProcessResult, WorkFolder
 from .progress import ProgressEvent

@@ -9,7 +9,7 @@ the first registered model of the task for that modality, installed ones first, 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .models import ModelEntry
 from .paths import backendModule

@@ -19,8 +19,8 @@ the ``slicer-core`` test tier, with the scene passed in explicitly.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import vtk

@@ -27,11 +27,18 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
-from .progress import EXIT_CANCELLED, EXIT_OK, ProgressEvent, describeExitCode, parseErrorLine, parseProgressLine
+from .progress import (
+    EXIT_CANCELLED,
+    EXIT_OK,
+    ProgressEvent,
+    describeExitCode,
+    parseErrorLine,
+    parseProgressLine,
+)
 
 #: Seconds between SIGTERM and SIGKILL when cancelling.
 CANCEL_GRACE_SECONDS = 3.0
@@ -91,7 +98,7 @@ class BackendProcess:
         self.error: str | None = None
         self.cancelled = False
         self._popen: subprocess.Popen | None = None
-        self._queue: "queue.Queue[tuple[str, str | None]]" = queue.Queue()
+        self._queue: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._readers: list[threading.Thread] = []
         self._openStreams = 0
         self._finished = False
@@ -100,7 +107,7 @@ class BackendProcess:
         self._childExitTime: float | None = None
 
     # --- life cycle -------------------------------------------------------------------
-    def start(self) -> "BackendProcess":
+    def start(self) -> BackendProcess:
         """Start the process (raises OSError when the executable cannot be started)."""
         if self._popen is not None:
             raise RuntimeError("process already started")
@@ -345,7 +352,7 @@ class WorkFolder:
         shutil.rmtree(self.path, ignore_errors=True)
         return not self.path.exists()
 
-    def __enter__(self) -> "WorkFolder":
+    def __enter__(self) -> WorkFolder:
         return self
 
     def __exit__(self, *exc_info) -> None:

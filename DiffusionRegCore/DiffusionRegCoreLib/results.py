@@ -19,8 +19,8 @@ imports Qt or ``slicer.util``: the same code runs in Slicer and in the ``slicer-
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from slicer import (
     vtkMRMLMarkupsJsonStorageNode,

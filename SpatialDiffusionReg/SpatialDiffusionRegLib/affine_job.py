@@ -19,9 +19,10 @@ No Qt and no ``slicer.util`` here: the MRML tier calls these functions as the mo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 from DiffusionRegCoreLib import command, mrml_io, results

@@ -27,7 +27,7 @@ def _require_mrml() -> bool:
 
 def _import_slicer_core():
     try:
-        import slicer  # noqa: F401 - slicer-core's namespace package
+        import slicer
 
         if not hasattr(slicer, "vtkMRMLScene") or not hasattr(slicer, "vtkMRMLTransformStorageNode"):
             raise ImportError("the installed 'slicer' package has no MRML classes (is it PyPI 'slicer', not 'slicer-core'?)")

@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 
 from diffusionreg.image import Grid, Image, write_image
-from diffusionreg.transforms import AffineTransform, to_displacement_field, write_transform
+from diffusionreg.transforms import (
+    AffineTransform,
+    to_displacement_field,
+    write_transform,
+)
 
 from .conftest import points_inside, sitk_map_points
 

@@ -15,7 +15,12 @@ import pytest
 from scipy import ndimage
 
 from diffusionreg.image import Image
-from diffusionreg.transforms import AffineTransform, DisplacementFieldTransform, read_transform, write_transform
+from diffusionreg.transforms import (
+    AffineTransform,
+    DisplacementFieldTransform,
+    read_transform,
+    write_transform,
+)
 
 from .conftest import points_inside, sitk_map_points
 
