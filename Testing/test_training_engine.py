@@ -133,7 +133,7 @@ def test_two_gloo_ranks_resume_after_a_kill_as_if_never_stopped(tmp_path):
     # and the regression was learnt (the EMA weights approach the true ones)
     torch.manual_seed(7)
     initial = torch.nn.Linear(4, 1).weight.detach()
-    weight = resumed["ema"]["module.weight"]
+    weight = resumed["ema"]["weight"]
     assert (weight - TRUE_WEIGHTS).norm() < 0.5 * (initial - TRUE_WEIGHTS).norm(), weight
 
 
@@ -177,6 +177,11 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tmp_path):
     state = _checkpoint(tmp_path / "run")
     assert 1 <= summary["step"] == state["step"] < 10_000 and "val_mse" in summary
     assert (tmp_path / "run" / "model.safetensors").exists()
+    # a checkpoint also serves as weights (its EMA, under the network's own keys)
+    from diffusionreg import models
+
+    weights = models.load_state_dict(models.resolve(tmp_path / "run" / "checkpoint.pt", "affine"))
+    assert set(weights) == {"weight", "bias"}
     # nothing lost: the run is continued with resume only, never overwritten
     with pytest.raises(InputError, match="--resume"):
         run_training(toy_task(run), run)

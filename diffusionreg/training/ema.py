@@ -42,7 +42,9 @@ class EMA:
         self.averaged.update_parameters(model)
 
     def state_dict(self) -> dict:
-        return self.averaged.state_dict()
+        """The averaged network's own state dict (its keys, so a checkpoint's ``ema`` entry loads as
+        model weights); the update count needs no saving, :meth:`update` sets it from the step."""
+        return self.module.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.averaged.load_state_dict(state)
+        self.module.load_state_dict(state)
