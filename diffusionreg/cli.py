@@ -1,9 +1,12 @@
 """The ``diffusionreg`` command line.
 
-Every command shares ``--device``, ``--progress`` and ``--quiet``. Exit codes: 0 success,
-2 bad input (one line on stderr naming the problem, no output left behind), 130 cancelled,
-1 any other failure (set DIFFUSIONREG_TRACEBACK=1 to see the traceback). Capability packages
-add their own commands through ``add_commands``.
+Every command shares ``--device``, ``--progress``, ``--quiet`` and ``--overwrite``. Exit codes:
+0 success; 2 bad input (one line on stderr naming the problem); 130 cancelled (Ctrl-C, SIGTERM);
+1 any other failure, reported as an internal error (set DIFFUSIONREG_TRACEBACK=1 for the
+traceback). Whatever the exit code other than 0, the output locations are left as they were:
+every command declares its outputs in a :class:`~diffusionreg.outputs.OutputSet`, which checks
+them before any work and commits them all together at the end. Capability packages add their
+own commands through ``add_commands``.
 """
 
 from __future__ import annotations
@@ -12,24 +15,40 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from diffusionreg import __version__
+from diffusionreg.cancellation import install_cancel_handler
 from diffusionreg.devices import check_device_name
-from diffusionreg.errors import CancelledError, InputError
-from diffusionreg.progress import Progress, install_cancel_handler
-from diffusionreg.vocabulary import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK
+from diffusionreg.errors import CancelledError, InputError, ParameterError
+from diffusionreg.outputs import OutputSet
+from diffusionreg.progress import Progress
+from diffusionreg.vocabulary import (
+    EXIT_BAD_INPUT,
+    EXIT_CANCELLED,
+    EXIT_FAILURE,
+    EXIT_OK,
+)
 
 # Modules that contribute commands: each has add_commands(commands, train_commands, common).
 _COMMAND_MODULES = ("diffusionreg.affine.commands", "diffusionreg.deformable.commands")
+
+
+def _input_rules() -> str:
+    from diffusionreg.image_files import MAX_VOXEL_VALUES
+
+    return (f"Inputs: 3D images of at most {MAX_VOXEL_VALUES:,} voxel values (1024^3; larger ones are refused "
+            "before reading), no NaN or infinite voxels, data as long as the header says. Outputs: all written "
+            "or none; an output may not be an input or another output of the same command.")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors in our one-line form with exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
+        # One usage line (argparse's own usage wraps over many lines for long commands).
+        print(f"usage: {self.prog} [options] (see {self.prog} --help)", file=sys.stderr)
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
 
@@ -53,6 +72,9 @@ def common_options() -> argparse.ArgumentParser:
         help="tqdm bars on the terminal (default), json lines {stage, fraction, message} for Slicer, or none",
     )
     group.add_argument("--quiet", action="store_true", help="print only errors")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace existing output files even when read-only (an output that is also an input "
+                            "is always refused)")
     return parent
 
 
@@ -60,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="diffusionreg",
         description="Diffusion-model registration with exact world geometry (transforms in ITK's LPS resampling convention).",
+        epilog=_input_rules(),
     )
     parser.add_argument("--version", action="version", version=f"diffusionreg {__version__}")
     common = common_options()
@@ -109,30 +132,48 @@ def _add_evaluate(commands, common) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
-    from diffusionreg.evaluation import Landmarks, evaluate, format_table, parse_label_list, read_label_file, read_landmarks
+    from diffusionreg.evaluation import (
+        Landmarks,
+        evaluate,
+        format_table,
+        parse_label_list,
+        read_label_file,
+        read_landmarks,
+    )
     from diffusionreg.image import read_image
-    from diffusionreg.io_atomic import atomic_output
     from diffusionreg.transforms import read_transforms
 
-    _check_output_suffix(args.output_json, (".json",), "--output-json")
-    with progress.stage("read", total=3) as stage:
-        fixed = read_image(args.fixed_labels, what="fixed labels")
-        stage.update(message="fixed labels")
-        moving = read_image(args.moving_labels, what="moving labels")
-        stage.update(message="moving labels")
-        transform = read_transforms(args.transform) if args.transform else None
-        mask = read_image(args.mask, what="mask") if args.mask else None
-        stage.update(message="transforms")
-    labels = parse_label_list(args.labels) if args.labels else read_label_file(args.labels_file) if args.labels_file else None
-    landmarks: Landmarks | None = read_landmarks(args.landmarks, fixed.grid, moving.grid) if args.landmarks else None
-    with progress.stage("evaluate", total=1) as stage:
-        result = evaluate(fixed, moving, transform, labels, landmarks, mask)
-        stage.update()
+    outputs = OutputSet.from_args(args, ("--fixed-labels", "--moving-labels", "--transform", "--labels-file",
+                                         "--landmarks", "--mask"), progress)
+    outputs.add("--output-json", args.output_json, (".json",))
+    labels = (parse_label_list(args.labels) if args.labels is not None
+              else read_label_file(args.labels_file) if args.labels_file else None)
+    with outputs:
+        with progress.stage("read", total=3) as stage:
+            fixed = read_image(args.fixed_labels, what="fixed labels")
+            stage.update(message="fixed labels")
+            moving = read_image(args.moving_labels, what="moving labels")
+            stage.update(message="moving labels")
+            transform = read_transforms(args.transform) if args.transform else None
+            mask = read_image(args.mask, what="mask") if args.mask else None
+            stage.update(message="transforms")
+        landmarks: Landmarks | None = read_landmarks(args.landmarks, fixed.grid, moving.grid) if args.landmarks else None
+        with progress.stage("evaluate", total=1) as stage:
+            result = evaluate(fixed, moving, transform, labels, landmarks, mask)
+            stage.update()
+        if outputs.wants("--output-json"):
+            outputs.temporary("--output-json").write_text(json.dumps(result, indent=2))
+        outputs.commit()
+    warn_absent_labels(result)
     progress.log(format_table(result))
-    if args.output_json:
-        with atomic_output(args.output_json) as temporary:
-            temporary.write_text(json.dumps(result, indent=2))
     return EXIT_OK
+
+
+def warn_absent_labels(result: dict) -> None:
+    """One warning line on stderr for requested labels that neither label map contains."""
+    if result.get("absent_labels"):
+        absent = ", ".join(str(v) for v in result["absent_labels"])
+        print(f"warning: labels {absent} are in neither label volume; their Dice and HD95 are n/a", file=sys.stderr)
 
 
 def _add_resample(commands, common) -> None:
@@ -152,33 +193,31 @@ def _add_resample(commands, common) -> None:
 
 
 def _run_resample(args: argparse.Namespace, progress: Progress) -> int:
-    from diffusionreg.image import IMAGE_SUFFIXES, read_image, resample, write_image
+    from diffusionreg.image import (
+        OUTPUT_IMAGE_SUFFIXES,
+        read_image,
+        resample,
+        write_image,
+    )
     from diffusionreg.transforms import read_transforms
 
-    _check_output_suffix(args.output, IMAGE_SUFFIXES, "--output")
-    with progress.stage("read", total=3) as stage:
-        image = read_image(args.input, what="input image", allow_nan=False)
-        stage.update()
-        reference = read_image(args.reference, what="reference image", allow_nan=True)
-        stage.update()
-        transform = read_transforms(args.transform) if args.transform else None
-        stage.update()
-    with progress.stage("resample", total=1) as stage:
-        output = resample(image, reference.grid, transform, args.interpolation, default=args.default_value)
-        stage.update()
-    write_image(output, args.output)
+    outputs = OutputSet.from_args(args, ("--input", "--reference", "--transform"), progress)
+    outputs.add("--output", args.output, OUTPUT_IMAGE_SUFFIXES)
+    with outputs:
+        with progress.stage("read", total=3) as stage:
+            image = read_image(args.input, what="input image", allow_nan=False)
+            stage.update()
+            reference = read_image(args.reference, what="reference image", allow_nan=True)
+            stage.update()
+            transform = read_transforms(args.transform) if args.transform else None
+            stage.update()
+        with progress.stage("resample", total=1) as stage:
+            output = resample(image, reference.grid, transform, args.interpolation, default=args.default_value)
+            stage.update()
+        write_image(output, outputs.temporary("--output"))
+        outputs.commit()
     progress.log(f"wrote {args.output}")
     return EXIT_OK
-
-
-def _check_output_suffix(path: Path | None, suffixes: Sequence[str], flag: str) -> None:
-    """Fail before any work when an output name has an extension we cannot write."""
-    if path is None:
-        return
-    if not any(str(path).lower().endswith(s) for s in suffixes):
-        raise InputError(f"{flag} {path}: unsupported extension; use one of {', '.join(suffixes)}")
-    if path.parent and not path.parent.exists():
-        raise InputError(f"{flag} {path}: folder {path.parent} does not exist")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,14 +228,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_cancel_handler()
     try:
         return int(handler(args, progress) or EXIT_OK)
+    except ParameterError as error:
+        flags = getattr(args, "parameter_flags", {})
+        flag = flags.get(error.parameter, "--" + error.parameter.replace("_", "-"))
+        print(f"error: {flag} {error.problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (KeyboardInterrupt, CancelledError):
         print("cancelled", file=sys.stderr)
         return EXIT_CANCELLED
-    except Exception as error:  # noqa: BLE001 - last resort: one line, non-zero exit
-        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+    except MemoryError:
+        print("error: out of memory; use a smaller image or a machine with more memory", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as error:  # the machine, not the input or the code: disk full, permissions changed
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        if os.environ.get("DIFFUSIONREG_TRACEBACK"):
+            raise
+        return EXIT_FAILURE
+    except Exception as error:  # a bug: one line, exit 1, and a way to see more
+        reason = (str(error).strip().splitlines() or [""])[0]
+        print(f"error: internal error ({type(error).__name__}: {reason}); this is a bug in diffusionreg, please "
+              "report it with the command line (DIFFUSIONREG_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         if os.environ.get("DIFFUSIONREG_TRACEBACK"):  # developers: the full traceback
             raise
         return EXIT_FAILURE

@@ -14,12 +14,25 @@ def check_device_name(name: str) -> str:
 
 
 def resolve_device(name: str = "auto"):
-    """Return a ``torch.device``: ``auto`` picks the first CUDA GPU when there is one."""
+    """Return a ``torch.device``: ``auto`` picks the first CUDA GPU when there is one.
+
+    A device this torch build or machine lacks (no CUDA, a GPU index past the last, no MPS)
+    is bad input (InputError), not a failure deep inside torch.
+    """
     import torch
 
     check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name} requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name} requested but CUDA is not available; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InputError(f"device {name} requested but this machine has {count} CUDA device(s)")
+    if device.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            raise InputError(f"device {name} requested but this torch build or machine has no MPS; use --device cpu")
+    return device

@@ -68,8 +68,14 @@ def read_landmarks(path: str | os.PathLike, fixed_grid: Grid | None = None, movi
     path = Path(path)
     if not path.is_file():
         raise InputError(f"landmarks file not found: {path}")
+    rows = []
     with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        for row in reader:
+            if None in row:  # DictReader files values beyond the header under the key None
+                raise InputError(f"landmarks file {path} line {reader.line_num} has {len(row) - 1 + len(row[None])} "
+                                 f"values but the header names {len(row) - 1} columns")
+            rows.append(row)
     if not rows:
         raise InputError(f"landmarks file {path} has no rows")
     columns = set(rows[0].keys())
@@ -97,6 +103,18 @@ def read_landmarks(path: str | os.PathLike, fixed_grid: Grid | None = None, movi
     if not (np.all(np.isfinite(fixed)) and np.all(np.isfinite(moving))):
         raise InputError(f"landmarks file {path} contains NaN values")
     return Landmarks(fixed, moving)
+
+
+def labels_in_neither(fixed_labels: Image, moving_labels: Image, labels: Sequence[int]) -> list[int]:
+    """The requested labels that neither label map contains (scored n/a).
+
+    Raises InputError when that is every requested label: there would be nothing to score.
+    """
+    present = set(np.unique(fixed_labels.array).tolist()) | set(np.unique(moving_labels.array).tolist())
+    absent = [int(v) for v in labels if v not in present]
+    if absent and len(absent) == len(labels):
+        raise InputError(f"labels {', '.join(str(v) for v in absent)} are in neither label volume")
+    return absent
 
 
 def has_dense_part(transform: Transform | None) -> bool:
@@ -168,13 +186,17 @@ def evaluate(
 ) -> dict:
     """Dice and HD95 per label (and their means), landmark TRE and deformation statistics.
 
-    Returns a JSON-ready dict: ``dice``, ``mean_dice``, ``hd95`` (mm), ``mean_hd95``, and
+    Returns a JSON-ready dict: ``dice``, ``mean_dice``, ``hd95`` (mm), ``mean_hd95``,
+    ``absent_labels`` (requested labels in neither map, scored n/a; see :func:`labels_in_neither`), and
     when relevant ``tre`` (mm, before and after) and ``deformation`` (Jacobian, folding, NDV).
     """
-    warped = resample(moving_labels, fixed_labels.grid, transform, interpolation="nearest")
     if labels is None:
         present = np.unique(fixed_labels.array)
         labels = [int(v) for v in present if v != 0]
+        absent: list[int] = []
+    else:
+        absent = labels_in_neither(fixed_labels, moving_labels, labels)
+    warped = resample(moving_labels, fixed_labels.grid, transform, interpolation="nearest")
     dice = metrics.dice_per_label(fixed_labels.array, warped.array, labels)
     hd95 = metrics.hd95_per_label(fixed_labels.array, warped.array, fixed_labels.spacing, labels)
     result: dict = {
@@ -183,6 +205,7 @@ def evaluate(
         "mean_dice": _nanmean(dice.values()),
         "hd95": {str(k): _finite_or_none(v) for k, v in hd95.items()},
         "mean_hd95": _nanmean(hd95.values()),
+        "absent_labels": absent,
     }
     if landmarks is not None:
         mapped = transform.map_points(landmarks.fixed) if transform is not None else landmarks.fixed

@@ -24,12 +24,17 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from diffusionreg.errors import InputError
+from diffusionreg.image_files import check_image_file
 from diffusionreg.io_atomic import atomic_output
+from diffusionreg.itk_errors import itk_reason, native_stderr_captured
 from diffusionreg.spaces import affine_from_itk, apply_affine, itk_geometry
 
 Interpolation = Literal["linear", "nearest", "bspline"]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+# Single-file formats only: a detached header (.nhdr, .mhd) names its data file, which a
+# temporary-name-then-rename write would break.
+OUTPUT_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 
 _GZIP_CHECK_CHUNK = 1 << 24
 
@@ -160,36 +165,52 @@ def read_image(
     Geometry, oblique direction cosines included, comes from SimpleITK in LPS; DICOM series go
     through :mod:`diffusionreg.dicom`, which places gantry-tilted and unevenly spaced slices exactly.
     ``what`` names the input in error messages ("fixed image", "moving labels", ...).
-    Raises :class:`InputError` for a missing or unreadable file, a non-3D image or NaNs.
+    Raises :class:`InputError` for a missing, empty, truncated, oversized
+    (:data:`~diffusionreg.image_files.MAX_VOXEL_VALUES`) or unreadable file, a non-3D image, or
+    NaN/infinite voxels in any format (unless ``allow_nan``).
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} not found: {path}")
     if path.name.lower().endswith(".gz"):
         _check_gzip(path, what)
+    nonfinite = 0
     if path.is_dir():
         from diffusionreg.dicom import read_dicom_series
 
-        try:
-            result = read_dicom_series(path, what)
-        except RuntimeError as error:
-            raise InputError(f"cannot read {what} {path}: {_short(str(error))}") from None
+        with native_stderr_captured() as diagnostics:  # GDCM warns on stderr about what it skips
+            try:
+                result, error = read_dicom_series(path, what), None
+            except RuntimeError as caught:
+                error = caught
+        if error is not None:
+            raise InputError(f"cannot read {what} {path}: {itk_reason(error, ''.join(diagnostics))}") from None
+        file_format = "DICOM"
     else:
-        result = _read_file(path, what)
+        if path.stat().st_size == 0:
+            raise InputError(f"cannot read {what} {path}: the file is empty")
+        check = check_image_file(path, what)
+        result, file_format, nonfinite = _read_file(path, what), check.header.format, check.nonfinite
     if dtype is not None:
         result.array = result.array.astype(dtype, copy=False)
-    if not allow_nan and np.issubdtype(result.array.dtype, np.floating) and not np.all(np.isfinite(result.array)):
-        raise InputError(f"{what} {path} contains NaN or infinite values")
+    if not allow_nan:
+        if np.issubdtype(result.array.dtype, np.floating):
+            nonfinite += int(np.count_nonzero(~np.isfinite(result.array)))
+        if nonfinite:
+            raise InputError(f"{what} {path} has {nonfinite} NaN or infinite voxels ({file_format}); "
+                             "replace them with finite values first")
     return result
 
 
 def _read_file(path: Path, what: str) -> Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()
-        detail = next((line for line in reason if "rror" in line or "exception" in line.lower()), reason[-1] if reason else "")
-        raise InputError(f"cannot read {what} {path}: {_short(detail)}") from None
+    with native_stderr_captured() as diagnostics:
+        try:
+            image = sitk.ReadImage(str(path))
+            error = None
+        except RuntimeError as caught:
+            error = caught
+    if error is not None:
+        raise InputError(f"cannot read {what} {path}: {itk_reason(error, ''.join(diagnostics))}") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
@@ -206,19 +227,14 @@ def _check_gzip(path: Path, what: str) -> None:
             while stream.read(_GZIP_CHECK_CHUNK):
                 pass
     except (OSError, EOFError, zlib.error) as error:
-        raise InputError(f"cannot read {what} {path}: corrupted gzip ({_short(str(error))})") from None
-
-
-def _short(text: str, limit: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise InputError(f"cannot read {what} {path}: corrupted gzip ({' '.join(str(error).split())})") from None
 
 
 def write_image(image: Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
     """Write atomically (temporary name, then rename); the format follows the extension."""
     path = Path(path)
-    if not any(str(path).lower().endswith(s) for s in IMAGE_SUFFIXES):
-        raise InputError(f"unsupported image extension for {path}; use one of {', '.join(IMAGE_SUFFIXES)}")
+    if not path.name.lower().endswith(OUTPUT_IMAGE_SUFFIXES):
+        raise ValueError(f"unsupported image extension for {path}; use one of {', '.join(OUTPUT_IMAGE_SUFFIXES)}")
     with atomic_output(path) as temporary:
         sitk.WriteImage(image.to_sitk(), str(temporary), compress)
     return path
@@ -415,3 +431,21 @@ def require_same_grid(a: Image, b: Image, what_a: str, what_b: str, tolerance_mm
             f"{what_a} and {what_b} are on different grids (shapes {a.shape} vs {b.shape}); "
             "resample one onto the other first"
         )
+
+
+def check_registrable(image: Image, what: str) -> None:
+    """Raise :class:`InputError` unless ``image`` can be registered: scalar, 3D with at least 2
+    voxels per axis, finite, not constant, with an invertible voxel-to-world matrix.
+
+    The one input check of every registration command (affine, deformable).
+    """
+    if image.components != 1:
+        raise InputError(f"{what} must be a scalar image, it has {image.components} components per voxel")
+    if min(image.shape) < 2:
+        raise InputError(f"{what} must be 3D with at least 2 voxels per axis, got {image.shape}")
+    if np.issubdtype(image.array.dtype, np.floating) and not np.all(np.isfinite(image.array)):
+        raise InputError(f"{what} contains NaN or infinite values")
+    if float(image.array.max()) <= float(image.array.min()):
+        raise InputError(f"{what} is constant (every voxel {float(image.array.min()):g}): nothing to register")
+    if abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
+        raise InputError(f"{what} has a singular voxel-to-world matrix")

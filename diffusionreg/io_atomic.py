@@ -27,10 +27,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary file keeps the extension because writers (SimpleITK, h5py) choose the
     format from it. On any exception the temporary file is removed and ``path`` is untouched.
+    A command with several outputs uses :class:`diffusionreg.outputs.OutputSet` instead, which
+    commits them all together.
     """
     final = Path(path)
-    if final.parent and not final.parent.exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.parent.is_dir():  # one rule for every output: the folder must already exist
+        raise FileNotFoundError(f"folder {final.parent} does not exist (for {final.name})")
     stem, suffix = split_suffix(final)
     temporary = final.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
     try:

@@ -2,19 +2,16 @@
 
 JSON mode prints one object per line on stdout, ``{"stage": str, "fraction": float,
 "message": str}``, flushed at once; the Slicer process runner turns these into a progress bar
-and sends every other line to its log. Cancellation is a signal (Ctrl-C or SIGTERM), which the
-command line turns into :class:`~diffusionreg.errors.CancelledError` and exit code 130.
+and sends every other line to its log. Cancellation (Ctrl-C or SIGTERM) is
+:mod:`diffusionreg.cancellation`.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from typing import Literal, TextIO
-
-from diffusionreg.errors import CancelledError
 
 ProgressMode = Literal["tqdm", "json", "none"]
 
@@ -80,14 +77,3 @@ class Progress:
         print(json.dumps(record), file=self.stream, flush=True)
         self._last_emit = time.monotonic()
 
-
-def install_cancel_handler() -> None:
-    """Turn SIGTERM (sent by the Slicer runner's Cancel) into :class:`CancelledError`."""
-
-    def _cancel(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise CancelledError("cancelled")
-
-    try:
-        signal.signal(signal.SIGTERM, _cancel)
-    except (ValueError, OSError):  # not in the main thread (e.g. inside a test runner thread)
-        pass

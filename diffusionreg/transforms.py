@@ -29,6 +29,7 @@ from scipy import ndimage
 from diffusionreg.errors import InputError
 from diffusionreg.image import IMAGE_SUFFIXES, Grid, Image, grid_points, read_image, write_image
 from diffusionreg.io_atomic import atomic_output
+from diffusionreg.itk_errors import itk_reason, native_stderr_captured
 from diffusionreg.spaces import apply_affine
 
 AFFINE_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
@@ -70,7 +71,7 @@ class DisplacementFieldTransform:
 
     def __post_init__(self) -> None:
         if self.field.array.ndim != 4 or self.field.array.shape[3] != 3:
-            raise InputError(f"a displacement field needs 3 components per voxel, got array {self.field.array.shape}")
+            raise ValueError(f"a displacement field needs 3 components per voxel, got array {self.field.array.shape}")
 
     @property
     def grid(self) -> Grid:
@@ -172,10 +173,16 @@ def read_transform(path: str | os.PathLike) -> Transform:
         return DisplacementFieldTransform(field_image)
     if not any(_lower_name(path).endswith(s) for s in AFFINE_SUFFIXES):
         raise InputError(f"unsupported transform file {path}; use .h5, .tfm, .txt, .mat or a displacement-field image")
-    try:
-        itk_transform = sitk.ReadTransform(str(path))
-    except RuntimeError as error:
-        raise InputError(f"cannot read transform {path}: {' '.join(str(error).split())[:160]}") from None
+    if path.stat().st_size == 0:
+        raise InputError(f"cannot read transform {path}: the file is empty")
+    with native_stderr_captured() as diagnostics:  # HDF5 prints its error stack on fd 2
+        try:
+            itk_transform = sitk.ReadTransform(str(path))
+            error = None
+        except RuntimeError as caught:
+            error = caught
+    if error is not None:
+        raise InputError(f"cannot read transform {path}: {itk_reason(error, ''.join(diagnostics))}") from None
     return from_sitk_transform(itk_transform)
 
 
@@ -238,9 +245,9 @@ def write_transform(transform: Transform, path: str | os.PathLike) -> Path:
     if isinstance(transform, DisplacementFieldTransform) and _is_image_file(path):
         return write_image(Image(transform.field.array.astype(np.float32), transform.field.affine), path)
     if not any(_lower_name(path).endswith(s) for s in AFFINE_SUFFIXES):
-        raise InputError(f"unsupported transform extension for {path}; use .h5, .tfm or .txt (or .nii.gz/.nrrd/.mha for a field)")
+        raise ValueError(f"unsupported transform extension for {path}; use .h5, .tfm or .txt (or .nii.gz/.nrrd/.mha for a field)")
     if isinstance(transform, CompositeTransform) and not _lower_name(path).endswith((".h5", ".hdf5")):
-        raise InputError(f"a composite transform can only be written to .h5, not {path.name}")
+        raise ValueError(f"a composite transform can only be written to .h5, not {path.name}")
     with atomic_output(path) as temporary:
         sitk.WriteTransform(to_sitk_transform(transform), str(temporary))
     return path

@@ -8,8 +8,7 @@ from pathlib import Path
 from diffusionreg.errors import InputError
 from diffusionreg.reporting import add_report_options, check_report_options
 from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
-
-from diffusionreg.vocabulary import EXIT_OK, INITIALIZATIONS, MODALITIES
+from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, INITIALIZATIONS, MODALITIES
 
 
 def add_commands(commands, train_commands, common) -> None:
@@ -76,50 +75,68 @@ def _run_train(args: argparse.Namespace, progress) -> int:
 
 def _run_affine(args: argparse.Namespace, progress) -> int:
     from diffusionreg.devices import resolve_device
-    from diffusionreg.image import IMAGE_SUFFIXES, read_image, resample, write_image
-    from diffusionreg.transforms import AFFINE_SUFFIXES, write_transform
-
-    from diffusionreg.reporting import report
+    from diffusionreg.image import (
+        OUTPUT_IMAGE_SUFFIXES,
+        read_image,
+        resample,
+        write_image,
+    )
+    from diffusionreg.outputs import OutputSet
+    from diffusionreg.reporting import (
+        REPORT_INPUT_FLAGS,
+        add_report_outputs,
+        read_report_labels,
+        report,
+    )
+    from diffusionreg.transforms import write_transform
 
     from .register import load_model, register_affine
 
-    out_t = str(args.output_transform).lower()
-    if not out_t.endswith((".h5", ".hdf5", ".tfm", ".txt")):
-        raise InputError(f"--output-transform {args.output_transform}: use .h5, .tfm or .txt")
-    for flag, path, suffixes in (("--output-transform", args.output_transform, AFFINE_SUFFIXES),
-                                 ("--output-volume", args.output_volume, IMAGE_SUFFIXES),
-                                 ("--output-json", args.output_json, (".json",))):
-        if path is None:
-            continue
-        if not str(path).lower().endswith(tuple(suffixes)):
-            raise InputError(f"{flag} {path}: unsupported extension; use one of {', '.join(suffixes)}")
-        if path.parent and not path.parent.exists():
-            raise InputError(f"{flag} {path}: folder {path.parent} does not exist")
+    outputs = OutputSet.from_args(args, ("--fixed", "--moving", *REPORT_INPUT_FLAGS), progress)
+    outputs.add("--output-transform", args.output_transform, (".h5", ".hdf5", ".tfm", ".txt"))
+    outputs.add("--output-volume", args.output_volume, OUTPUT_IMAGE_SUFFIXES)
+    outputs.add("--output-json", args.output_json, (".json",))
+    add_report_outputs(args, outputs)
     if args.steps is not None and args.steps < 1:
         raise InputError("--steps must be >= 1")
     if args.refine_iterations is not None and args.refine_iterations < 0:
         raise InputError("--refine-iterations must be >= 0")
     check_report_options(args)
-    with progress.stage("read", total=3) as stage:
-        fixed = read_image(args.fixed, what="fixed image")
-        stage.update(message="fixed")
-        moving = read_image(args.moving, what="moving image")
-        stage.update(message="moving")
-        model = load_model(args.model, args.modality, device=resolve_device(args.device))
-        stage.update(message="model")
-    result = register_affine(fixed, moving, model, modality=args.modality, steps=args.steps,
-                             bidirectional=args.bidirectional, initialize=args.initialize,
-                             seed=args.seed, progress=progress, refine_iterations=args.refine_iterations)
-    write_transform(result.transform, args.output_transform)
-    if args.output_volume:
-        with progress.stage("resample", total=1) as stage:
-            warped = resample(moving, fixed.grid, result.transform, "linear", default=0.0)
-            stage.update()
-        write_image(warped, args.output_volume)
-    if args.output_json:
-        from diffusionreg.io_atomic import atomic_output
-        with atomic_output(args.output_json) as tmp:
-            tmp.write_text(json.dumps(result.to_dict(), indent=2))
+    with outputs:
+        with progress.stage("read", total=4) as stage:
+            fixed = read_image(args.fixed, what="fixed image")
+            stage.update(message="fixed")
+            moving = read_image(args.moving, what="moving image")
+            stage.update(message="moving")
+            labels = read_report_labels(args)
+            stage.update(message="labels")
+            model = load_model(args.model, args.modality, device=resolve_device(args.device))
+            check_modality(model, args.modality)
+            stage.update(message="model")
+        result = register_affine(fixed, moving, model, modality=args.modality, steps=args.steps,
+                                 bidirectional=args.bidirectional, initialize=args.initialize,
+                                 seed=args.seed, progress=progress, refine_iterations=args.refine_iterations)
+        write_transform(result.transform, outputs.temporary("--output-transform"))
+        if outputs.wants("--output-volume"):
+            with progress.stage("resample", total=1) as stage:
+                warped = resample(moving, fixed.grid, result.transform, "linear", default=0.0)
+                stage.update()
+            write_image(warped, outputs.temporary("--output-volume"))
+        overlay = outputs.temporary("--output-overlay") if outputs.wants("--output-overlay") else None
+        numbers = report(labels, overlay, fixed, moving, result.transform, progress)
+        if outputs.wants("--output-json"):
+            outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2))
+        outputs.commit()
+    if numbers.get("absent_labels"):
+        from diffusionreg.cli import warn_absent_labels
+
+        warn_absent_labels(numbers)
     progress.log(f"wrote {args.output_transform} ({result.seconds:.1f} s, model {model.name})")
-    report(args, fixed, moving, result.transform, progress)
     return EXIT_OK
+
+
+def check_modality(model, modality: str) -> None:
+    """Refuse a modality the model was not trained for (``any`` is always accepted)."""
+    trained = tuple(model.cfg.class_names)
+    if modality != ANY_MODALITY and modality not in trained:
+        raise InputError(f"--modality {modality}: model {model.name} was trained for {', '.join(trained)} only")

@@ -5,7 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusionreg.errors import InputError
 from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
 from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, MODALITIES
 
@@ -36,7 +35,8 @@ def add_commands(commands, train_commands, common) -> None:
                    help="fine-grid symmetric velocity refinement iterations after the network "
                         "(default: the model's; 0 = off)")
     p.add_argument("--output-json", type=Path, help="write metrics and timings as JSON")
-    p.set_defaults(handler=_run_register)
+    # Library parameters named in errors, and the flags that set them.
+    p.set_defaults(handler=_run_register, parameter_flags={"io_steps": "--instance-optimization"})
 
     t = train_commands.add_parser(
         "deformable", parents=[common], help="train a deformable model (SITReg or ICON)",
@@ -55,15 +55,6 @@ def add_commands(commands, train_commands, common) -> None:
     t.set_defaults(handler=_run_train)
 
 
-def _check_out(flag: str, path: Path | None, suffixes) -> None:
-    if path is None:
-        return
-    if not str(path).lower().endswith(tuple(suffixes)):
-        raise InputError(f"{flag} {path}: unsupported extension; use one of {', '.join(suffixes)}")
-    if path.parent and not path.parent.exists():
-        raise InputError(f"{flag} {path}: folder {path.parent} does not exist")
-
-
 def _run_train(args: argparse.Namespace, progress) -> int:
     from .config import get_config
     from .training import TrainOptions, train
@@ -76,59 +67,60 @@ def _run_train(args: argparse.Namespace, progress) -> int:
 
 def _run_register(args: argparse.Namespace, progress) -> int:
     from diffusionreg.devices import resolve_device
-    from diffusionreg.image import IMAGE_SUFFIXES, read_image, resample, write_image
-    from diffusionreg.io_atomic import atomic_output
+    from diffusionreg.image import (
+        OUTPUT_IMAGE_SUFFIXES,
+        check_registrable,
+        read_image,
+        resample,
+        write_image,
+    )
+    from diffusionreg.outputs import OutputSet
     from diffusionreg.transforms import read_transform, write_transform
 
     from .register import load_model, register_deformable
 
-    field_suffixes = tuple(s for s in IMAGE_SUFFIXES if s != ".dcm") + (".h5", ".hdf5")
-    _check_out("--output-transform", args.output_transform, field_suffixes)
-    _check_out("--output-inverse-transform", args.output_inverse_transform, field_suffixes)
-    _check_out("--output-volume", args.output_volume, IMAGE_SUFFIXES)
-    _check_out("--output-jacobian", args.output_jacobian, IMAGE_SUFFIXES)
-    _check_out("--output-json", args.output_json, (".json",))
-    if args.instance_optimization is not None and args.instance_optimization < 0:
-        raise InputError("--instance-optimization must be >= 0")
-    if args.refine_iterations is not None and args.refine_iterations < 0:
-        raise InputError("--refine-iterations must be >= 0")
-    with progress.stage("read", total=4) as stage:
-        fixed = read_image(args.fixed, what="fixed image")
-        stage.update(message="fixed")
-        moving = read_image(args.moving, what="moving image")
-        stage.update(message="moving")
-        for what, image in (("fixed", fixed), ("moving", moving)):
-            if image.components != 1:
-                raise InputError(f"{what} image must be scalar, it has {image.components} components")
-            if min(image.shape) < 2:
-                raise InputError(f"{what} image must be 3D with at least 2 voxels per axis, got {image.shape}")
-        initial = read_transform(args.initial_transform) if args.initial_transform else None
-        stage.update(message="initial transform")
-        model = load_model(args.model, device=resolve_device(args.device), method=args.method,
-                           modality=args.modality)
-        stage.update(message=f"model {model.name}")
-    with progress.stage("register", total=1) as stage:
-        result = register_deformable(fixed, moving, model, initial, args.instance_optimization,
-                                     want_inverse=args.output_inverse_transform is not None,
-                                     want_jacobian=args.output_jacobian is not None, progress=progress,
-                                     refine_iterations=args.refine_iterations)
-        stage.update()
-    write_transform(result.forward, args.output_transform)
-    if args.output_inverse_transform:
-        write_transform(result.inverse, args.output_inverse_transform)
-    if args.output_jacobian:
-        write_image(result.jacobian, args.output_jacobian)
-    if args.output_volume:
-        warped = resample(moving, fixed.grid, result.forward, "linear", default=0.0)
-        write_image(warped, args.output_volume)
+    outputs = OutputSet.from_args(args, ("--fixed", "--moving", "--initial-transform"), progress)
+    field_suffixes = (*OUTPUT_IMAGE_SUFFIXES, ".h5", ".hdf5")
+    outputs.add("--output-transform", args.output_transform, field_suffixes)
+    outputs.add("--output-inverse-transform", args.output_inverse_transform, field_suffixes)
+    outputs.add("--output-volume", args.output_volume, OUTPUT_IMAGE_SUFFIXES)
+    outputs.add("--output-jacobian", args.output_jacobian, OUTPUT_IMAGE_SUFFIXES)
+    outputs.add("--output-json", args.output_json, (".json",))
+    with outputs:
+        with progress.stage("read", total=4) as stage:
+            fixed = read_image(args.fixed, what="fixed image")
+            check_registrable(fixed, "fixed image")
+            stage.update(message="fixed")
+            moving = read_image(args.moving, what="moving image")
+            check_registrable(moving, "moving image")
+            stage.update(message="moving")
+            initial = read_transform(args.initial_transform) if args.initial_transform else None
+            stage.update(message="initial transform")
+            model = load_model(args.model, device=resolve_device(args.device), method=args.method,
+                               modality=args.modality)
+            stage.update(message=f"model {model.name}")
+        with progress.stage("register", total=1) as stage:
+            result = register_deformable(fixed, moving, model, initial, args.instance_optimization,
+                                         want_inverse=outputs.wants("--output-inverse-transform"),
+                                         want_jacobian=outputs.wants("--output-jacobian"), progress=progress,
+                                         refine_iterations=args.refine_iterations)
+            stage.update()
+        write_transform(result.forward, outputs.temporary("--output-transform"))
+        if outputs.wants("--output-inverse-transform"):
+            write_transform(result.inverse, outputs.temporary("--output-inverse-transform"))
+        if outputs.wants("--output-jacobian"):
+            write_image(result.jacobian, outputs.temporary("--output-jacobian"))
+        if outputs.wants("--output-volume"):
+            warped = resample(moving, fixed.grid, result.forward, "linear", default=0.0)
+            write_image(warped, outputs.temporary("--output-volume"))
+        if outputs.wants("--output-json"):
+            outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2))
+        outputs.commit()
     m = result.metrics
     progress.log(f"deformable ({m['method']}, model {m['model']}, {m['instance_optimization_steps']} IO steps, "
                  f"{m['refine_iterations']} refinement iterations): "
                  f"folding {m['folding_percent']:.4f} %, NDV {m['ndv_percent']:.4f} %, "
                  f"inverse consistency mean {m['ice_mean_mm']:.4f} mm (p95 {m['ice_p95_mm']:.4f}, "
                  f"max {m['ice_max_mm']:.4f}), {m['seconds_total']:.1f} s")
-    if args.output_json:
-        with atomic_output(args.output_json) as tmp:
-            tmp.write_text(json.dumps(result.to_dict(), indent=2))
     progress.log(f"wrote {args.output_transform}")
     return EXIT_OK
