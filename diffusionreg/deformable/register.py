@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from diffusionreg import fields, spaces
-from diffusionreg.errors import InputError
+from diffusionreg.errors import InputError, ParameterError
 from diffusionreg.image import Grid, Image, centred_grid, nearest_axis_direction, resample, resized_grid
 from diffusionreg.spaces import apply_affine
 from diffusionreg.transforms import (AffineTransform, CompositeTransform, DisplacementFieldTransform,
@@ -315,11 +315,11 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
     t0 = time.perf_counter()
     steps = cfg.io_steps if io_steps is None else int(io_steps)
     if steps < 0:
-        raise InputError("--instance-optimization must be >= 0")
+        raise ParameterError("io_steps", "must be >= 0")
     refine_cfg = cfg.refine
     if refine_iterations is not None:
         if refine_iterations < 0:
-            raise InputError("--refine-iterations must be >= 0")
+            raise ParameterError("refine_iterations", "must be >= 0")
         refine_cfg = replace(refine_cfg, iterations=int(refine_iterations))
     initial_matrix = _affine_part(initial)
     if want_inverse and initial_matrix is None:
