@@ -167,10 +167,14 @@ def test_module_cmake_lists_every_script_and_resource(module: str) -> None:
     assert f"Resources/Icons/{module}.png" in resources
 
 
+REPOSITORY_URL = "https://github.com/diffusionreg/SlicerDiffusionReg"
+RAW_PREFIX = "https://raw.githubusercontent.com/diffusionreg/SlicerDiffusionReg/main/"
+
+
 def test_top_level_cmake_is_an_extension_with_every_module() -> None:
     text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"cmake_minimum_required\(VERSION [\d.]+", text)
-    assert re.search(r"^project\(DiffusionReg\)", text, re.MULTILINE)
+    assert re.search(r"^project\(DiffusionReg\)", text, re.M)
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                      "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf"set\({variable} \S", text), f"{variable} not set"
@@ -178,13 +182,51 @@ def test_top_level_cmake_is_an_extension_with_every_module() -> None:
     assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
     assert text.index("include(${Slicer_EXTENSION_GENERATE_CONFIG})") < text.index("include(${Slicer_EXTENSION_CPACK})")
-    subdirs = re.findall(r"^add_subdirectory\((\w+)\)", text, re.MULTILINE)
+    subdirs = re.findall(r"^add_subdirectory\((\w+)\)", text, re.M)
     module_dirs = sorted(p.parent.name for p in REPO.glob("*/CMakeLists.txt") if (p.parent / f"{p.parent.name}.py").is_file())
     assert sorted(subdirs) == module_dirs
     assert subdirs[0] == "DiffusionRegCore", "the shared module comes first"
     icon = REPO / "Resources" / "Icons" / "DiffusionReg.png"
     assert icon.is_file() and text.count("Resources/Icons/DiffusionReg.png") == 1
     assert _png_size(icon) == (128, 128)
+
+
+def test_extension_can_be_listed_in_the_extensions_index() -> None:
+    """Issue 10 item 4, checked the way ExtensionsIndex's scripts/check_description_files.py checks:
+    the JSON entry (schema v1.0.2 keys), the repository name, project() = file name, literal http(s)
+    icon and screenshot URLs read with the validator's regular expressions, pointing at files of
+    this repository; contributors as "Name (Organisation)"; a licence file."""
+    entry = json.loads((REPO / "DiffusionReg.json").read_text(encoding="utf-8"))
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "dicom_support_rule",
+               "build_subdirectory", "enabled", "tier"}
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v")
+    assert entry["scm_url"] == REPOSITORY_URL and "slicer" in entry["scm_url"].rsplit("/", 1)[1].lower()
+    assert entry["category"] == "Registration" and isinstance(entry["tier"], int)
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.findall(r"project\s*\(\s*([^\s\)\n\r]+)", text, re.I | re.M)[0] == "DiffusionReg"
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', text).group(1).split()
+    assert entry["build_dependencies"] == depends
+    icons = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', text, re.I | re.M)
+    shots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', text, re.I | re.M)
+    assert icons and shots
+    for url in [icons[0], *shots[0].split()]:
+        assert url.startswith(RAW_PREFIX), url
+        path = REPO / url[len(RAW_PREFIX):]
+        assert path.is_file() and path.suffix == ".png" and _png_size(path)[0] >= 128, url
+    assert re.search(rf'set\(EXTENSION_HOMEPAGE "{re.escape(REPOSITORY_URL)}', text)
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', text).group(1)
+    assert re.fullmatch(r"[^(),]+ \([^()]+\)(, [^(),]+ \([^()]+\))*", contributors), contributors
+    assert (REPO / "LICENSE").is_file()
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', text).group(1)
+    assert "Slicer 5.10" in description and "OCT" not in description, "claim only what works"
+
+
+def test_docs_name_the_slicer_versions_and_show_existing_images() -> None:
+    doc = (REPO / "docs" / "slicer.md").read_text(encoding="utf-8")
+    assert "5.10" in doc and "5.8" in doc and "3.9" in doc
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", doc):
+        assert (REPO / "docs" / target).resolve().is_file(), target
 
 
 def _png_size(path: Path) -> tuple[int, int]:
