@@ -1,0 +1,133 @@
+"""One front door: the Python API with no options gives what the command line with no options gives.
+
+Every registration default lives in the model's config.json (affine: ``inference``; deformable:
+``io_steps``, ``io_lr``, ``refine``); the API's and the CLI's options default to None = "from the
+model config". Run on the shipped models and the sample pair in ``Resources/Sample``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffusionreg import cli
+from diffusionreg.image import read_image
+from diffusionreg.transforms import read_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "Resources" / "Sample"
+FIXED, MOVING = SAMPLE / "sample_fixed.nii.gz", SAMPLE / "sample_moving.nii.gz"
+
+REGISTRATION_OPTIONS = {
+    "affine": ("steps", "bidirectional", "initialize", "refine_iterations"),
+    "deformable": ("instance_optimization", "refine_iterations"),
+}
+
+
+def _subparser(name: str):
+    parser = cli.build_parser()
+    return parser._subparsers._group_actions[0].choices[name]
+
+
+@pytest.mark.parametrize("command", sorted(REGISTRATION_OPTIONS))
+def test_cli_registration_options_default_to_the_model_config(command):
+    sub = _subparser(command)
+    actions = {a.dest: a for a in sub._actions}
+    for dest in REGISTRATION_OPTIONS[command]:
+        assert actions[dest].default is None, dest
+        assert "model" in (actions[dest].help or ""), f"--{dest} help must say the default is the model's"
+
+
+def _affine_cli(model: str | None, out: Path) -> np.ndarray:
+    args = ["affine", "--fixed", str(FIXED), "--moving", str(MOVING), "--output-transform", str(out),
+            "--progress", "none", "--quiet", "--device", "cpu"]
+    assert cli.main(args + (["--model", model] if model else [])) == 0
+    return read_transform(out).matrix
+
+
+def _deformable_cli(model: str, out: Path) -> np.ndarray:
+    assert cli.main(["deformable", "--fixed", str(FIXED), "--moving", str(MOVING), "--model", model,
+                     "--output-transform", str(out), "--progress", "none", "--quiet", "--device", "cpu"]) == 0
+    return read_transform(out).field.array
+
+
+@pytest.fixture
+def tiny_affine_model(tmp_path):
+    """A small random model whose config asks for non-default registration settings, so a CLI that
+    ignored the config (or an API that did) would give another answer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusionreg.affine.config import AffineConfig, AffineInference, RefineConfig, RefineLevel
+    from diffusionreg.affine.register import build_model
+
+    torch.manual_seed(0)
+    inference = AffineInference(steps=3, bidirectional=True, initialize="center",
+                                refine=RefineConfig(levels=(RefineLevel(8.0, 3),)))
+    config = AffineConfig(name="tiny", grid_size=16, spacing_mm=12.0, widths=(2, 4, 4, 8), norm_groups=2, time_dim=8,
+                          time_hidden=16, timesteps=4, zero_init_head=False, inference=inference)
+    folder = tmp_path / "tiny-affine"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in build_model(config).net.state_dict().items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(config.to_json(), encoding="utf-8")
+    return folder
+
+
+def test_affine_api_and_cli_read_the_defaults_of_the_model_config(tiny_affine_model, tmp_path):
+    from diffusionreg.affine.register import load_model, register_affine
+
+    model = load_model(str(tiny_affine_model), "mri")
+    api = register_affine(read_image(FIXED), read_image(MOVING), model)
+    assert api.unidirectional is not None and api.refine_score is not None, "bidirectional and refinement from config"
+    by_cli = _affine_cli(str(tiny_affine_model), tmp_path / "t.h5")
+    np.testing.assert_allclose(by_cli, api.transform.matrix, atol=1e-6)
+    plain = register_affine(read_image(FIXED), read_image(MOVING), model, steps=4, bidirectional=False,
+                            initialize="moments", refine_iterations=0).transform.matrix
+    assert np.abs(plain - api.transform.matrix).max() > 1e-3, "the configured defaults change the answer"
+
+
+def test_deformable_api_and_cli_read_the_defaults_of_the_model_config(tmp_path):
+    from diffusionreg.deformable.config import DeformableConfig, SITRegConfig
+    from diffusionreg.deformable.field_refine import FieldRefineConfig
+    from diffusionreg.deformable.register import build_network, export_model, load_model, register_deformable
+
+    import torch
+
+    torch.manual_seed(0)
+    config = DeformableConfig(name="tiny", grid_shape=(16, 16, 16), spacing_mm=12.0,
+                              sitreg=SITRegConfig(feature_channels=(4, 4), head_channels=(4, 4)),
+                              io_steps=2, io_lr=1e-3, refine=FieldRefineConfig(iterations=2, control_factor=2))
+    folder = tmp_path / "tiny-deformable"
+    export_model(build_network(config), config, folder)
+    model = load_model(str(folder))
+    api = register_deformable(read_image(FIXED), read_image(MOVING), model)
+    assert api.metrics["instance_optimization_steps"] == 2 and api.metrics["refine_iterations"] == 2
+    written = _deformable_cli(str(folder), tmp_path / "field.nii.gz")
+    assert np.abs(written - api.forward.field.array).max() < 1e-4  # mm; the file stores float32
+
+
+@pytest.mark.slow
+def test_shipped_affine_model_api_with_no_options_equals_the_cli(tmp_path):
+    from diffusionreg.affine.register import load_model, register_affine
+
+    model = load_model(None, "mri")
+    api = register_affine(read_image(FIXED), read_image(MOVING), model)
+    assert api.refine_score is not None, "the shipped model's config turns the refinement on"
+    np.testing.assert_allclose(_affine_cli(None, tmp_path / "affine.h5"), api.transform.matrix, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_shipped_deformable_model_api_with_no_options_equals_the_cli(tmp_path):
+    from diffusionreg.deformable.register import load_model, register_deformable
+
+    fixed, moving = read_image(FIXED), read_image(MOVING)
+    model = load_model("brain-mri")
+    assert model.cfg.refine.iterations > 0, "the shipped model's config turns the refinement on"
+    api = register_deformable(fixed, moving, model)
+    assert api.metrics["refine_iterations"] == model.cfg.refine.iterations
+    assert api.metrics["instance_optimization_steps"] == model.cfg.io_steps
+    written = _deformable_cli("brain-mri", tmp_path / "field.nii.gz")
+    assert np.abs(written - api.forward.field.array).max() < 1e-4  # mm; the file stores float32
