@@ -32,7 +32,7 @@ from diffusionreg.vocabulary import (
 )
 
 # Modules that contribute commands: each has add_commands(commands, train_commands, common).
-_COMMAND_MODULES = ("diffusionreg.affine.commands", "diffusionreg.deformable.commands")
+_COMMAND_MODULES = ("diffusionreg.affine.commands", "diffusionreg.deformable.commands", "diffusionreg.model_commands")
 
 
 def _input_rules() -> str:

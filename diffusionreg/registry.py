@@ -16,8 +16,10 @@ this module before the backend's dependencies (torch ...) are installed.
 a ``file`` shipped with the code, a ``url`` to download it from, or both. One name may serve
 several tasks (``brain-mri`` affine and deformable); (name, task) is unique.
 
-Where the weights of an entry are: its shipped ``file`` when that exists (or when it has no
-``url``), else the per-user cache, ``<models dir>/cache/<task>/<name>/<file name of the url>``.
+Where the weights of an entry are: its shipped ``file`` when that exists, else the per-user cache
+(``<models dir>/cache/<task>/<name>/<file name of the url or file>``, where ``diffusionreg models
+pull`` downloads and ``diffusionreg models import`` copies them) when the weights are there or the
+entry has a ``url``, else the (missing) shipped ``file``.
 The models dir is ``$DIFFUSIONREG_MODELS_DIR``, else ``$XDG_DATA_HOME/DiffusionReg/models``
 (``%LOCALAPPDATA%\\DiffusionReg\\models`` on Windows), else ``~/.diffusionreg/models``.
 ``$DIFFUSIONREG_MODELS`` (a path to another Models.json) replaces the shipped registry.
@@ -84,6 +86,7 @@ class RegistryEntry:
     card: Path | None = None
     url: str | None = None          # download source of ``file``
     size: int | None = None         # bytes, when the registry states it
+    cache_file: Path | None = None  # where the user cache keeps it (registry entries only)
 
     @property
     def installed(self) -> bool:
@@ -143,18 +146,26 @@ def entry_from_record(record: dict, root: Path, cache: Path | None = None) -> Re
     """A record of a registry in folder ``root`` with its paths resolved (see the module docstring)."""
     url = record.get("url") or None
     shipped = root / record["file"] if record.get("file") else None
-    if shipped is not None and (url is None or shipped.is_file()):
+    cached = cached_path(record, cache)
+    if shipped is not None and (shipped.is_file() or (url is None and not cached.is_file())):
         weights = shipped
     else:
-        name = Path(urlparse(url).path).name or "model.safetensors"
-        weights = (cache if cache is not None else cache_dir()) / record["task"] / record["name"] / name
+        weights = cached
     sha = record.get("sha256")
     return RegistryEntry(
         name=record["name"], task=record["task"], modality=record.get("modality", "any"), file=weights,
         config=root / record["config"] if record.get("config") else None,
         sha256=sha.lower() if isinstance(sha, str) and sha else None,
         card=root / record["card"] if record.get("card") else None,
-        url=url, size=record.get("size"))
+        url=url, size=record.get("size"), cache_file=cached)
+
+
+def cached_path(record: dict, cache: Path | None = None) -> Path:
+    """Where the user cache holds a record's weights (downloaded or imported):
+    ``<cache>/<task>/<name>/<file name of the url, else of the shipped file>``."""
+    source = urlparse(record["url"]).path if record.get("url") else record["file"]
+    name = Path(source).name or "model.safetensors"
+    return (cache if cache is not None else cache_dir()) / record["task"] / record["name"] / name
 
 
 def read_entries(registry_path: Path | None = None, task: str | None = None,
