@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import REPO
 
 SHAPE = (20, 22, 24)  # i, j, k
@@ -45,10 +44,9 @@ def _sitk(array_ijk: np.ndarray, spacing: float = SPACING) -> sitk.Image:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict[str, Path]:
-    """Inputs shared by every row (copied per row) and the tiny models."""
-    root = tmp_path_factory.mktemp("bad_inputs")
-    inputs = root / "inputs"
+def workspace(tmp_path_factory, tiny_registry) -> dict[str, Path]:
+    """Inputs shared by every row (copied per row) and the registry of the tiny models."""
+    inputs = tmp_path_factory.mktemp("bad_inputs") / "inputs"
     inputs.mkdir()
     sitk.WriteImage(_sitk(_blob()), str(inputs / "fixed.nii.gz"))
     sitk.WriteImage(_sitk(_blob(2.0)), str(inputs / "moving.nrrd"))
@@ -58,45 +56,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     translation = sitk.TranslationTransform(3, (2.0, 0.0, -1.0))
     sitk.WriteTransform(translation, str(inputs / "affine.h5"))
     (inputs / "landmarks.csv").write_text("fixed_x,fixed_y,fixed_z,moving_x,moving_y,moving_z\n1,2,3,1,2,3\n4,5,6,4,5,6\n")
-    affine_model, sitreg_model = _tiny_affine_model(root / "affine_model"), _tiny_sitreg_model(root / "sitreg_model")
-    # A registry of the tiny models, so that they load by name and sha256-verified like shipped ones.
-    from diffusionreg.registry import sha256_file
-
-    entries = [{"name": "tiny-affine", "task": "affine", "modality": "mri", "file": "affine_model/model.safetensors",
-                "sha256": sha256_file(affine_model / "model.safetensors"), "config": "affine_model/config.json"},
-               {"name": "tiny-sitreg", "task": "deformable", "modality": "any", "file": "sitreg_model/model.safetensors",
-                "sha256": sha256_file(sitreg_model / "model.safetensors"), "config": "sitreg_model/config.json"}]
-    (root / "Models.json").write_text(json.dumps({"models": entries}, indent=2))
-    return {"inputs": inputs, "registry": root / "Models.json"}
-
-
-def _tiny_affine_model(folder: Path) -> Path:
-    torch = pytest.importorskip("torch")
-    from safetensors.torch import save_file
-
-    from diffusionreg.affine.config import AffineConfig
-    from diffusionreg.affine.register import build_model
-
-    torch.manual_seed(0)
-    config = AffineConfig(name="tiny-test", grid_size=16, spacing_mm=12.0, widths=(2, 4, 4, 8), norm_groups=2,
-                          time_dim=8, time_hidden=16, timesteps=4, zero_init_head=False)
-    folder.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in build_model(config).net.state_dict().items()},
-              str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(config.to_json(), encoding="utf-8")
-    return folder
-
-
-def _tiny_sitreg_model(folder: Path) -> Path:
-    torch = pytest.importorskip("torch")
-    from diffusionreg.deformable.config import DeformableConfig, SITRegConfig
-    from diffusionreg.deformable.register import build_network, export_model
-
-    config = DeformableConfig(name="test-sitreg", method="sitreg", grid_shape=(16, 16, 16), spacing_mm=12.0,
-                              sitreg=SITRegConfig(feature_channels=(4, 8, 8), head_channels=(4, 8, 8)))
-    torch.manual_seed(0)
-    export_model(build_network(config), config, folder)
-    return folder
+    return {"inputs": inputs, "registry": tiny_registry}
 
 
 # --- bad files, made in the row's input folder ------------------------------------------------
@@ -335,8 +295,8 @@ def run_cli(args: list[str], registry: Path | None = None) -> subprocess.Complet
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     if registry is not None:
         env["DIFFUSIONREG_MODELS"] = str(registry)
-    return subprocess.run([sys.executable, "-m", "diffusionreg", *args, "--progress", "none"], capture_output=True,
-                          encoding="utf-8", cwd=REPO, env=env)
+    return subprocess.run([sys.executable, "-m", "diffusionreg", *args, "--progress", "none"], check=False,
+                          capture_output=True, encoding="utf-8", cwd=REPO, env=env)
 
 
 @pytest.mark.parametrize("case, args, inputs, existing, code, phrase", CASES, ids=[c[0] for c in CASES])

@@ -22,7 +22,7 @@ import stat
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +145,8 @@ class OutputSet:
                     if pause:
                         time.sleep(pause)
                     with cancellation.held():
+                        if output.path.is_dir() and not output.path.is_symlink():
+                            raise IsADirectoryError(f"{output.flag} {output.path} became a folder during the run")
                         if os.path.lexists(output.path):
                             backup = output.path.with_name(f".{output.path.name}.backup-{uuid.uuid4().hex[:8]}")
                             os.replace(output.path, backup)
@@ -160,7 +162,8 @@ class OutputSet:
             raise
         for output in self._outputs.values():
             if output.backup is not None:
-                _remove(output.backup)
+                with suppress(OSError):  # committed already: a stale backup is untidy, not an error
+                    _remove(output.backup)
                 output.backup = None
 
     def discard(self) -> None:
