@@ -501,9 +501,10 @@ class JobPanel:
             for entry in self._entries:
                 if entry.modality not in (self.modality, model_choice.ANY):
                     continue
-                state = {"installed": "", "downloadable": _(" (not downloaded)"), "missing": _(" (file missing)")}[entry.state]
-                # Listed so the user sees it; choosing one not installed disables Register with the reason.
-                combo.addItem(entry.label() + state, entry.modelArgument())
+                # Listed so the user sees it ("name (download)" when not installed yet); choosing one
+                # that is not installed disables Register with the reason.
+                missing = _(" (file missing)") if entry.state == "missing" else ""
+                combo.addItem(entry.label() + missing, entry.modelArgument())
         finally:
             self._updating = False
         self.selectModel(previous)

@@ -272,6 +272,28 @@ def test_modalities_come_from_installed_models_and_the_model_to_run_is_named(cor
     assert panel.modelInfoLabel.text == "Runs 'brain-mri' (affine, MRI; registry)"
 
 
+def test_downloadable_models_are_listed_but_not_offered_as_modalities(core, corelib, tmp_path, monkeypatch) -> None:
+    import json
+
+    (tmp_path / "brain").mkdir()
+    (tmp_path / "brain" / "model.safetensors").write_bytes(b"w")
+    sha = "0" * 64
+    (tmp_path / "Models.json").write_text(json.dumps({"models": [
+        {"name": "brain", "task": "affine", "modality": "mri", "file": "brain/model.safetensors", "sha256": sha, "config": "c.json"},
+        {"name": "ct-big", "task": "affine", "modality": "ct", "url": "https://example.org/ct.safetensors", "sha256": sha, "config": "c.json"},
+        {"name": "generic", "task": "affine", "modality": "any", "url": "https://example.org/g.safetensors", "sha256": sha, "config": "c.json"},
+    ]}))
+    monkeypatch.setenv("DIFFUSIONREG_MODELS", str(tmp_path / "Models.json"))
+    monkeypatch.setenv("DIFFUSIONREG_MODELS_DIR", str(tmp_path / "user"))
+    panel, _ = _panel(core, corelib, "ok")
+    assert panel.modalityComboBox.itemTexts() == ["MRI"], "ct-big is not installed: CT is not offered"
+    assert panel.modelComboBox.itemTexts() == ["Default for the modality", "brain", "generic (download)"]
+    assert panel.downloadModelButton.enabled and panel.runButton.enabled
+    panel.modelComboBox.currentIndex = 2
+    assert not panel.runButton.enabled
+    assert panel.reasonLabel.text == "The model 'generic' is not downloaded yet (Download it under Models)"
+
+
 def test_a_run_shows_one_progress_bar_and_returns_to_idle(core, corelib) -> None:
     panel, state = _panel(core, corelib, "ok")
     panel.runButton.click()
