@@ -293,19 +293,20 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
     def probeDevices(self, onFinished: Callable[[deviceProbe.DeviceInfo], None] | None = None,
                      wait: bool = False, timeout: float = 180.0):
         """Find torch devices in a subprocess; the result is also kept in ``deviceInfo``."""
-        workFolder = self.createWorkFolder()
+        probe = deviceProbe.probeCommand(self.pythonExecutable())  # may fail: before any folder exists
 
         def parse(processResult):
             info = deviceProbe.parseProbeOutput("\n".join(processResult.log))
             DiffusionRegCoreLogic.deviceInfo = info
             return info
 
-        job = PreparedJob("DiffusionReg device probe", deviceProbe.probeCommand(self.pythonExecutable()), workFolder,
-                          parse, env=self.backendEnvironment())
+        job = PreparedJob("DiffusionReg device probe", probe, self.createWorkFolder(), parse, env=self.backendEnvironment())
 
         def done(task: BackendTask):
-            if onFinished and task.outputs is not None:
-                onFinished(task.outputs)
+            # Always answer (a failed or cancelled probe too), so the caller's button comes back.
+            info = task.outputs if task.outputs is not None else parse(task.processResult)
+            if onFinished:
+                onFinished(info)
 
         task = self.startJob(job, onFinished=done)
         if wait:

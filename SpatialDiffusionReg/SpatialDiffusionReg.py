@@ -329,8 +329,8 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
         if reason:
             raise ValueError(reason)
         core = self.coreLogic
-        return prepareAffineJob(options, slicer.mrmlScene, core.createWorkFolder(), core.pythonExecutable(),
-                                core.backendEnvironment())
+        python, env = core.pythonExecutable(), core.backendEnvironment()  # may fail: before any folder exists
+        return prepareAffineJob(options, slicer.mrmlScene, core.createWorkFolder(), python, env)
 
     def start(self, options: AffineOptions, keepTemporaryFiles: bool = False, showResult: bool = True,
               onProgress=None, onLog=None, onFinished: Callable[[BackendTask], None] | None = None) -> BackendTask:

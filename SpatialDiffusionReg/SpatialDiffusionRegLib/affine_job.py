@@ -151,12 +151,16 @@ def prepareAffineJob(options: AffineOptions, scene, workFolder: WorkFolder, pyth
     fixed, moving, output = options.fixedVolume, options.movingVolume, options.outputTransform
     movingInWorld, movingNote = mrml_io.movingVolumeFrame(moving, stopAt=output)
     movingToWorld = mrml_io.linearChainToWorld(moving, stopAt=output) if movingInWorld else np.eye(4)
-    files = {
-        "fixed": mrml_io.exportVolume(fixed, workFolder.file("fixed.nrrd")),
-        "moving": mrml_io.exportVolume(moving, workFolder.file("moving.nrrd"), world=movingInWorld, stopAt=output),
-        "transform": workFolder.file("transform.h5"),
-        "volume": workFolder.file("resampled.nrrd") if options.outputVolume is not None else None,
-    }
+    try:
+        files = {
+            "fixed": mrml_io.exportVolume(fixed, workFolder.file("fixed.nrrd")),
+            "moving": mrml_io.exportVolume(moving, workFolder.file("moving.nrrd"), world=movingInWorld, stopAt=output),
+            "transform": workFolder.file("transform.h5"),
+            "volume": workFolder.file("resampled.nrrd") if options.outputVolume is not None else None,
+        }
+    except Exception:
+        workFolder.cleanup()  # nothing runs: leave no half-exported inputs behind
+        raise
     commandLine = command.backendCommand(python, options.subcommand, options.asArgList(files))
     transformName = None if output is not None else f"{moving.GetName()} to {fixed.GetName()}"
 

@@ -348,3 +348,19 @@ def test_cancel_ends_the_run_and_the_panel_is_idle(core, corelib) -> None:
     assert panel.runButton.text == "Cancelling..." and not panel.runButton.enabled
     _drive(panel)
     assert panel.progressBar.format == "Cancelled" and panel.runButton.enabled and not core.errors
+
+
+def test_detect_devices_runs_the_probe_and_gives_the_button_back(core, corelib) -> None:
+    panel, _ = _panel(core, corelib, "ok")
+    panel.detectDevicesButton.click()
+    assert not panel.detectDevicesButton.enabled and panel.deviceInfoLabel.text.startswith("Detecting devices")
+    deadline = time.monotonic() + 120
+    while core.BackendTask.activeTasks() and time.monotonic() < deadline:
+        for task in core.BackendTask.activeTasks():
+            task._poll()
+        time.sleep(0.05)
+    info = core.DiffusionRegCoreLogic.deviceInfo
+    assert info is not None and info.error is None and info.torch
+    assert panel.detectDevicesButton.enabled and panel.deviceInfoLabel.text.startswith(info.summary())
+    assert [panel.deviceComboBox.findData(v) >= 0 for v in ("auto", "cpu")] == [True, True]
+    core.DiffusionRegCoreLogic.deviceInfo = None
