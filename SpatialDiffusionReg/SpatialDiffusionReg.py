@@ -249,6 +249,7 @@ class SpatialDiffusionRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
             self.panel.selectModality(self._parameterNode.modality)
             self.panel.selectModel(self._parameterNode.model)
+            self.onModelSelection()  # a saved modality no installed model supports is not kept
         self.panel.updateRunButton()
 
     def _onParameterChanged(self, caller=None, event=None) -> None:
@@ -262,7 +263,11 @@ class SpatialDiffusionRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     # --- what the kit asks ---------------------------------------------------------------
     def options(self) -> AffineOptions:
-        return self.logic.optionsFromParameterNode(self._parameterNode, device=self.panel.device)
+        """The job as the panel shows it (modality and model are what the kit's selectors show)."""
+        options = self.logic.optionsFromParameterNode(self._parameterNode, device=self.panel.device)
+        if self.panel.modality:  # none when no model is installed: the kit says so beside Register
+            options.modality, options.model = self.panel.modality, self.panel.model
+        return options
 
     def reasonNotToRun(self) -> str:
         if self._parameterNode is None:
