@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from diffusionreg import fields, metrics
-from diffusionreg.errors import InputError
 
 
 def cube(shape, start, size, label=1, dtype=np.int16) -> np.ndarray:
@@ -42,7 +41,7 @@ def test_dice_missing_labels():
     scores = metrics.dice_per_label(fixed, warped, labels=[4, 5, 9])
     assert scores[4] == 0.0 and scores[5] == 0.0
     assert math.isnan(scores[9])  # absent from both maps
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError, match="differ in shape"):
         metrics.dice_per_label(fixed, warped[:-1])
 
 
@@ -104,7 +103,7 @@ def test_hd95_missing_labels_are_nan():
     scores = metrics.hd95_per_label(fixed, warped, (1.0, 1.0, 1.0), labels=[1, 2, 3])
     assert scores[1] == 0.0
     assert math.isnan(scores[2]) and math.isnan(scores[3])
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError, match="spacing"):
         metrics.hd95_per_label(fixed, warped, (1.0, 1.0))
 
 
@@ -120,7 +119,7 @@ def test_target_registration_error_of_known_points():
     assert result.median_mm == pytest.approx(2.5)
     assert result.max_mm == pytest.approx(5.0)
     assert result.std_mm == pytest.approx(math.sqrt((2.5**2 + 0.5**2 + 2.5**2 + 0.5**2) / 4))
-    with pytest.raises(InputError):
+    with pytest.raises(ValueError, match="equal shape"):
         metrics.target_registration_error(fixed_points, fixed_points[:2])
 
 

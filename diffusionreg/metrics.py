@@ -9,6 +9,9 @@ units; numpy arrays or torch tensors are accepted).
 Missing data: a label absent from both maps has Dice ``nan``; a label absent from one map has
 Dice 0 and HD95 ``nan`` (a surface distance to nothing is undefined). Aggregate with
 ``np.nanmean`` and report the number of ``nan`` separately.
+
+Errors: arrays of the wrong shape or type break a function's contract (``ValueError``, a bug in
+the caller); an empty mask or landmark set is bad input (:class:`~diffusionreg.errors.InputError`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _label_pair(fixed_labels: np.ndarray, warped_labels: np.ndarray) -> tuple[np
     fixed = np.asarray(fixed_labels)
     warped = np.asarray(warped_labels)
     if fixed.shape != warped.shape:
-        raise InputError(f"label maps differ in shape: {fixed.shape} vs {warped.shape}")
+        raise ValueError(f"label maps differ in shape: {fixed.shape} vs {warped.shape}")
     return fixed, warped
 
 
@@ -62,7 +65,7 @@ def _labels_to_score(fixed: np.ndarray, labels: Iterable[int] | None) -> list[in
 def _spacing(spacing: Sequence[float], ndim: int) -> np.ndarray:
     values = np.asarray(spacing, dtype=np.float64).reshape(-1)
     if values.size != ndim or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise InputError(f"spacing must be {ndim} positive voxel sizes in mm, got {spacing}")
+        raise ValueError(f"spacing must be {ndim} positive voxel sizes in mm, got {spacing}")
     return values
 
 
@@ -70,11 +73,11 @@ def _as_field(u: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     """A ``(3, D0, D1, D2)`` or ``(1, 3, D0, D1, D2)`` displacement as a ``(1, 3, ...)`` float tensor."""
     tensor = torch.as_tensor(np.ascontiguousarray(u)) if isinstance(u, np.ndarray) else u
     if not isinstance(tensor, torch.Tensor):
-        raise InputError(f"{name} must be a numpy array or torch tensor, got {type(u).__name__}")
+        raise ValueError(f"{name} must be a numpy array or torch tensor, got {type(u).__name__}")
     if tensor.dim() == 1 + SPATIAL_DIMS:
         tensor = tensor.unsqueeze(0)
     if tensor.dim() != 2 + SPATIAL_DIMS or tensor.shape[:2] != (1, SPATIAL_DIMS):
-        raise InputError(f"{name} must have shape (3, D0, D1, D2) or (1, 3, D0, D1, D2), got {tuple(tensor.shape)}")
+        raise ValueError(f"{name} must have shape (3, D0, D1, D2) or (1, 3, D0, D1, D2), got {tuple(tensor.shape)}")
     return tensor if tensor.is_floating_point() else tensor.to(torch.float64)
 
 
@@ -93,7 +96,7 @@ def _masked(values: np.ndarray, mask: np.ndarray | torch.Tensor | None) -> np.nd
         try:
             mask_array = np.broadcast_to(mask_array, values.shape)
         except ValueError:
-            raise InputError(f"mask shape {mask_array.shape} does not match {values.shape}") from None
+            raise ValueError(f"mask shape {mask_array.shape} does not match {values.shape}") from None
     return values[mask_array]
 
 
@@ -154,9 +157,9 @@ def hd95_per_label(
     """
     fixed, warped = _label_pair(fixed_labels, warped_labels)
     if fixed.ndim != SPATIAL_DIMS:
-        raise InputError(f"label maps must be 3D, got {fixed.ndim} dimensions")
+        raise ValueError(f"label maps must be 3D, got {fixed.ndim} dimensions")
     if not 0.0 <= percentile <= PERCENT:
-        raise InputError(f"percentile must be in [0, 100], got {percentile}")
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     voxel_size = _spacing(spacing, fixed.ndim)
     scores: dict[int, float] = {}
     for label in _labels_to_score(fixed, labels):
@@ -207,7 +210,7 @@ def target_registration_error(
     a = np.asarray(fixed_points_mm, dtype=np.float64)
     b = np.asarray(moving_points_mm_mapped, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != SPATIAL_DIMS or a.shape != b.shape:
-        raise InputError(f"landmarks must be two (N, 3) arrays of equal shape, got {a.shape} and {b.shape}")
+        raise ValueError(f"landmarks must be two (N, 3) arrays of equal shape, got {a.shape} and {b.shape}")
     if a.shape[0] == 0:
         raise InputError("no landmarks given")
     distances = np.linalg.norm(a - b, axis=1)
@@ -261,7 +264,7 @@ def ndv_percent(
     if mask is not None:
         mask_array = _as_numpy(mask) != 0
         if mask_array.shape != tuple(u.shape[2:]):
-            raise InputError(f"mask shape {mask_array.shape} does not match the field grid {tuple(u.shape[2:])}")
+            raise ValueError(f"mask shape {mask_array.shape} does not match the field grid {tuple(u.shape[2:])}")
         mask_tensor = torch.as_tensor(mask_array[None], device=u.device)
     with torch.no_grad():
         result = fields.non_diffeomorphic_volume(u, mask_tensor)
@@ -291,7 +294,7 @@ def inverse_consistency_summary(
     forward = _as_field(u_forward, "u_forward")
     inverse = _as_field(u_inverse, "u_inverse").to(device=forward.device, dtype=forward.dtype)
     if forward.shape != inverse.shape:
-        raise InputError(f"fields differ in shape: {tuple(forward.shape)} vs {tuple(inverse.shape)}")
+        raise ValueError(f"fields differ in shape: {tuple(forward.shape)} vs {tuple(inverse.shape)}")
     with torch.no_grad():
         errors = fields.inverse_consistency_error(forward, inverse, _spacing(spacing, SPATIAL_DIMS))
     values = _masked(_as_numpy(errors[0]).astype(np.float64), mask)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from diffusionreg.image import Image
+from diffusionreg.image import Image, check_registrable
 from diffusionreg.spaces import world_transform_from_normalized
 from diffusionreg.transforms import AffineTransform
 
@@ -89,18 +89,9 @@ class AffineResult:
 
 
 def _check_image(image: Image, what: str) -> tuple[float, float]:
-    if image.array.ndim != 3:
-        raise InputError(f"{what} must be a scalar 3D image, got shape {image.array.shape}")
-    if min(image.shape) < 2:
-        raise InputError(f"{what} must be 3D, got shape {image.shape}")
-    arr = np.asarray(image.array)
-    if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
-        raise InputError(f"{what} contains NaN or infinite values")
-    if float(arr.max()) <= float(arr.min()):
-        raise InputError(f"{what} is constant: nothing to register")
-    if abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
-        raise InputError(f"{what} has a singular voxel-to-world matrix")
-    return intensity_window(arr, 99.8)
+    """The shared registration input check, then the intensity window of the image."""
+    check_registrable(image, what)
+    return intensity_window(np.asarray(image.array), 99.8)
 
 
 def centres(fixed: Image, moving: Image, initialize: str, windows) -> tuple[np.ndarray, np.ndarray]:
