@@ -22,7 +22,9 @@ import types
 
 import pytest
 
-from .conftest import CORE_MODULE_DIR
+import numpy as np
+
+from .conftest import CORE_MODULE_DIR, REPO
 
 pytestmark = pytest.mark.mrml
 
@@ -364,3 +366,54 @@ def test_detect_devices_runs_the_probe_and_gives_the_button_back(core, corelib) 
     assert panel.detectDevicesButton.enabled and panel.deviceInfoLabel.text.startswith(info.summary())
     assert [panel.deviceComboBox.findData(v) >= 0 for v in ("auto", "cpu")] == [True, True]
     core.DiffusionRegCoreLogic.deviceInfo = None
+
+
+# --- SpatialDiffusionReg.py's logic on the kit ----------------------------------------------------------
+@pytest.fixture
+def spatial(core, slicer_core, scene, monkeypatch):
+    """SpatialDiffusionReg.py imported with the stand-ins (parameterNodeWrapper is Slicer-only: identity here)."""
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = lambda *args: None
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+    monkeypatch.setattr(slicer_core, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer_core.app, "connect", lambda *args: None, raising=False)
+    shown = []
+    monkeypatch.setattr(slicer_core.util, "setSliceViewerLayers", lambda **kwargs: shown.append(kwargs))
+    sys.modules.pop("SpatialDiffusionReg", None)
+    module = importlib.import_module("SpatialDiffusionReg")
+    module.shown = shown
+    yield module
+    sys.modules.pop("SpatialDiffusionReg", None)
+
+
+def test_logic_register_runs_the_job_and_shows_the_result(spatial, corelib, scene, mrml_io, tmp_path) -> None:
+    """``SpatialDiffusionRegLogic.register`` with an injected process factory (a fake backend that
+    writes a known transform): the result lands in the scene and is shown; bad inputs raise."""
+    matrix = np.eye(4)
+    matrix[:3, 3] = [3.0, -2.0, 1.0]
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from diffusionreg.transforms import AffineTransform, write_transform\n"
+        "args = sys.argv[1:]\n"
+        "matrix = np.eye(4)\n"
+        "matrix[:3, 3] = [3.0, -2.0, 1.0]\n"
+        "write_transform(AffineTransform(matrix), args[args.index('--output-transform') + 1])\n"
+    )
+    factory = lambda command, **kwargs: corelib.process.BackendProcess(  # noqa: E731
+        [sys.executable, "-c", script, *command[command.index("affine") + 1:]], **kwargs)
+    logic = spatial.SpatialDiffusionRegLogic(processFactory=factory)
+    fixed = mrml_io.importVolume(REPO / "Resources" / "Sample" / "sample_fixed.nii.gz", scene, name="fixed")
+    moving = mrml_io.importVolume(REPO / "Resources" / "Sample" / "sample_moving.nii.gz", scene, name="moving")
+
+    result = logic.register(fixed, moving, modality="mri", device="cpu")
+
+    assert result.transformNode.GetName() == "moving to fixed"
+    assert moving.GetParentTransformNode().GetID() == result.transformNode.GetID()
+    np.testing.assert_allclose(mrml_io.lpsMatrixFromTransformNode(result.transformNode), matrix, atol=1e-9)
+    assert spatial.shown and spatial.shown[-1]["background"] is fixed and spatial.shown[-1]["foreground"] is moving
+    with pytest.raises(ValueError, match="No affine model for CT is installed"):
+        logic.register(fixed, moving, modality="ct", device="cpu")
+    with pytest.raises(ValueError, match="different volumes"):
+        logic.register(fixed, fixed, device="cpu")
