@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusionreg import fields
-from diffusionreg.deformable.config import DeformableConfig
+from diffusionreg.deformable.config import DeformableConfig, DeformableInference
 from diffusionreg.deformable.field_refine import FieldRefineConfig, refine_pair
 from diffusionreg.errors import InputError
 
@@ -88,14 +88,15 @@ def test_no_iterations_returns_the_network_pair_on_the_fine_grid(problem):
 
 
 def test_refine_config_round_trips_and_is_validated():
-    cfg = DeformableConfig(refine=FieldRefineConfig(iterations=7, upsample=1.5, control_factor=4))
+    refine = FieldRefineConfig(iterations=7, upsample=1.5, control_factor=4)
+    cfg = DeformableConfig(inference=DeformableInference(refine=refine))
     again = DeformableConfig.from_dict(json.loads(cfg.to_json()))
-    assert again.refine == cfg.refine
-    assert again.refine.fine_shape((64, 64, 64)) == (96, 96, 96)
+    assert again.inference.refine == refine
+    assert again.inference.refine.fine_shape((64, 64, 64)) == (96, 96, 96)
     old = json.loads(cfg.to_json())
-    del old["refine"]                       # configs written before the stage existed still load
-    assert DeformableConfig.from_dict(old).refine.iterations == 0
+    del old["inference"]["refine"]          # a config without the stage still loads: refinement off
+    assert DeformableConfig.from_dict(old).inference.refine.iterations == 0
     with pytest.raises(InputError):
-        DeformableConfig.from_dict({**old, "refine": {"iterations": -1}})
+        DeformableConfig.from_dict({**old, "inference": {"refine": {"iterations": -1}}})
     with pytest.raises(InputError):
-        DeformableConfig.from_dict({**old, "refine": {"unknown": 1}})
+        DeformableConfig.from_dict({**old, "inference": {"refine": {"unknown": 1}}})

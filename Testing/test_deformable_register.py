@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionreg.deformable.config import DeformableConfig, ICONConfig, SITRegConfig
+from diffusionreg.deformable.config import DeformableConfig, DeformableInference, ICONConfig, SITRegConfig
 from diffusionreg.deformable.register import (DeformableModel, build_network, export_model, register_deformable,
                                               world_field)
 from diffusionreg.image import Image, Grid, centred_grid, read_image, write_image
@@ -23,7 +23,7 @@ TINY_SITREG = DeformableConfig(name="test-sitreg", method="sitreg", grid_shape=(
                                sitreg=SITRegConfig(feature_channels=(4, 8, 8), head_channels=(4, 8, 8)))
 TINY_ICON = DeformableConfig(name="test-icon", method="icon", grid_shape=(16, 16, 16), spacing_mm=12.0,
                              icon=ICONConfig(channels=(4, 8, 8, 8, 8, 8), smoothing_kernel=3, squarings=6),
-                             io_steps=2, io_lr=1e-3)
+                             inference=DeformableInference(io_steps=2, io_lr=1e-3))
 
 
 def rotation(axis, degrees):
@@ -221,7 +221,7 @@ def test_shipped_brain_model_aligns_a_deformed_brain(shared_data):
     if not any(e.name == "brain-mri" for e in models.list_models("deformable")):
         pytest.skip("deformable brain-mri model not registered in Resources/Models.json")
     model = load_model("brain-mri")
-    assert model.cfg.method == "sitreg" and model.cfg.refine.iterations > 0
+    assert model.cfg.method == "sitreg" and model.cfg.inference.refine.iterations > 0
     brain = read_image(shared_data / "brain" / "vxm_test_scan_T1.nii.gz")
     g = torch.Generator().manual_seed(3)
     coarse = torch.randn(1, 3, 5, 5, 5, generator=g, dtype=torch.float64) * 2.5   # voxels (1 mm)

@@ -1,7 +1,7 @@
 """One front door: the Python API with no options gives what the command line with no options gives.
 
 Every registration default lives in the model's config.json (affine: ``inference``; deformable:
-``io_steps``, ``io_lr``, ``refine``); the API's and the CLI's options default to None = "from the
+``inference`` too: instance optimisation and velocity refinement); the API's and the CLI's options default to None = "from the
 model config". Run on the shipped models and the sample pair in ``Resources/Sample``.
 """
 
@@ -90,7 +90,7 @@ def test_affine_api_and_cli_read_the_defaults_of_the_model_config(tiny_affine_mo
 
 
 def test_deformable_api_and_cli_read_the_defaults_of_the_model_config(tmp_path):
-    from diffusionreg.deformable.config import DeformableConfig, SITRegConfig
+    from diffusionreg.deformable.config import DeformableConfig, DeformableInference, SITRegConfig
     from diffusionreg.deformable.field_refine import FieldRefineConfig
     from diffusionreg.deformable.register import build_network, export_model, load_model, register_deformable
 
@@ -99,7 +99,8 @@ def test_deformable_api_and_cli_read_the_defaults_of_the_model_config(tmp_path):
     torch.manual_seed(0)
     config = DeformableConfig(name="tiny", grid_shape=(16, 16, 16), spacing_mm=12.0,
                               sitreg=SITRegConfig(feature_channels=(4, 4), head_channels=(4, 4)),
-                              io_steps=2, io_lr=1e-3, refine=FieldRefineConfig(iterations=2, control_factor=2))
+                              inference=DeformableInference(io_steps=2, io_lr=1e-3,
+                                                            refine=FieldRefineConfig(iterations=2, control_factor=2)))
     folder = tmp_path / "tiny-deformable"
     export_model(build_network(config), config, folder)
     model = load_model(str(folder))
@@ -125,9 +126,10 @@ def test_shipped_deformable_model_api_with_no_options_equals_the_cli(tmp_path):
 
     fixed, moving = read_image(FIXED), read_image(MOVING)
     model = load_model("brain-mri")
-    assert model.cfg.refine.iterations > 0, "the shipped model's config turns the refinement on"
+    defaults = model.cfg.inference
+    assert defaults.refine.iterations > 0, "the shipped model's config turns the refinement on"
     api = register_deformable(fixed, moving, model)
-    assert api.metrics["refine_iterations"] == model.cfg.refine.iterations
-    assert api.metrics["instance_optimization_steps"] == model.cfg.io_steps
+    assert api.metrics["refine_iterations"] == defaults.refine.iterations
+    assert api.metrics["instance_optimization_steps"] == defaults.io_steps
     written = _deformable_cli("brain-mri", tmp_path / "field.nii.gz")
     assert np.abs(written - api.forward.field.array).max() < 1e-4  # mm; the file stores float32

@@ -10,7 +10,7 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema", reason="install the test extra: pip install -e .[test]")
 
-from diffusionreg import registry, vocabulary  # noqa: E402
+from diffusionreg import registry, vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = ROOT / "Resources" / "Models.json"
@@ -74,7 +74,7 @@ def test_upsert_replaces_same_name_and_task_and_writes_valid_json(tmp_path):
     registry.upsert_entry(path, {"name": "a", "task": "affine", "file": "a.safetensors", **base})
     registry.upsert_entry(path, {"name": "a", "task": "deformable", "file": "d.safetensors", **base})
     registry.upsert_entry(path, {"name": "b", "task": "affine", "url": "https://h/b.safetensors", **base})
-    registry.upsert_entry(path, {"name": "a", "task": "affine", "file": "a2.safetensors", **{**base, "sha256": "1" * 64}})
+    registry.upsert_entry(path, {"name": "a", "task": "affine", "file": "a2.safetensors", **base, "sha256": "1" * 64})
     data = json.loads(path.read_text(encoding="utf-8"))
     assert [(m["name"], m["task"]) for m in data["models"]] == [("a", "affine"), ("a", "deformable"), ("b", "affine")]
     assert data["models"][0]["file"] == "a2.safetensors" and data["models"][0]["sha256"] == "1" * 64

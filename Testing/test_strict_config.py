@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
     (AffineConfig, {"inference": {"initialize": "pca"}}, "inference.initialize 'pca'"),
     (AffineConfig, {"inference": {"steps": 0}}, "inference.steps must be >= 1"),
     (DeformableConfig, {"icon": {"unet_nrom": "BATCH"}}, "did you mean 'unet_norm'?"),
-    (DeformableConfig, {"refine": {"iteratons": 3}}, "deformable config.refine: unknown key 'iteratons'"),
+    (DeformableConfig, {"inference": {"refine": {"iteratons": 3}}},
+     "deformable config.inference.refine: unknown key 'iteratons' (did you mean 'iterations'?)"),
+    (DeformableConfig, {"io_steps": 3}, "deformable config: unknown key 'io_steps'"),
     (DeformableConfig, {"spacing_mm": None}, "deformable config.spacing_mm: expected a number"),
 ])
 def test_unknown_keys_and_wrong_types_are_refused_with_one_line(cls, data, phrase):

@@ -17,13 +17,29 @@ from pathlib import Path
 
 from diffusionreg import registry
 from diffusionreg.errors import InputError
-from diffusionreg.registry import WEIGHT_NAMES, WEIGHT_SUFFIXES, RegistryEntry, sha256_file
+from diffusionreg.registry import (
+    WEIGHT_NAMES,
+    WEIGHT_SUFFIXES,
+    RegistryEntry,
+    sha256_file,
+)
 
 ModelEntry = RegistryEntry
 UNVERIFIED_NOTE = "unverified model file (no registry entry)"
 
-__all__ = ["ModelEntry", "UNVERIFIED_NOTE", "WEIGHT_SUFFIXES", "list_models", "load_config_json",
-           "load_state_dict", "models_json_path", "register_entry", "resolve", "sha256_file", "verify"]
+__all__ = [
+    "UNVERIFIED_NOTE",
+    "WEIGHT_SUFFIXES",
+    "ModelEntry",
+    "list_models",
+    "load_config_json",
+    "load_state_dict",
+    "models_json_path",
+    "register_entry",
+    "resolve",
+    "sha256_file",
+    "verify",
+]
 
 
 def models_json_path() -> Path:
@@ -114,7 +130,7 @@ def load_state_dict(entry: ModelEntry) -> dict:
     import torch
     try:
         state = torch.load(entry.file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling refused or corrupt
+    except Exception as exc:
         raise InputError(f"cannot load weights {entry.file}: {exc}") from exc
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
         return state["ema"]  # a training checkpoint: use its EMA weights

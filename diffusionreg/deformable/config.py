@@ -3,7 +3,8 @@
 A :class:`DeformableConfig` holds the method (``sitreg`` or ``icon``), the network grid
 (shape in voxels and isotropic spacing in mm, array axes i, j, k), the intensity
 normalisation the model was trained with, the network sub-config, the loss weights, training
-and instance-optimisation settings. It is stored as ``config.json`` beside the weights.
+settings and the registration defaults (``inference``: instance optimisation and velocity
+refinement). It is stored as ``config.json`` beside the weights.
 
 Presets (``get_config(name)``):
 
@@ -79,6 +80,17 @@ class ICONConfig:
 
 
 @dataclass
+class DeformableInference:
+    """Registration defaults of a model: what ``register_deformable``, ``diffusionreg deformable``
+    and the Slicer panel use when not told otherwise (stored in the model's ``config.json``)."""
+
+    io_steps: int = 0                    # instance optimisation: Adam steps on the pair's weights
+    io_lr: float = 1e-4
+    # fine-grid symmetric velocity refinement after the network (see field_refine)
+    refine: FieldRefineConfig = field(default_factory=FieldRefineConfig)
+
+
+@dataclass
 class DeformableConfig:
     """Everything needed to rebuild, train and apply one deformable model."""
 
@@ -107,11 +119,8 @@ class DeformableConfig:
     augment_affine_prob: float = 0.9
     augment_elastic_mm: float = 4.0      # std of a smooth random deformation (0 = off)
     augment_intensity: bool = True       # random gamma / scale (not for binary inputs)
-    # --- instance optimisation -----------------------------------------------------------
-    io_steps: int = 0                    # default Adam steps per pair at registration time
-    io_lr: float = 1e-4
-    # --- fine-grid symmetric velocity refinement after the network (see field_refine) ----
-    refine: FieldRefineConfig = field(default_factory=FieldRefineConfig)
+    # --- registration defaults -----------------------------------------------------------
+    inference: DeformableInference = field(default_factory=DeformableInference)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -142,8 +151,11 @@ class DeformableConfig:
                 raise InputError(f"grid_shape {self.grid_shape} must be divisible by {factor} for ICON")
         if self.spacing_mm <= 0:
             raise InputError("spacing_mm must be positive")
-        if self.refine.iterations < 0 or self.refine.upsample <= 0 or self.refine.control_factor < 1:
-            raise InputError("refine needs iterations >= 0, upsample > 0 and control_factor >= 1")
+        refine = self.inference.refine
+        if refine.iterations < 0 or refine.upsample <= 0 or refine.control_factor < 1:
+            raise InputError("inference.refine needs iterations >= 0, upsample > 0 and control_factor >= 1")
+        if self.inference.io_steps < 0 or self.inference.io_lr <= 0:
+            raise InputError("inference needs io_steps >= 0 and io_lr > 0")
 
 
 def _presets() -> dict[str, DeformableConfig]:
@@ -152,26 +164,30 @@ def _presets() -> dict[str, DeformableConfig]:
     p["compact-icon"] = DeformableConfig(
         name="compact-icon", method="icon", grid_shape=(64, 64, 64), spacing_mm=3.0,
         icon=ICONConfig(channels=(8, 16, 32, 32, 32, 32), exp_factor=2), regularisation_weight=0.5,
-        lr=2e-3, io_steps=50, io_lr=5e-3)
+        lr=2e-3, inference=DeformableInference(io_steps=50, io_lr=5e-3))
     p["lung-icon"] = DeformableConfig(
         name="lung-icon", method="icon", grid_shape=(80, 64, 80), spacing_mm=3.6,
         normalisation="binary", similarity="l1", regularisation_weight=0.5,
         icon=ICONConfig(exp_factor=2), lr=2e-3, batch_size=1, augment_elastic_mm=3.0,
-        augment_intensity=False, io_steps=0, io_lr=5e-3,
-        refine=FieldRefineConfig(iterations=150, control_factor=8, coarse_levels=2, learning_rate=0.15,
-                                 smoothness_weight=0.1, squaring_upsample=4))
+        augment_intensity=False,
+        inference=DeformableInference(
+            io_steps=0, io_lr=5e-3,
+            refine=FieldRefineConfig(iterations=150, control_factor=8, coarse_levels=2, learning_rate=0.15,
+                                     smoothness_weight=0.1, squaring_upsample=4)))
     p["lung-sitreg"] = DeformableConfig(
         name="lung-sitreg", method="sitreg", grid_shape=(96, 80, 96), spacing_mm=3.0,
         normalisation="binary", similarity="ncc", ncc_window=7,
         sitreg=SITRegConfig(feature_channels=(8, 16, 32, 32), head_channels=(8, 32, 48, 48)),
-        lr=1e-3, augment_intensity=False, io_steps=20, io_lr=1e-4)
+        lr=1e-3, augment_intensity=False, inference=DeformableInference(io_steps=20, io_lr=1e-4))
     p["brain-sitreg"] = DeformableConfig(
         name="brain-sitreg", method="sitreg", grid_shape=(64, 80, 64), spacing_mm=2.5,
         normalisation="percentile",
         sitreg=SITRegConfig(feature_channels=(8, 16, 32, 32), head_channels=(8, 32, 48, 48)),
-        lr=5e-4, io_steps=0, io_lr=1e-4,
-        refine=FieldRefineConfig(iterations=30, control_factor=4, coarse_levels=2, learning_rate=0.1,
-                                 smoothness_weight=1.0, squaring_upsample=4))
+        lr=5e-4,
+        inference=DeformableInference(
+            io_steps=0, io_lr=1e-4,
+            refine=FieldRefineConfig(iterations=30, control_factor=4, coarse_levels=2, learning_rate=0.1,
+                                     smoothness_weight=1.0, squaring_upsample=4)))
     # ---- reference-sized presets (GPU) -------------------------------------------------
     p["full-lumir"] = DeformableConfig(
         name="full-lumir", method="sitreg", grid_shape=(160, 224, 192), spacing_mm=1.0,
@@ -180,7 +196,7 @@ def _presets() -> dict[str, DeformableConfig]:
                             head_channels=(12, 64, 128, 256, 256, 256), norm_groups=4,
                             head_norm_groups=4),
         ncc_window=11, lr=4e-4, batch_size=4, augment_elastic_mm=0.0, augment_affine_prob=0.0,
-        augment_intensity=False, io_steps=0)
+        augment_intensity=False)
     p["full-oasis"] = DeformableConfig(
         name="full-oasis", method="sitreg", grid_shape=(160, 144, 192), spacing_mm=1.0,
         normalisation="none",
@@ -200,7 +216,7 @@ def _presets() -> dict[str, DeformableConfig]:
         name="full-unleashing", method="icon", grid_shape=(128, 104, 128), spacing_mm=2.0,
         normalisation="binary", similarity="l1", regularisation_weight=0.5, icon=ICONConfig(),
         lr=0.015, batch_size=8, augment_affine_prob=0.0, augment_elastic_mm=0.0,
-        augment_intensity=False, io_steps=50, io_lr=5e-3)
+        augment_intensity=False, inference=DeformableInference(io_steps=50, io_lr=5e-3))
     return p
 
 

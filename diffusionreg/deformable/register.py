@@ -203,7 +203,7 @@ def predict(model: DeformableModel, moving: torch.Tensor, fixed: torch.Tensor, i
     if io_steps > 0:
         net = copy.deepcopy(model.net)
         net.train()
-        opt = torch.optim.Adam(net.parameters(), lr=io_lr if io_lr is not None else model.cfg.io_lr)
+        opt = torch.optim.Adam(net.parameters(), lr=io_lr if io_lr is not None else model.cfg.inference.io_lr)
         losses = adam_steps(opt, lambda: pair_loss(net, model.cfg, moving, fixed)[0], io_steps, progress,
                             "instance optimisation")
     net.eval()
@@ -309,14 +309,15 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
     """Register ``moving`` onto ``fixed`` (see the module docstring for the geometry).
 
     ``io_steps`` / ``refine_iterations``: instance-optimisation steps and velocity-refinement
-    iterations (None: the model's defaults, 0: off).
+    iterations (None: the model's defaults, ``model.cfg.inference`` from its config.json, exactly
+    as ``diffusionreg deformable`` does; 0: off).
     """
     cfg = model.cfg
     t0 = time.perf_counter()
-    steps = cfg.io_steps if io_steps is None else int(io_steps)
+    steps = cfg.inference.io_steps if io_steps is None else int(io_steps)
     if steps < 0:
         raise ParameterError("io_steps", "must be >= 0")
-    refine_cfg = cfg.refine
+    refine_cfg = cfg.inference.refine
     if refine_iterations is not None:
         if refine_iterations < 0:
             raise ParameterError("refine_iterations", "must be >= 0")
