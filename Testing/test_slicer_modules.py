@@ -826,6 +826,23 @@ def _slicer_util_calls(path: Path):
                 yield node.func.attr, node
 
 
+#: Other Slicer calls whose arguments we build (Slicer 5.10 ``Modules/Scripted/SampleData/SampleData.py``).
+SLICER_OTHER_SIGNATURES = {
+    "SampleData.SampleDataLogic.registerCustomSampleDataSource": (
+        "category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader", "thumbnailFileName",
+        "loadFileTypes", "loadFiles", "loadFileProperties", "checksums", "loadFileType"),
+}
+
+
+def test_sample_data_registration_uses_parameters_slicer_has() -> None:
+    calls = [node for path in _module_python_files("SpatialDiffusionReg") for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Call) and ast.unparse(node.func) in SLICER_OTHER_SIGNATURES]
+    assert calls, "the module registers its sample data"
+    for call in calls:
+        params = SLICER_OTHER_SIGNATURES[ast.unparse(call.func)]
+        assert not call.args and {k.arg for k in call.keywords} <= set(params)
+
+
 def test_every_slicer_util_call_uses_parameters_slicer_has() -> None:
     files = [p for m in MODULES + ("SpatialDiffusionReg",) for p in _module_python_files(m)]
     seen = set()
