@@ -179,6 +179,22 @@ def test_slicer_side_sees_installed_and_downloadable(setup, server, monkeypatch)
     assert big.state == "installed" and manager.verify(big).status == "ok" and big.modelArgument() == "big"
 
 
+def test_slicer_side_reads_the_registration_defaults_of_the_shipped_models(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "DiffusionRegCore"))
+    from DiffusionRegCoreLib import models as slicer_models
+    from DiffusionRegCoreLib import paths
+
+    from diffusionreg.affine.register import load_model
+
+    manager = slicer_models.ModelManager(paths.modelsRegistryPath(), paths.userModelsDir())
+    shown = manager.inferenceDefaults(manager.find("brain-mri", task="affine"))
+    backend = load_model("brain-mri").cfg.inference
+    assert (shown["steps"], shown["bidirectional"], shown["initialize"]) == (
+        backend.steps, backend.bidirectional, backend.initialize)
+    assert len(shown["refine"]["levels"]) == len(backend.refine.levels)
+    assert manager.inferenceDefaults(slicer_models.ModelEntry("x", "affine")) == {}
+
+
 # --- a registered model given by path is verified as if given by name (issue 9 item 15) -----------------
 def _registered(tmp_path, sha):
     folder = tmp_path / "Models" / "m"

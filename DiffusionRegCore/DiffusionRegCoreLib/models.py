@@ -151,6 +151,19 @@ class ModelManager:
                 return entry
         return None
 
+    @staticmethod
+    def inferenceDefaults(entry: ModelEntry) -> dict:
+        """The model's registration defaults, the ``inference`` section of its config.json (e.g.
+        ``{"steps": null, "bidirectional": false, "initialize": "moments", "refine": {...}}``): what
+        the backend uses for every option the panel does not pass. Empty when there is no config."""
+        if not entry.config or not Path(entry.config).is_file():
+            return {}
+        try:
+            section = json.loads(Path(entry.config).read_text(encoding="utf-8")).get("inference", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return section if isinstance(section, dict) else {}
+
     # --- import -----------------------------------------------------------------------
     def importFile(self, path: str | os.PathLike, name: str | None = None, task: str = "affine",
                    config: str | os.PathLike | None = None, expectedSha256: str | None = None,
