@@ -26,7 +26,7 @@ from scipy import ndimage
 from diffusionreg.errors import InputError
 from diffusionreg.image_files import check_image_file
 from diffusionreg.io_atomic import atomic_output
-from diffusionreg.itk_errors import itk_reason, native_stderr_captured
+from diffusionreg.itk_errors import call_itk
 from diffusionreg.spaces import affine_from_itk, apply_affine, itk_geometry
 
 Interpolation = Literal["linear", "nearest", "bspline"]
@@ -178,13 +178,8 @@ def read_image(
     if path.is_dir():
         from diffusionreg.dicom import read_dicom_series
 
-        with native_stderr_captured() as diagnostics:  # GDCM warns on stderr about what it skips
-            try:
-                result, error = read_dicom_series(path, what), None
-            except RuntimeError as caught:
-                error = caught
-        if error is not None:
-            raise InputError(f"cannot read {what} {path}: {itk_reason(error, ''.join(diagnostics))}") from None
+        # GDCM warns on stderr about the files it skips: captured with ITK's other chatter.
+        result = call_itk(f"cannot read {what} {path}", read_dicom_series, path, what)
         file_format = "DICOM"
     else:
         if path.stat().st_size == 0:
@@ -203,14 +198,7 @@ def read_image(
 
 
 def _read_file(path: Path, what: str) -> Image:
-    with native_stderr_captured() as diagnostics:
-        try:
-            image = sitk.ReadImage(str(path))
-            error = None
-        except RuntimeError as caught:
-            error = caught
-    if error is not None:
-        raise InputError(f"cannot read {what} {path}: {itk_reason(error, ''.join(diagnostics))}") from None
+    image = call_itk(f"cannot read {what} {path}", sitk.ReadImage, str(path))
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:

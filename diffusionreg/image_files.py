@@ -26,11 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from diffusionreg.errors import InputError
-from diffusionreg.itk_errors import (
-    itk_reason,
-    native_stderr_captured,
-    shorter_than_header,
-)
+from diffusionreg.itk_errors import call_itk, shorter_than_header
 
 #: Largest image accepted: voxels x components (1024^3; 4 GiB as float32). Larger volumes are
 #: refused before any allocation; crop or downsample them first.
@@ -92,14 +88,7 @@ def read_header(path: Path, what: str) -> ImageHeader:
     """The header alone (no voxels) through SimpleITK's ``ReadImageInformation``."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    with native_stderr_captured() as diagnostics:
-        try:
-            reader.ReadImageInformation()
-            error = None
-        except RuntimeError as caught:
-            error = caught
-    if error is not None:
-        raise InputError(f"cannot read {what} {path}: {itk_reason(error, ''.join(diagnostics))}") from None
+    call_itk(f"cannot read {what} {path}", reader.ReadImageInformation)
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     bits = re.search(r"(\d+)-bit", pixel)
     component_bytes = (int(bits.group(1)) // 8 if bits else 1) * (2 if "complex" in pixel else 1)
@@ -179,20 +168,7 @@ def _check_nrrd_length(path: Path, header: ImageHeader, what: str) -> None:
     if fields.get("encoding", "raw").lower() != "raw" or int(fields.get("line skip", fields.get("lineskip", "0"))):
         return  # compressed (teem reports short streams itself) or line-based layout
     skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
-    if skip < 0:
-        return  # data at the end of the file by definition
-    detached = fields.get("data file", fields.get("datafile"))
-    if detached:
-        if detached.upper().startswith("LIST") or " " in detached or "%" in detached:
-            return  # one file per slice: ITK checks each
-        data_path = (path.parent / detached) if not os.path.isabs(detached) else Path(detached)
-        if not data_path.is_file():
-            return  # ITK names the missing file
-        available, start = os.path.getsize(data_path) - skip, skip
-    else:
-        available, start = os.path.getsize(path) - data_start - skip, data_start + skip
-    if available < header.data_bytes:
-        raise _too_short(path, what, start + max(available, 0), start + header.data_bytes)
+    _check_data_length(path, header, what, fields.get("data file", fields.get("datafile")), data_start, skip)
 
 
 # --- MetaImage -----------------------------------------------------------------------------
@@ -208,18 +184,25 @@ def _check_meta_length(path: Path, header: ImageHeader, what: str) -> None:
             fields[key.strip().lower()] = value.strip()
     if fields.get("compresseddata", "false").lower() == "true":
         return
-    skip = int(fields.get("headersize", "0"))
+    data_file = fields.get("elementdatafile", "LOCAL")
+    _check_data_length(path, header, what, None if data_file.upper() == "LOCAL" else data_file, data_start,
+                       int(fields.get("headersize", "0")))
+
+
+def _check_data_length(path: Path, header: ImageHeader, what: str, data_file: str | None, data_start: int,
+                       skip: int) -> None:
+    """Compare the raw bytes after the header (or in the detached ``data_file``, relative to the
+    header's folder) with what the header declares; ``skip`` bytes precede the data."""
     if skip < 0:
         return  # data at the end of the file by definition
-    data_file = fields.get("elementdatafile", "LOCAL")
-    if data_file.upper() == "LOCAL":
-        available, start = os.path.getsize(path) - data_start - skip, data_start + skip
-    else:
+    if data_file:
         if data_file.upper().startswith("LIST") or " " in data_file or "%" in data_file:
-            return
-        data_path = path.parent / data_file if not os.path.isabs(data_file) else Path(data_file)
+            return  # one file per slice: ITK checks each
+        data_path = path.parent / data_file  # an absolute data_file stays absolute
         if not data_path.is_file():
-            return
+            return  # ITK names the missing file
         available, start = os.path.getsize(data_path) - skip, skip
+    else:
+        available, start = os.path.getsize(path) - data_start - skip, data_start + skip
     if available < header.data_bytes:
         raise _too_short(path, what, start + max(available, 0), start + header.data_bytes)

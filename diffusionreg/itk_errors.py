@@ -15,7 +15,12 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from diffusionreg.errors import InputError
+
+_Result = TypeVar("_Result")
 
 # What comes before ITK's reason: SimpleITK's "Exception thrown in ...:", the source location
 # "/path/itkNrrdImageIO.cxx:935:", "ITK ERROR:" / "sitk::ERROR:" and the object "NrrdImageIO(0x55...):".
@@ -53,6 +58,16 @@ def native_stderr_captured() -> Iterator[list[str]]:
             os.close(saved)
             sink.seek(0)
             captured.append(sink.read().decode("utf-8", errors="replace"))
+
+
+def call_itk(failure: str, function: Callable[..., _Result], *args) -> _Result:
+    """``function(*args)`` with fd 2 captured; a RuntimeError becomes ``InputError("failure: reason")``."""
+    with native_stderr_captured() as diagnostics:
+        try:
+            return function(*args)
+        except RuntimeError as caught:
+            error = caught
+    raise InputError(f"{failure}: {itk_reason(error, ''.join(diagnostics))}") from None
 
 
 def shorter_than_header(found: int, expected: int) -> str:

@@ -29,7 +29,7 @@ from scipy import ndimage
 from diffusionreg.errors import InputError
 from diffusionreg.image import IMAGE_SUFFIXES, Grid, Image, grid_points, read_image, write_image
 from diffusionreg.io_atomic import atomic_output
-from diffusionreg.itk_errors import itk_reason, native_stderr_captured
+from diffusionreg.itk_errors import call_itk
 from diffusionreg.spaces import apply_affine
 
 AFFINE_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
@@ -175,14 +175,8 @@ def read_transform(path: str | os.PathLike) -> Transform:
         raise InputError(f"unsupported transform file {path}; use .h5, .tfm, .txt, .mat or a displacement-field image")
     if path.stat().st_size == 0:
         raise InputError(f"cannot read transform {path}: the file is empty")
-    with native_stderr_captured() as diagnostics:  # HDF5 prints its error stack on fd 2
-        try:
-            itk_transform = sitk.ReadTransform(str(path))
-            error = None
-        except RuntimeError as caught:
-            error = caught
-    if error is not None:
-        raise InputError(f"cannot read transform {path}: {itk_reason(error, ''.join(diagnostics))}") from None
+    # HDF5 prints its error stack on fd 2: call_itk captures it and takes the reason from it.
+    itk_transform = call_itk(f"cannot read transform {path}", sitk.ReadTransform, str(path))
     return from_sitk_transform(itk_transform)
 
 
