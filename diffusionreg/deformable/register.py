@@ -31,7 +31,8 @@ import torch.nn as nn
 
 from diffusionreg import fields, spaces
 from diffusionreg.errors import InputError, ParameterError
-from diffusionreg.image import Grid, Image, centred_grid, nearest_axis_direction, resample, resized_grid
+from diffusionreg.image import (Grid, Image, centred_grid, check_registrable, nearest_axis_direction, resample,
+                                resized_grid)
 from diffusionreg.spaces import apply_affine
 from diffusionreg.transforms import (AffineTransform, CompositeTransform, DisplacementFieldTransform,
                                      compose)
@@ -314,6 +315,8 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
     """
     cfg = model.cfg
     t0 = time.perf_counter()
+    check_registrable(fixed, "fixed image")
+    check_registrable(moving, "moving image")
     steps = cfg.inference.io_steps if io_steps is None else int(io_steps)
     if steps < 0:
         raise ParameterError("io_steps", "must be >= 0")
