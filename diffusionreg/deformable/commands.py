@@ -69,7 +69,6 @@ def _run_register(args: argparse.Namespace, progress) -> int:
     from diffusionreg.devices import resolve_device
     from diffusionreg.image import (
         OUTPUT_IMAGE_SUFFIXES,
-        check_registrable,
         read_image,
         resample,
         write_image,
@@ -89,10 +88,8 @@ def _run_register(args: argparse.Namespace, progress) -> int:
     with outputs:
         with progress.stage("read", total=4) as stage:
             fixed = read_image(args.fixed, what="fixed image")
-            check_registrable(fixed, "fixed image")
             stage.update(message="fixed")
             moving = read_image(args.moving, what="moving image")
-            check_registrable(moving, "moving image")
             stage.update(message="moving")
             initial = read_transform(args.initial_transform) if args.initial_transform else None
             stage.update(message="initial transform")
