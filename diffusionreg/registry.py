@@ -176,13 +176,6 @@ def read_entries(registry_path: Path | None = None, task: str | None = None,
             if task is None or r["task"] == task]
 
 
-def find_entry(entries: list[RegistryEntry], name: str, task: str | None = None) -> RegistryEntry | None:
-    for entry in entries:
-        if entry.name == name and (task is None or entry.task == task):
-            return entry
-    return None
-
-
 def entry_holding(entries: list[RegistryEntry], path: str | os.PathLike) -> RegistryEntry | None:
     """The entry whose weights file (or its folder) ``path`` is, else None."""
     for entry in entries:
