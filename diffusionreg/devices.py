@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diffusionreg.errors import InputError
+from diffusionreg.errors import InputError, ParameterError
 from diffusionreg.vocabulary import DEVICE_HELP, DEVICE_PATTERN
 
 
@@ -27,12 +27,12 @@ def resolve_device(name: str = "auto"):
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {name} requested but CUDA is not available; use --device cpu")
+            raise ParameterError("device", f"{name}: CUDA is not available on this machine; use cpu")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise InputError(f"device {name} requested but this machine has {count} CUDA device(s)")
+            raise ParameterError("device", f"{name}: this machine has {count} CUDA device(s)")
     if device.type == "mps":
         backend = getattr(torch.backends, "mps", None)
         if backend is None or not backend.is_available():
-            raise InputError(f"device {name} requested but this torch build or machine has no MPS; use --device cpu")
+            raise ParameterError("device", f"{name}: this torch build or machine has no MPS; use cpu")
     return device

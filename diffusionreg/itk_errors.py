@@ -30,6 +30,8 @@ _REASON_PREFIXES = (
     re.compile(r"^(?:ITK ERROR:|itk::ERROR:|sitk::ERROR:)\s*"),
     re.compile(r"^\w+(?:<[^>]*>)?\(0x[0-9a-fA-F]+\):\s*"),
 )
+# NRRD's reason repeats the file name before teem's: "ReadImageInformation: Error reading x.nrrd: ".
+_NRRD_READING = re.compile(r"^\w+: Error reading .*?: (?=\S)")
 # teem's (NRRD) stack lines: "[nrrd] _nrrdEncodingRaw_read: fread got only ...".
 _TEEM_PREFIX = re.compile(r"^\[\w+\] \w+: ")
 # One frame of an HDF5 error stack: "#007: .../H5Fsuper.c line 614 in itk_H5F__super_read(): reason".
@@ -93,7 +95,7 @@ def itk_reason(error: BaseException, diagnostics: str = "") -> str:
     reason = lines[0]
     details = [line for line in lines[1:] if not line.startswith(("Tried to create", "You probably"))]
     if reason.endswith(":") and details:  # e.g. NRRD: "Read: Error reading x:" then teem's stack
-        reason = f"{reason} {_TEEM_PREFIX.sub('', details[-1])}"
+        reason = _NRRD_READING.sub("", f"{reason} {_TEEM_PREFIX.sub('', details[-1])}")
     frames = [m.group(1) for m in map(_HDF5_FRAME.search, diagnostics.splitlines()) if m]
     if frames:
         reason = f"{reason} (HDF5: {frames[-1]})"
