@@ -136,6 +136,10 @@ def make(name: str, d: Path) -> None:
         (d / name).symlink_to(d / "moving.nrrd")
     elif name == "hardlink.nrrd":
         os.link(d / "moving.nrrd", d / name)
+    elif name == "zero_field.nii.gz":  # a displacement field on the fixed grid
+        _write(d / name, np.zeros(SHAPE + (3,), np.float32))
+    elif name == "small_mask.nii.gz":  # a mask on another grid than the field
+        _write(d / name, np.ones((10, 11, 12), np.uint8))
     elif name == "not_a_folder":
         (d / name).write_text("a file where a folder is expected\n")
     else:
@@ -243,6 +247,10 @@ CASES = [
                                                "--moving-labels", "{in}/moving_labels.nii.gz", "--labels", "99"),
      [], [], 2, "labels 99 are in neither label volume"),
     ("empty label list (item 11)", _set(EVALUATE, "--labels", ""), [], [], 2, "label list is empty"),
+    ("non-numeric label", _set(EVALUATE, "--labels", "2,x"), [], [], 2, "label list has a non-numeric entry 'x'"),
+    ("mask on another grid than the field",
+     _set(EVALUATE, "--transform", "{in}/zero_field.nii.gz", "--mask", "{in}/small_mask.nii.gz"),
+     ["zero_field.nii.gz", "small_mask.nii.gz"], [], 2, "mask and displacement field are on different grids"),
     ("labels alone", _set(AFFINE, "--fixed-labels", "{in}/fixed_labels.nii.gz"), [], [], 2,
      "--fixed-labels and --moving-labels go together"),
     ("landmark row too long (item 12)", _set(EVALUATE, "--landmarks", "{in}/extra.csv"), ["extra.csv"], [], 2,
@@ -397,3 +405,17 @@ def test_an_internal_error_says_so(monkeypatch, capsys, workspace, tmp_path) -> 
     assert code == 1
     assert err.startswith("error: internal error (TypeError: unsupported operand") and "report" in err
     assert len(err.splitlines()) == 1
+
+
+def test_affine_report_scores_absent_labels_na_and_writes_the_overlay(workspace, tmp_path) -> None:
+    """Item 3: labels partly absent are scored n/a with a warning (no TypeError after the
+    transform is written); the overlay and the transform are written together."""
+    values = {"in": str(workspace["inputs"]), "out": str(tmp_path)}
+    args = _set(AFFINE, "--fixed-labels", "{in}/fixed_labels.nii.gz", "--moving-labels", "{in}/moving_labels.nii.gz",
+                "--labels", "1,99", "--output-overlay", "{out}/o.png")
+    result = run_cli([a.format(**values) for a in args], workspace["registry"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "warning: labels 99 are in neither label volume; their Dice and HD95 are n/a"
+    assert "99: n/a" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png", "t.h5"]
+    assert (tmp_path / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
