@@ -15,12 +15,14 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from diffusionreg.errors import InputError
 
 _Result = TypeVar("_Result")
+_FD2_LOCK = threading.RLock()
 
 # What comes before ITK's reason: SimpleITK's "Exception thrown in ...:", the source location
 # "/path/itkNrrdImageIO.cxx:935:", "ITK ERROR:" / "sitk::ERROR:" and the object "NrrdImageIO(0x55...):".
@@ -45,21 +47,23 @@ def native_stderr_captured() -> Iterator[list[str]]:
     """Capture what C code prints on fd 2 inside the block; the list gets the text at the end."""
     captured: list[str] = []
     sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 (e.g. a GUI process without a console): nothing to silence
-        yield captured
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
+    # fd 2 belongs to the whole process: threads reading at once take turns.
+    with _FD2_LOCK:
         try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 (e.g. a GUI process without a console): nothing to silence
             yield captured
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode("utf-8", errors="replace"))
+            return
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                captured.append(sink.read().decode("utf-8", errors="replace"))
 
 
 def call_itk(failure: str, function: Callable[..., _Result], *args) -> _Result:
