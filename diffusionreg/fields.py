@@ -14,6 +14,9 @@ Conventions (see ``docs/conventions.md``):
   normalisation written here).
 
 Everything is device- and dtype-agnostic: results live on the device and dtype of the inputs.
+Tensors of the wrong shape, type or batch and unknown modes break a function's contract and
+raise ``ValueError`` (a caller's bug); a field too thin to differentiate is bad input
+(:class:`~diffusionreg.errors.InputError`), as it can come from a user's file.
 """
 
 from __future__ import annotations
@@ -52,18 +55,18 @@ PADDING_MODES = ("border", "zeros")
 
 def _check_field(u: torch.Tensor, name: str = "u") -> None:
     if not isinstance(u, torch.Tensor):
-        raise InputError(f"{name} must be a torch.Tensor, got {type(u).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(u).__name__}")
     if u.dim() != 2 + SPATIAL_DIMS or u.shape[1] != SPATIAL_DIMS:
-        raise InputError(f"{name} must have shape (B, 3, D0, D1, D2), got {tuple(u.shape)}")
+        raise ValueError(f"{name} must have shape (B, 3, D0, D1, D2), got {tuple(u.shape)}")
     if not u.is_floating_point():
-        raise InputError(f"{name} must be a floating-point tensor, got {u.dtype}")
+        raise ValueError(f"{name} must be a floating-point tensor, got {u.dtype}")
 
 
 def _check_same_grid(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
     if a.shape[2:] != b.shape[2:]:
-        raise InputError(f"{names} are on different grids: {tuple(a.shape[2:])} vs {tuple(b.shape[2:])}")
+        raise ValueError(f"{names} are on different grids: {tuple(a.shape[2:])} vs {tuple(b.shape[2:])}")
     if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
-        raise InputError(f"{names} have incompatible batch sizes {a.shape[0]} and {b.shape[0]}")
+        raise ValueError(f"{names} have incompatible batch sizes {a.shape[0]} and {b.shape[0]}")
 
 
 def _broadcast_batch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +85,7 @@ def identity_grid(
 ) -> torch.Tensor:
     """Voxel coordinates of a grid as a ``(1, 3, D0, D1, D2)`` tensor: ``grid[0, c] = index along axis c``."""
     if len(shape) != SPATIAL_DIMS or any(int(s) < 1 for s in shape):
-        raise InputError(f"expected a 3D grid shape of positive sizes, got {tuple(shape)}")
+        raise ValueError(f"expected a 3D grid shape of positive sizes, got {tuple(shape)}")
     axes = [torch.arange(int(s), device=device, dtype=dtype) for s in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
@@ -103,15 +106,15 @@ def warp(
     """
     _check_field(u)
     if not isinstance(volume, torch.Tensor) or volume.dim() != 2 + SPATIAL_DIMS:
-        raise InputError(f"volume must be a (B, C, D0, D1, D2) tensor, got {getattr(volume, 'shape', type(volume))}")
+        raise ValueError(f"volume must be a (B, C, D0, D1, D2) tensor, got {getattr(volume, 'shape', type(volume))}")
     if mode not in WARP_MODES:
-        raise InputError(f"warp mode must be one of {WARP_MODES}, got {mode!r}")
+        raise ValueError(f"warp mode must be one of {WARP_MODES}, got {mode!r}")
     if padding_mode not in PADDING_MODES:
-        raise InputError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     _check_same_grid(volume, u, "volume and displacement")
     integer_input = not volume.is_floating_point()
     if integer_input and mode != "nearest":
-        raise InputError(f"an integer volume ({volume.dtype}) can only be warped with mode='nearest'")
+        raise ValueError(f"an integer volume ({volume.dtype}) can only be warped with mode='nearest'")
     # grid_sample wants one dtype: the wider of the two floats (labels take the field's).
     dtype = u.dtype if integer_input else torch.promote_types(volume.dtype, u.dtype)
     volume_values, u = _broadcast_batch(volume.to(dtype), u.to(dtype))
@@ -142,7 +145,7 @@ def exp_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
     """
     _check_field(v, "v")
     if steps < 0:
-        raise InputError(f"steps must be >= 0, got {steps}")
+        raise ValueError(f"steps must be >= 0, got {steps}")
     u = v / (2.0**steps)
     for _ in range(steps):
         u = compose(u, u)
@@ -307,9 +310,9 @@ def invert(
     """
     _check_field(u)
     if max_iterations < 1 or backward_max_iterations < 1:
-        raise InputError("max_iterations and backward_max_iterations must be >= 1")
+        raise ValueError("max_iterations and backward_max_iterations must be >= 1")
     if tolerance < 0 or backward_tolerance < 0 or anderson_memory < 0 or anderson_regularisation < 0:
-        raise InputError("tolerances, anderson_memory and anderson_regularisation must be >= 0")
+        raise ValueError("tolerances, anderson_memory and anderson_regularisation must be >= 0")
     forward_settings = _FixedPointSettings(int(max_iterations), int(anderson_memory), float(anderson_regularisation))
     backward_settings = _FixedPointSettings(
         int(backward_max_iterations), int(anderson_memory), float(anderson_regularisation)
@@ -439,7 +442,7 @@ def non_diffeomorphic_volume(u: torch.Tensor, mask: torch.Tensor | None = None) 
     else:
         if mask.dim() != 1 + SPATIAL_DIMS or mask.shape[1:] != ndv_map.shape[1:]:
             grid = ", ".join(str(size) for size in ndv_map.shape[1:])
-            raise InputError(f"mask must have shape (B, {grid}), got {tuple(mask.shape)}")
+            raise ValueError(f"mask must have shape (B, {grid}), got {tuple(mask.shape)}")
         weights = (mask != 0).to(device=ndv_map.device, dtype=ndv_map.dtype)
     volume = (ndv_map * weights).flatten(1).sum(dim=1)
     counted = weights.expand_as(ndv_map).flatten(1).sum(dim=1)
@@ -463,7 +466,7 @@ def inverse_consistency_error(
     residual = compose(u_forward, u_inverse)
     spacing_tensor = torch.as_tensor(spacing, dtype=residual.dtype, device=residual.device).reshape(-1)
     if spacing_tensor.numel() != SPATIAL_DIMS or bool((spacing_tensor <= 0).any()):
-        raise InputError(f"spacing must be 3 positive voxel sizes in mm, got {spacing}")
+        raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing}")
     return torch.linalg.vector_norm(residual * spacing_tensor.view(1, SPATIAL_DIMS, 1, 1, 1), dim=1)
 
 
@@ -478,7 +481,7 @@ def resize_field(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     _check_field(u)
     shape = tuple(int(s) for s in shape)
     if len(shape) != SPATIAL_DIMS or min(shape) < 1:
-        raise InputError(f"expected a 3D grid shape of positive sizes, got {shape}")
+        raise ValueError(f"expected a 3D grid shape of positive sizes, got {shape}")
     if shape == tuple(u.shape[2:]):
         return u
     resized = F.interpolate(u, size=shape, mode="trilinear", align_corners=False)
