@@ -144,27 +144,28 @@ def _scan_nifti(path: Path, what: str) -> int:
 
 
 # --- NRRD ----------------------------------------------------------------------------------
-def _text_header(path: Path, end: re.Pattern[bytes]) -> tuple[str, int] | None:
-    """The text header of ``path`` up to the match of ``end``, and the byte offset after it."""
+def _header_fields(path: Path, end: re.Pattern[bytes], separator: str) -> tuple[dict[str, str], int] | None:
+    """The ``key SEP value`` fields (lower-case keys) of the text header of ``path`` up to the
+    match of ``end``, and the byte offset after it; None when ``end`` is not found."""
     with open(path, "rb") as handle:
         head = handle.read(_TEXT_HEADER_LIMIT)
     match = end.search(head)
     if match is None:
         return None
-    return head[: match.end()].decode("latin-1"), match.end()
+    fields = {}
+    for line in head[: match.end()].decode("latin-1").splitlines():
+        if separator in line and not line.startswith("#"):
+            key, value = line.split(separator, 1)
+            fields[key.strip().lower()] = value.lstrip("=").strip()  # NRRD key/value pairs use ":="
+    return fields, match.end()
 
 
 def _check_nrrd_length(path: Path, header: ImageHeader, what: str) -> None:
     # The header ends at a blank line, or at the end of a detached header (.nhdr).
-    text_end = _text_header(path, re.compile(rb"\r?\n\r?\n|\Z"))
-    if text_end is None:
+    parsed = _header_fields(path, re.compile(rb"\r?\n\r?\n|\Z"), ":")
+    if parsed is None:
         return
-    text, data_start = text_end
-    fields = {}
-    for line in text.splitlines()[1:]:
-        if ":" in line and not line.startswith("#"):
-            key, value = line.split(":", 1)
-            fields[key.strip().lower()] = value.lstrip("=").strip()
+    fields, data_start = parsed
     if fields.get("encoding", "raw").lower() != "raw" or int(fields.get("line skip", fields.get("lineskip", "0"))):
         return  # compressed (teem reports short streams itself) or line-based layout
     skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
@@ -173,15 +174,10 @@ def _check_nrrd_length(path: Path, header: ImageHeader, what: str) -> None:
 
 # --- MetaImage -----------------------------------------------------------------------------
 def _check_meta_length(path: Path, header: ImageHeader, what: str) -> None:
-    text_end = _text_header(path, re.compile(rb"ElementDataFile\s*=\s*[^\r\n]*\r?\n?"))
-    if text_end is None:
+    parsed = _header_fields(path, re.compile(rb"ElementDataFile\s*=\s*[^\r\n]*\r?\n?"), "=")
+    if parsed is None:
         return
-    text, data_start = text_end
-    fields = {}
-    for line in text.splitlines():
-        if "=" in line:
-            key, value = line.split("=", 1)
-            fields[key.strip().lower()] = value.strip()
+    fields, data_start = parsed
     if fields.get("compresseddata", "false").lower() == "true":
         return
     data_file = fields.get("elementdatafile", "LOCAL")
