@@ -118,6 +118,8 @@ class OutputSet:
     def temporary(self, flag: str) -> Path:
         """Where to write output ``flag`` now: a fresh name in its folder, same extension."""
         output = self._outputs[flag]
+        if output.temporary is not None:  # written again: the earlier attempt is not kept
+            _remove(output.temporary)
         stem, suffix = split_suffix(output.path)
         output.temporary = output.path.with_name(f".{stem}.partial-{uuid.uuid4().hex[:8]}{suffix}")
         return output.temporary
@@ -167,18 +169,24 @@ class OutputSet:
                 output.backup = None
 
     def discard(self) -> None:
-        """Remove temporaries and undo this run's renames (pre-existing files are put back)."""
+        """Remove temporaries and undo this run's renames (pre-existing files are put back).
+
+        Best effort, output by output: a step that fails leaves its backup file in place (the
+        earlier content is never deleted) and the others are still undone.
+        """
         with cancellation.held(discard=True):
             for output in reversed(list(self._outputs.values())):
-                if output.committed:
-                    _remove(output.path)
-                    output.committed = False
-                if output.backup is not None:
-                    os.replace(output.backup, output.path)
-                    output.backup = None
-                if output.temporary is not None:
-                    _remove(output.temporary)
-                    output.temporary = None
+                with suppress(OSError):
+                    if output.committed:
+                        _remove(output.path)
+                        output.committed = False
+                    if output.backup is not None:
+                        os.replace(output.backup, output.path)
+                        output.backup = None
+                with suppress(OSError):
+                    if output.temporary is not None:
+                        _remove(output.temporary)
+                        output.temporary = None
 
 
 def _remove(path: Path) -> None:
