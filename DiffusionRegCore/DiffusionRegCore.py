@@ -120,9 +120,15 @@ class BackendTask:
 
     POLL_INTERVAL_MS = 100
 
-    def __init__(self, job: PreparedJob, processFactory=BackendProcess, keepTemporaryFiles: bool = False,
-                 onProgress: Callable[[ProgressEvent], None] | None = None, onLog: Callable[[str], None] | None = None,
-                 onFinished: Callable[[BackendTask], None] | None = None) -> None:
+    def __init__(
+        self,
+        job: PreparedJob,
+        processFactory=BackendProcess,
+        keepTemporaryFiles: bool = False,
+        onProgress: Callable[[ProgressEvent], None] | None = None,
+        onLog: Callable[[str], None] | None = None,
+        onFinished: Callable[[BackendTask], None] | None = None,
+    ) -> None:
         self.job = job
         self.processFactory = processFactory
         self.keepTemporaryFiles = keepTemporaryFiles
@@ -151,8 +157,12 @@ class BackendTask:
         for note in self.job.notes:
             self._log(note)
         self._process = self.processFactory(
-            self.job.command, env=self.job.env, cwd=str(self.job.workFolder.path), onProgress=self.onProgress,
-            onLog=lambda line, stream: self._log(line), onFinished=self._processFinished,
+            self.job.command,
+            env=self.job.env,
+            cwd=str(self.job.workFolder.path),
+            onProgress=self.onProgress,
+            onLog=lambda line, stream: self._log(line),
+            onFinished=self._processFinished,
         )
         try:
             self._process.start()
@@ -266,11 +276,11 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
     def dependencyPlan(self, requirementFiles=None) -> dependencyInstall.InstallPlan:
         return dependencyInstall.currentPlan(requirementFiles or self.requirementFiles())
 
-    def ensureDependencies(self, requirementFiles=None, requester: str = "DiffusionReg", askConfirmation: bool = True,
-                           log=None) -> bool:
+    def ensureDependencies(
+        self, requirementFiles=None, requester: str = "DiffusionReg", askConfirmation: bool = True, log=None
+    ) -> bool:
         """Install what the module's requirement files list after one confirmation (see DiffusionRegCoreLib.install)."""
-        return dependencyInstall.ensureDependencies(requirementFiles or self.requirementFiles(), requester,
-                                                    askConfirmation, log)
+        return dependencyInstall.ensureDependencies(requirementFiles or self.requirementFiles(), requester, askConfirmation, log)
 
     # --- settings ---------------------------------------------------------------------
     @staticmethod
@@ -290,8 +300,9 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
         """Run ``job`` in the background; see :class:`BackendTask` for the callbacks."""
         return BackendTask(job, self.processFactory, **kwargs).start()
 
-    def probeDevices(self, onFinished: Callable[[deviceProbe.DeviceInfo], None] | None = None,
-                     wait: bool = False, timeout: float = 180.0):
+    def probeDevices(
+        self, onFinished: Callable[[deviceProbe.DeviceInfo], None] | None = None, wait: bool = False, timeout: float = 180.0
+    ):
         """Find torch devices in a subprocess; the result is also kept in ``deviceInfo``."""
         probe = deviceProbe.probeCommand(self.pythonExecutable())  # may fail: before any folder exists
 
@@ -317,8 +328,14 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
     def downloadModelJob(self, name: str) -> PreparedJob:
         """``diffusionreg models pull NAME``: the backend downloads and sha256-checks registry weights."""
         commandLine = backendCommand.backendCommand(self.pythonExecutable(), ["models", "pull"], [name])
-        return PreparedJob(f"DiffusionReg download {name}", commandLine, self.createWorkFolder(),
-                           lambda result: name, {"download": 1.0}, env=self.backendEnvironment())
+        return PreparedJob(
+            f"DiffusionReg download {name}",
+            commandLine,
+            self.createWorkFolder(),
+            lambda result: name,
+            {"download": 1.0},
+            env=self.backendEnvironment(),
+        )
 
 
 #
@@ -341,10 +358,19 @@ class JobPanel:
     - ``onModelChanged()``: optional, called when the modality or model selection changes.
     """
 
-    def __init__(self, parentLayout, task: str, validate: Callable[[], str], start: Callable[[JobPanel], BackendTask],
-                 requirementFiles: Sequence[Path], requester: str, runText: str = "Run",
-                 onResult: Callable[[object], None] | None = None, logic: DiffusionRegCoreLogic | None = None,
-                 onModelChanged: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        parentLayout,
+        task: str,
+        validate: Callable[[], str],
+        start: Callable[[JobPanel], BackendTask],
+        requirementFiles: Sequence[Path],
+        requester: str,
+        runText: str = "Run",
+        onResult: Callable[[object], None] | None = None,
+        logic: DiffusionRegCoreLogic | None = None,
+        onModelChanged: Callable[[], None] | None = None,
+    ) -> None:
         self.task = task
         self.validate = validate
         self.startJob = start
@@ -515,7 +541,9 @@ class JobPanel:
         if self._updating:
             return
         if not self.modality:
-            self.modelInfoLabel.text = _("No {task} model is installed: import one, or download one below.").format(task=self.task)
+            self.modelInfoLabel.text = _("No {task} model is installed: import one, or download one below.").format(
+                task=self.task
+            )
         else:
             entry, reason = model_choice.modelToRun(self._entries, self.task, self.modality, self.model)
             self.modelInfoLabel.text = model_choice.describeModel(entry) if entry else reason
@@ -535,21 +563,28 @@ class JobPanel:
         names = [e.name for e in self._entries if e.state == "downloadable"]
         if not names:
             return
-        name = names[0] if len(names) == 1 else qt.QInputDialog.getItem(
-            self.runButton, _("Download model"), _("Model:"), names, 0, False)
+        name = (
+            names[0]
+            if len(names) == 1
+            else qt.QInputDialog.getItem(self.runButton, _("Download model"), _("Model:"), names, 0, False)
+        )
         if not name:
             return
-        self._startTask(lambda: self.logic.startJob(self.logic.downloadModelJob(name), onProgress=self.onProgress,
-                                                    onLog=self.log, onFinished=self._downloadFinished),
-                        {"download": 1.0})
+        self._startTask(
+            lambda: self.logic.startJob(
+                self.logic.downloadModelJob(name), onProgress=self.onProgress, onLog=self.log, onFinished=self._downloadFinished
+            ),
+            {"download": 1.0},
+        )
 
     def _downloadFinished(self, task: BackendTask) -> None:
         self.onFinished(task, quiet=True)
         self.populateModels()
 
     def onImportModel(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(self.runButton, _("Import model weights"), "",
-                                              _("Model files (*.safetensors *.pt *.pth);;All files (*)"))
+        path = qt.QFileDialog.getOpenFileName(
+            self.runButton, _("Import model weights"), "", _("Model files (*.safetensors *.pt *.pth);;All files (*)")
+        )
         if not path:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
@@ -610,7 +645,7 @@ class JobPanel:
 
         try:
             self.logic.probeDevices(done)
-        except Exception as error:  # noqa: BLE001 - e.g. PythonSlicer missing: say it, stay usable
+        except Exception as error:
             self.detectDevicesButton.enabled = True
             self.deviceInfoLabel.text = str(error)
 
@@ -623,7 +658,7 @@ class JobPanel:
         """Install what is missing (one confirmation); on failure the panel stays idle with the error shown."""
         try:
             return self.logic.ensureDependencies(self.requirementFiles, self.requester, log=self.log)
-        except Exception as error:  # noqa: BLE001 - shown to the user, the panel goes back to idle
+        except Exception as error:
             self.fail(_("Installing the dependencies failed: {error}").format(error=error))
             return False
 
@@ -727,17 +762,25 @@ class DiffusionRegCoreWidget(ScriptedLoadableModuleWidget):
         self.statusLabel.wordWrap = True
         self.layout.addWidget(self.statusLabel)
         # The same kit the modules use, for every task: here it only manages models/devices/dependencies.
-        self.panel = JobPanel(self.layout, "affine", lambda: _("Use a DiffusionReg module to run a job"),
-                              lambda panel: None, self.logic.requirementFiles("requirements-deformable.txt"),
-                              "DiffusionReg")
+        self.panel = JobPanel(
+            self.layout,
+            "affine",
+            lambda: _("Use a DiffusionReg module to run a job"),
+            lambda panel: None,
+            self.logic.requirementFiles("requirements-deformable.txt"),
+            "DiffusionReg",
+        )
         self.layout.addStretch(1)
 
     def enter(self):
         try:
             plan = self.logic.dependencyPlan(self.panel.requirementFiles)
-            self.statusLabel.text = _("Python packages: all installed") if plan.empty else (
-                _("Python packages missing: ") + ", ".join(plan.describe()))
-        except Exception as error:  # noqa: BLE001
+            self.statusLabel.text = (
+                _("Python packages: all installed")
+                if plan.empty
+                else (_("Python packages missing: ") + ", ".join(plan.describe()))
+            )
+        except Exception as error:
             self.statusLabel.text = str(error)
         self.panel.populateModels()
 
@@ -820,10 +863,17 @@ class DiffusionRegCoreTest(ScriptedLoadableModuleTest):
         """A BackendTask runs PythonSlicer in the background: progress, log and the imported result."""
         self.delayDisplay("Background job with progress")
         logic = DiffusionRegCoreLogic()
-        script = ("import json; [print(json.dumps({'stage': 'work', 'fraction': f / 4, 'message': ''}), flush=True) "
-                  "for f in range(5)]; print('done')")
-        job = PreparedJob("self-test", [logic.pythonExecutable(), "-c", script], logic.createWorkFolder(),
-                          lambda result: "imported", {"work": 1.0})
+        script = (
+            "import json; [print(json.dumps({'stage': 'work', 'fraction': f / 4, 'message': ''}), flush=True) "
+            "for f in range(5)]; print('done')"
+        )
+        job = PreparedJob(
+            "self-test",
+            [logic.pythonExecutable(), "-c", script],
+            logic.createWorkFolder(),
+            lambda result: "imported",
+            {"work": 1.0},
+        )
         events, lines = [], []
         task = logic.startJob(job, onProgress=events.append, onLog=lines.append).wait(120)
         self.assertEqual(task.state, "completed", task.error)

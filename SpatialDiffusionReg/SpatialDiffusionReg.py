@@ -55,6 +55,7 @@ def _makeCoreImportable() -> None:
 
 _makeCoreImportable()
 
+from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, reloadLib
 from DiffusionRegCoreLib import model_choice, paths
 from DiffusionRegCoreLib.job import runJob
 from DiffusionRegCoreLib.process import BackendProcess
@@ -65,8 +66,6 @@ from SpatialDiffusionRegLib.affine_job import (
     AffineResult,
     prepareAffineJob,
 )
-
-from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, reloadLib
 
 #: Sample Data entry of the extension's brain MRI pair.
 SAMPLE_NAME = "DiffusionRegBrainPair"
@@ -193,9 +192,18 @@ class SpatialDiffusionRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SpatialDiffusionRegLogic()
-        self.panel = JobPanel(self.layout, TASK, self.reasonNotToRun, self.startRegistration,
-                              self.logic.requirementFiles(), _("Spatial Diffusion Registration"), _("Register"),
-                              onResult=self.onResult, logic=self.logic.coreLogic, onModelChanged=self.onModelSelection)
+        self.panel = JobPanel(
+            self.layout,
+            TASK,
+            self.reasonNotToRun,
+            self.startRegistration,
+            self.logic.requirementFiles(),
+            _("Spatial Diffusion Registration"),
+            _("Register"),
+            onResult=self.onResult,
+            logic=self.logic.coreLogic,
+            onModelChanged=self.onModelSelection,
+        )
         self.layout.addStretch(1)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -275,9 +283,14 @@ class SpatialDiffusionRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return self.options().isValid()[1]
 
     def startRegistration(self, panel: JobPanel) -> BackendTask:
-        return self.logic.start(self.options(), keepTemporaryFiles=panel.keepTemporaryFiles,
-                                showResult=self._parameterNode.showResult, onProgress=panel.onProgress, onLog=panel.log,
-                                onFinished=panel.onFinished)
+        return self.logic.start(
+            self.options(),
+            keepTemporaryFiles=panel.keepTemporaryFiles,
+            showResult=self._parameterNode.showResult,
+            onProgress=panel.onProgress,
+            onLog=panel.log,
+            onFinished=panel.onFinished,
+        )
 
     def onResult(self, result: AffineResult) -> None:
         for note in result.notes:
@@ -320,9 +333,18 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def optionsFromParameterNode(p, device: str = "auto") -> AffineOptions:
-        return AffineOptions(p.fixedVolume, p.movingVolume, p.outputTransform, p.outputVolume, modality=p.modality,
-                             model=p.model, steps=p.steps, bidirectional=p.bidirectional, initialize=p.initialize,
-                             device=device)
+        return AffineOptions(
+            p.fixedVolume,
+            p.movingVolume,
+            p.outputTransform,
+            p.outputVolume,
+            modality=p.modality,
+            model=p.model,
+            steps=p.steps,
+            bidirectional=p.bidirectional,
+            initialize=p.initialize,
+            device=device,
+        )
 
     def modelReason(self, options: AffineOptions) -> str:
         entries = self.coreLogic.modelManager().models(TASK)
@@ -337,8 +359,15 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
         python, env = core.pythonExecutable(), core.backendEnvironment()  # may fail: before any folder exists
         return prepareAffineJob(options, slicer.mrmlScene, core.createWorkFolder(), python, env)
 
-    def start(self, options: AffineOptions, keepTemporaryFiles: bool = False, showResult: bool = True,
-              onProgress=None, onLog=None, onFinished: Callable[[BackendTask], None] | None = None) -> BackendTask:
+    def start(
+        self,
+        options: AffineOptions,
+        keepTemporaryFiles: bool = False,
+        showResult: bool = True,
+        onProgress=None,
+        onLog=None,
+        onFinished: Callable[[BackendTask], None] | None = None,
+    ) -> BackendTask:
         """Start the registration in the background; the result is shown when it completes."""
         options.placeMoving = showResult
         job = self.prepare(options)
@@ -349,13 +378,28 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
             if onFinished:
                 onFinished(task)
 
-        return self.coreLogic.startJob(job, keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog,
-                                       onFinished=finished)
+        return self.coreLogic.startJob(
+            job, keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog, onFinished=finished
+        )
 
-    def register(self, fixedVolume, movingVolume, outputTransform=None, outputVolume=None, modality: str = SAMPLE_MODALITY,
-                 model: str = "", steps: int = 0, bidirectional: bool = False, initialize: str = "default",
-                 device: str | None = None, keepTemporaryFiles: bool = False, showResult: bool = True,
-                 timeout: float | None = None, onProgress=None, onLog=None) -> AffineResult:
+    def register(
+        self,
+        fixedVolume,
+        movingVolume,
+        outputTransform=None,
+        outputVolume=None,
+        modality: str = SAMPLE_MODALITY,
+        model: str = "",
+        steps: int = 0,
+        bidirectional: bool = False,
+        initialize: str = "default",
+        device: str | None = None,
+        keepTemporaryFiles: bool = False,
+        showResult: bool = True,
+        timeout: float | None = None,
+        onProgress=None,
+        onLog=None,
+    ) -> AffineResult:
         """Register ``movingVolume`` to ``fixedVolume`` and wait (Slicer stays responsive).
 
         The transform goes into ``outputTransform`` (a new node when None); see
@@ -364,11 +408,28 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
         not installed here; call ``DiffusionRegCoreLogic().ensureDependencies()`` first if needed.
         Raises ValueError for unusable inputs and RuntimeError when the run fails or is cancelled.
         """
-        options = AffineOptions(fixedVolume, movingVolume, outputTransform, outputVolume, modality=modality, model=model,
-                                steps=steps or 0, bidirectional=bidirectional, initialize=initialize,
-                                device=device or self.coreLogic.savedDevice(), placeMoving=showResult)
-        outcome = runJob(self.prepare(options), self.coreLogic.processFactory, timeout, keepTemporaryFiles, onProgress,
-                         onLog, idle=slicer.app.processEvents)
+        options = AffineOptions(
+            fixedVolume,
+            movingVolume,
+            outputTransform,
+            outputVolume,
+            modality=modality,
+            model=model,
+            steps=steps or 0,
+            bidirectional=bidirectional,
+            initialize=initialize,
+            device=device or self.coreLogic.savedDevice(),
+            placeMoving=showResult,
+        )
+        outcome = runJob(
+            self.prepare(options),
+            self.coreLogic.processFactory,
+            timeout,
+            keepTemporaryFiles,
+            onProgress,
+            onLog,
+            idle=slicer.app.processEvents,
+        )
         if outcome.state != "completed":
             raise RuntimeError(f"registration {outcome.state}: {outcome.error or 'see the log'}")
         if showResult:
@@ -378,8 +439,16 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
     def registerUsingParameterNode(self, parameterNode=None, **kwargs) -> AffineResult:
         """Run :meth:`register` with the values of a parameter node (the panel's by default)."""
         p = parameterNode or self.getParameterNode()
-        options = dict(outputTransform=p.outputTransform, outputVolume=p.outputVolume, modality=p.modality, model=p.model,
-                       steps=p.steps, bidirectional=p.bidirectional, initialize=p.initialize, showResult=p.showResult)
+        options = dict(
+            outputTransform=p.outputTransform,
+            outputVolume=p.outputVolume,
+            modality=p.modality,
+            model=p.model,
+            steps=p.steps,
+            bidirectional=p.bidirectional,
+            initialize=p.initialize,
+            showResult=p.showResult,
+        )
         options.update(kwargs)
         result = self.register(p.fixedVolume, p.movingVolume, **options)
         p.outputTransform = result.transformNode
@@ -408,7 +477,7 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
             import SampleData
 
             nodes = SampleData.SampleDataLogic().downloadSamples(SAMPLE_NAME)
-        except Exception as error:  # noqa: BLE001 - fall back to loading the files directly
+        except Exception as error:
             logging.warning(f"Sample Data could not load {SAMPLE_NAME} ({error}); loading the files directly")
         if len(nodes) != 2 or not all(hasattr(n, "GetImageData") for n in nodes):
             files = sampleFiles()
@@ -478,8 +547,10 @@ class SpatialDiffusionRegTest(ScriptedLoadableModuleTest):
         from DiffusionRegCoreLib import install
 
         if install.installedVersion("torch") is None:
-            return ("PyTorch is not installed in this Slicer: install it with the PyTorch Utils module "
-                    "(or press Register once) to run the registration test")
+            return (
+                "PyTorch is not installed in this Slicer: install it with the PyTorch Utils module "
+                "(or press Register once) to run the registration test"
+            )
         plan = DiffusionRegCoreLogic().dependencyPlan(SpatialDiffusionRegLogic().requirementFiles())
         if plan.pipRequirements:
             return "missing Python packages: " + ", ".join(plan.pipRequirements) + " (press Install dependencies)"
@@ -492,6 +563,7 @@ class SpatialDiffusionRegTest(ScriptedLoadableModuleTest):
 
     def test_registration(self):
         import numpy as np
+
         from DiffusionRegCoreLib import mrml_io
 
         reason = self._skipReason()
@@ -504,8 +576,7 @@ class SpatialDiffusionRegTest(ScriptedLoadableModuleTest):
         fixedBefore = mrml_io.volumeIjkToRas(fixed)
         outputVolume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
         self.delayDisplay("Registering (CPU)")
-        result = logic.register(fixed, moving, outputVolume=outputVolume, modality=SAMPLE_MODALITY, device="cpu",
-                                timeout=1800)
+        result = logic.register(fixed, moving, outputVolume=outputVolume, modality=SAMPLE_MODALITY, device="cpu", timeout=1800)
         transform = result.transformNode
         self.assertTrue(transform.IsLinear())
         matrix = mrml_io.lpsMatrixFromTransformNode(transform)

@@ -87,19 +87,49 @@ def tiny_registry(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny_models")
     torch.manual_seed(0)
-    affine = AffineConfig(name="tiny-affine", grid_size=16, spacing_mm=12.0, widths=(2, 4, 4, 8), norm_groups=2,
-                          time_dim=8, time_hidden=16, timesteps=4, zero_init_head=False)
+    affine = AffineConfig(
+        name="tiny-affine",
+        grid_size=16,
+        spacing_mm=12.0,
+        widths=(2, 4, 4, 8),
+        norm_groups=2,
+        time_dim=8,
+        time_hidden=16,
+        timesteps=4,
+        zero_init_head=False,
+    )
     (root / "affine").mkdir()
-    save_file({k: v.detach().contiguous() for k, v in build_model(affine).net.state_dict().items()},
-              str(root / "affine" / "model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous() for k, v in build_model(affine).net.state_dict().items()},
+        str(root / "affine" / "model.safetensors"),
+    )
     (root / "affine" / "config.json").write_text(affine.to_json(), encoding="utf-8")
-    sitreg = DeformableConfig(name="tiny-sitreg", method="sitreg", grid_shape=(16, 16, 16), spacing_mm=12.0,
-                              sitreg=SITRegConfig(feature_channels=(4, 8, 8), head_channels=(4, 8, 8)))
+    sitreg = DeformableConfig(
+        name="tiny-sitreg",
+        method="sitreg",
+        grid_shape=(16, 16, 16),
+        spacing_mm=12.0,
+        sitreg=SITRegConfig(feature_channels=(4, 8, 8), head_channels=(4, 8, 8)),
+    )
     torch.manual_seed(0)
     export_model(build_network(sitreg), sitreg, root / "sitreg")
-    entries = [{"name": "tiny-affine", "task": "affine", "modality": "mri", "file": "affine/model.safetensors",
-                "sha256": sha256_file(root / "affine" / "model.safetensors"), "config": "affine/config.json"},
-               {"name": "tiny-sitreg", "task": "deformable", "modality": "any", "file": "sitreg/model.safetensors",
-                "sha256": sha256_file(root / "sitreg" / "model.safetensors"), "config": "sitreg/config.json"}]
+    entries = [
+        {
+            "name": "tiny-affine",
+            "task": "affine",
+            "modality": "mri",
+            "file": "affine/model.safetensors",
+            "sha256": sha256_file(root / "affine" / "model.safetensors"),
+            "config": "affine/config.json",
+        },
+        {
+            "name": "tiny-sitreg",
+            "task": "deformable",
+            "modality": "any",
+            "file": "sitreg/model.safetensors",
+            "sha256": sha256_file(root / "sitreg" / "model.safetensors"),
+            "config": "sitreg/config.json",
+        },
+    ]
     (root / "Models.json").write_text(json.dumps({"models": entries}, indent=2), encoding="utf-8")
     return root / "Models.json"

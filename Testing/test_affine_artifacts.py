@@ -1,4 +1,5 @@
 """Artifacts: shapes, ranges and their specific effects."""
+
 import torch
 
 from diffusionreg.affine import artifacts as A
@@ -33,15 +34,14 @@ def test_stretch_repeats_frames():
     cfg = compact()
     v, g = _vol(3)
     out = A.stretch(v, cfg, g, axial=1)
-    same = [(out[:, i] == out[:, i + 1]).all() or (out[:, :, :, i] == out[:, :, :, i + 1]).all()
-            for i in range(31)]
+    same = [(out[:, i] == out[:, i + 1]).all() or (out[:, :, :, i] == out[:, :, :, i + 1]).all() for i in range(31)]
     assert any(bool(s) for s in same)
 
 
 def test_crop_fills_background_and_keeps_floor():
     v, g = _vol(4)
     out = A.random_crop(v, 0.6, g, axial=1)
-    kept = (out != -1).any(dim=1).any(dim=0)   # over i and j ... collapse to axis k
+    kept = (out != -1).any(dim=1).any(dim=0)  # over i and j ... collapse to axis k
     assert kept.sum() >= int(0.6 * 32) - 1
     assert torch.all((out == v) | (out == -1))
     # the axial axis is never cropped

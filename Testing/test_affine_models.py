@@ -1,4 +1,5 @@
 """Model registry: listing, resolving names and paths, sha256 verification, safe loading."""
+
 import json
 from pathlib import Path
 
@@ -13,15 +14,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _registry(tmp_path, sha=None):
     from safetensors.torch import save_file
+
     mdir = tmp_path / "Models" / "m1"
     mdir.mkdir(parents=True)
     save_file({"w": torch.ones(3)}, str(mdir / "model.safetensors"))
     (mdir / "config.json").write_text(json.dumps({"grid_size": 32}))
     reg = tmp_path / "Models.json"
-    reg.write_text(json.dumps({"models": [{"name": "m1", "task": "affine", "modality": "mri",
-                                           "file": "Models/m1/model.safetensors",
-                                           "sha256": sha or models.sha256_file(mdir / "model.safetensors"),
-                                           "config": "Models/m1/config.json"}]}))
+    reg.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "name": "m1",
+                        "task": "affine",
+                        "modality": "mri",
+                        "file": "Models/m1/model.safetensors",
+                        "sha256": sha or models.sha256_file(mdir / "model.safetensors"),
+                        "config": "Models/m1/config.json",
+                    }
+                ]
+            }
+        )
+    )
     return reg, mdir
 
 
@@ -51,6 +65,7 @@ def test_pickles_with_code_are_refused(tmp_path):
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
+
     p = tmp_path / "evil.pt"
     torch.save({"x": Evil()}, p)
     entry = models.resolve(str(p), "affine", "mri", None)
@@ -64,13 +79,11 @@ def test_register_entry_keeps_other_models(tmp_path):
     other.mkdir()
     (other / "model.safetensors").write_bytes(b"x")
     (other / "config.json").write_text("{}")
-    models.register_entry("m2", "deformable", "ct", other / "model.safetensors",
-                          other / "config.json", registry_path=reg)
+    models.register_entry("m2", "deformable", "ct", other / "model.safetensors", other / "config.json", registry_path=reg)
     names = [m["name"] for m in json.loads(reg.read_text())["models"]]
     assert names == ["m1", "m2"]
     # one name may serve two tasks: registering m1 for deformable keeps the affine m1
-    models.register_entry("m1", "deformable", "mri", other / "model.safetensors",
-                          other / "config.json", registry_path=reg)
+    models.register_entry("m1", "deformable", "mri", other / "model.safetensors", other / "config.json", registry_path=reg)
     pairs = [(m["name"], m["task"]) for m in json.loads(reg.read_text())["models"]]
     assert ("m1", "affine") in pairs and ("m1", "deformable") in pairs and len(pairs) == 3
     assert models.resolve("m1", "deformable", registry_path=reg).file == other / "model.safetensors"

@@ -1,4 +1,5 @@
 """Network shapes and sizes for both presets, embeddings, Gabor preprocessing."""
+
 import math
 
 import pytest
@@ -19,7 +20,7 @@ def test_compact_forward_shape_and_identity_start():
     assert out.shape == (2, 3, 4)
     # zero-initialised head: the untrained compact net predicts exactly I
     assert torch.allclose(out, torch.eye(3, 4).expand(2, 3, 4))
-    assert count_parameters(net) * 4 < 20e6   # shipped safetensors below 20 MB
+    assert count_parameters(net) * 4 < 20e6  # shipped safetensors below 20 MB
 
 
 def test_input_is_resized_to_the_training_grid():
@@ -37,16 +38,20 @@ def test_full_preset_size_on_meta_device():
     n = count_parameters(net)
     # the spec quotes about 62.9 M (depends on the head size and classes)
     assert 55e6 < n < 70e6, n
-    out = net(torch.empty(1, 2, 256, 256, 256, device="meta"),
-              torch.ones(1, dtype=torch.long, device="meta"))
+    out = net(torch.empty(1, 2, 256, 256, 256, device="meta"), torch.ones(1, dtype=torch.long, device="meta"))
     assert out.shape == (1, 3, 4)
 
 
 def test_class_embedding_rows_and_effect():
-    cfg = AffineConfig(grid_size=32, widths=(2, 8, 8, 16, 16, 16, 16), n_classes=4,
-                       class_names=("oct", "octa", "mri", "venous"), zero_init_head=False)
+    cfg = AffineConfig(
+        grid_size=32,
+        widths=(2, 8, 8, 16, 16, 16, 16),
+        n_classes=4,
+        class_names=("oct", "octa", "mri", "venous"),
+        zero_init_head=False,
+    )
     net = AffineDiffusionNet(cfg).eval()
-    assert net.blocks[0].class_emb.num_embeddings == 5        # row 0 = null class
+    assert net.blocks[0].class_emb.num_embeddings == 5  # row 0 = null class
     assert cfg.class_index("mri") == 3 and cfg.class_index("any") == 0
     torch.manual_seed(1)
     for b in net.blocks:
@@ -61,7 +66,7 @@ def test_sinusoidal_embedding():
     e = sinusoidal_embedding(torch.tensor([0, 7]), 256)
     assert e.shape == (2, 256)
     assert torch.allclose(e[0, :128], torch.zeros(128)) and torch.allclose(e[0, 128:], torch.ones(128))
-    assert e[1, 127] == pytest.approx(math.sin(7 * 1e-4), abs=1e-6)   # lowest frequency 1e-4
+    assert e[1, 127] == pytest.approx(math.sin(7 * 1e-4), abs=1e-6)  # lowest frequency 1e-4
 
 
 def test_gabor_kernels_and_binarisation():

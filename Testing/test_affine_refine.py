@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from conftest import random_rotation
+
 from diffusionreg.affine.preprocess import foreground_centroid
 from diffusionreg.affine.refine import RefineConfig, refine_affine
 from diffusionreg.image import centred_grid, read_image, resample

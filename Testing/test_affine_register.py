@@ -1,4 +1,5 @@
 """Registration path: exact world geometry, initialisation, the shipped model, CLI, bad input."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,6 +29,7 @@ def brain_b(shared_data):
     """Held-out subject (never used in training), cropped to save time."""
     img = read_image(shared_data / "brain" / "oasis_B_norm.nii.gz", dtype=np.float32)
     from diffusionreg.image import crop_or_pad
+
     return crop_or_pad(img, (40, 30, 30), (176, 190, 200))
 
 
@@ -56,10 +58,10 @@ def test_normalized_chain_equals_world_resampling(brain_b):
 
 
 def test_untrained_identity_network_gives_the_centroid_shift(brain_b):
-    model = build_model(compact())          # zero head: predicts exactly I every step
+    model = build_model(compact())  # zero head: predicts exactly I every step
     shift = np.array([12.0, -7.5, 4.25])
     moved = Image(brain_b.array, brain_b.affine.copy())
-    moved.affine[:3, 3] += shift            # same voxels placed shift mm away
+    moved.affine[:3, 3] += shift  # same voxels placed shift mm away
     res = register_affine(brain_b, moved, model, steps=3, refine_iterations=0)
     assert np.allclose(res.transform.matrix[:3, :3], np.eye(3), atol=1e-9)
     assert np.allclose(res.transform.matrix[:3, 3], shift, atol=0.05)
@@ -72,7 +74,7 @@ def test_untrained_identity_network_gives_the_centroid_shift(brain_b):
 def test_orientation_of_the_file_does_not_matter(brain_b, tmp_path):
     """The same physical image stored RAS-flipped (via nibabel) gives the same result."""
     model = build_model(compact())
-    ras_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ brain_b.affine   # voxel -> RAS
+    ras_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ brain_b.affine  # voxel -> RAS
     flipped = brain_b.array[::-1, :, ::-1].copy()
     flip = np.eye(4)
     flip[0, 0], flip[0, 3] = -1, brain_b.shape[0] - 1
@@ -104,13 +106,15 @@ def test_shipped_model_recovers_a_known_affine_whatever_the_file_grid(brain_b):
     the truth. Tolerance = what the shipped compact model measures (about 3.7 mm here, see
     its MODEL_CARD), not the issue's 1.5 mm target."""
     from diffusionreg.affine.register import load_model
+
     model = load_model("brain-mri")
     c = brain_b.grid.centre_world()
     truth = centred_affine(c, rotation_about_axis([1, -1, 2], 12) @ np.diag([1.05, 0.97, 1.0]), [6.0, -8.0, 5.0])
-    variants = [_synthetic_moving(brain_b, truth),
-                _synthetic_moving(brain_b, truth, spacing=(1.3, 0.9, 2.0)),
-                _synthetic_moving(brain_b, truth, spacing=(1.2, 1.2, 1.2),
-                                  direction=rotation_about_axis([0.3, 1, 0.2], 25))]
+    variants = [
+        _synthetic_moving(brain_b, truth),
+        _synthetic_moving(brain_b, truth, spacing=(1.3, 0.9, 2.0)),
+        _synthetic_moving(brain_b, truth, spacing=(1.2, 1.2, 1.2), direction=rotation_about_axis([0.3, 1, 0.2], 25)),
+    ]
     before = mean_error_mm(np.eye(4), truth, brain_b)
     found = [register_affine(brain_b, m, model).transform.matrix for m in variants]
     for mat in found:
@@ -128,12 +132,12 @@ def small_pair(brain_b, tmp_path_factory):
     grid = centred_grid((88, 96, 100), 2.0, brain_b.grid.centre_world())
     fixed = resample(brain_b, grid)
     truth = centred_affine(grid.centre_world(), rotation_about_axis([0, 0, 1], 8), [4.0, 2.0, -3.0])
-    moving = resample(fixed, centred_grid((90, 90, 90), 2.2, grid.centre_world() + [4, 2, -3]),
-                      np.linalg.inv(truth))
+    moving = resample(fixed, centred_grid((90, 90, 90), 2.2, grid.centre_world() + [4, 2, -3]), np.linalg.inv(truth))
     write_image(fixed, d / "fixed.nii.gz")
     write_image(moving, d / "moving.nrrd")
-    cfg = AffineConfig(name="tiny", grid_size=32, spacing_mm=7.0, widths=(2, 8, 8, 16, 16, 16, 16),
-                       time_dim=16, time_hidden=32, timesteps=8)
+    cfg = AffineConfig(
+        name="tiny", grid_size=32, spacing_mm=7.0, widths=(2, 8, 8, 16, 16, 16, 16), time_dim=16, time_hidden=32, timesteps=8
+    )
     torch.manual_seed(0)
     export_weights(build_model(cfg).net, cfg, d / "tiny", "model")
     return d, truth
@@ -142,19 +146,43 @@ def small_pair(brain_b, tmp_path_factory):
 def test_cli_writes_an_itk_transform_that_simpleitk_and_resample_apply(small_pair, cli):
     d, _ = small_pair
     out_t, out_v = d / "t.h5", d / "w.nrrd"
-    res = cli("affine", "--fixed", str(d / "fixed.nii.gz"), "--moving", str(d / "moving.nrrd"),
-              "--output-transform", str(out_t), "--output-volume", str(out_v),
-              "--model", str(d / "tiny"), "--progress", "none", "--device", "cpu")
+    res = cli(
+        "affine",
+        "--fixed",
+        str(d / "fixed.nii.gz"),
+        "--moving",
+        str(d / "moving.nrrd"),
+        "--output-transform",
+        str(out_t),
+        "--output-volume",
+        str(out_v),
+        "--model",
+        str(d / "tiny"),
+        "--progress",
+        "none",
+        "--device",
+        "cpu",
+    )
     assert res.returncode == 0, res.stderr
     t = read_transform(out_t)
     assert isinstance(t, AffineTransform)
     # SimpleITK applies the file the same way as diffusionreg resample
     f = sitk.ReadImage(str(d / "fixed.nii.gz"))
     m = sitk.ReadImage(str(d / "moving.nrrd"))
-    by_sitk = sitk.GetArrayFromImage(sitk.Resample(m, f, sitk.ReadTransform(str(out_t)),
-                                                   sitk.sitkLinear, 0.0)).transpose(2, 1, 0)
-    res2 = cli("resample", "--input", str(d / "moving.nrrd"), "--reference", str(d / "fixed.nii.gz"),
-               "--transform", str(out_t), "--output", str(d / "r.nii.gz"), "--progress", "none")
+    by_sitk = sitk.GetArrayFromImage(sitk.Resample(m, f, sitk.ReadTransform(str(out_t)), sitk.sitkLinear, 0.0)).transpose(2, 1, 0)
+    res2 = cli(
+        "resample",
+        "--input",
+        str(d / "moving.nrrd"),
+        "--reference",
+        str(d / "fixed.nii.gz"),
+        "--transform",
+        str(out_t),
+        "--output",
+        str(d / "r.nii.gz"),
+        "--progress",
+        "none",
+    )
     assert res2.returncode == 0, res2.stderr
     ours = read_image(d / "r.nii.gz").array
     written = read_image(out_v).array
@@ -162,16 +190,23 @@ def test_cli_writes_an_itk_transform_that_simpleitk_and_resample_apply(small_pai
     assert np.allclose(ours, written, atol=1e-4)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--fixed", "missing.nii.gz"], "not found"),
-    (["--output-transform", "t.png"], "output-transform"),
-    (["--model", "no-such-model"], "unknown model"),
-    (["--steps", "0"], "steps"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fixed", "missing.nii.gz"], "not found"),
+        (["--output-transform", "t.png"], "output-transform"),
+        (["--model", "no-such-model"], "unknown model"),
+        (["--steps", "0"], "steps"),
+    ],
+)
 def test_cli_bad_inputs_exit_2(small_pair, cli, args, message):
     d, _ = small_pair
-    base = {"--fixed": str(d / "fixed.nii.gz"), "--moving": str(d / "moving.nrrd"),
-            "--output-transform": str(d / "bad.h5"), "--model": str(d / "tiny")}
+    base = {
+        "--fixed": str(d / "fixed.nii.gz"),
+        "--moving": str(d / "moving.nrrd"),
+        "--output-transform": str(d / "bad.h5"),
+        "--model": str(d / "tiny"),
+    }
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v if not v.endswith((".nii.gz", ".png")) else str(d / v)
     flat = [x for kv in base.items() for x in kv]

@@ -1,12 +1,12 @@
 """One-jump forward sampling: statistics, invertibility, axis order, warping."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from diffusionreg.affine.sampling import (euler_rotation, frobenius_loss, sample_forward,
-                                          translation_to_normalized, warp)
+from diffusionreg.affine.sampling import euler_rotation, frobenius_loss, sample_forward, translation_to_normalized, warp
 from diffusionreg.affine.schedule import Schedule
 
 SCHED = Schedule.make(65, (0.01, 0.07), (0.5, 4.0))
@@ -19,8 +19,7 @@ def _gen(seed=0):
 def test_target_is_inverse_and_bounded():
     t = torch.randint(1, 66, (2000,), generator=_gen())
     mat, target = sample_forward(t, SCHED, (64, 64, 64), generator=_gen(1))
-    prod = mat @ torch.cat([target, torch.tensor([[[0, 0, 0, 1.0]]], dtype=torch.float64)
-                            .expand(len(t), 1, 4)], 1)
+    prod = mat @ torch.cat([target, torch.tensor([[[0, 0, 0, 1.0]]], dtype=torch.float64).expand(len(t), 1, 4)], 1)
     assert torch.allclose(prod, torch.eye(4, dtype=torch.float64).expand_as(prod), atol=1e-9)
     assert torch.all(torch.linalg.det(mat[:, :3, :3]) > 0)
 
@@ -39,7 +38,7 @@ def test_rigid_type_is_rotation_times_scale():
     t = torch.full((500,), 30)
     mat, _ = sample_forward(t, SCHED, (64, 64, 64), affine_prob=0.0, generator=_gen(3))
     lin = mat[:, :3, :3]
-    scales = torch.linalg.norm(lin, dim=1)            # column norms = scales
+    scales = torch.linalg.norm(lin, dim=1)  # column norms = scales
     rot = lin / scales[:, None, :]
     eye = torch.eye(3, dtype=torch.float64).expand_as(rot)
     assert torch.allclose(rot.transpose(1, 2) @ rot, eye, atol=1e-9)
@@ -57,7 +56,7 @@ def test_mixture_fraction():
 
 def test_translation_statistics_and_axis_order():
     t = torch.full((6000,), 65)
-    shape = (40, 64, 128)   # D0 (i, z), D1 (j, y), D2 (k, x)
+    shape = (40, 64, 128)  # D0 (i, z), D1 (j, y), D2 (k, x)
     mat, _ = sample_forward(t, SCHED, shape, generator=_gen(5))
     tau = mat[:, :3, 3]
     # x (k axis) is divided by 128/2, y by 64/2, z (i axis) by 40/2
@@ -73,24 +72,22 @@ def test_translation_moves_content_along_the_right_axis():
     vol[0, 0, 4, 6, 8] = 1.0
     theta = torch.eye(4, dtype=torch.float64)[None]
     # sample at p + (2 voxels along k): content moves by -2 voxels along k
-    theta[0, :3, 3] = translation_to_normalized(torch.tensor([[2.0, 0, 0]], dtype=torch.float64),
-                                                (8, 12, 16))
+    theta[0, :3, 3] = translation_to_normalized(torch.tensor([[2.0, 0, 0]], dtype=torch.float64), (8, 12, 16))
     out = warp(vol, theta)
     idx = np.unravel_index(int(out.argmax()), out.shape[2:])
     assert tuple(int(i) for i in idx) == (4, 6, 6)
 
 
 def test_warp_inverse_round_trip_and_background():
-    g = _gen(6)
     r = torch.linspace(-1, 1, 24)
     z, y, x = torch.meshgrid(r, r, r, indexing="ij")
-    vol = (torch.cos(3 * x) * torch.sin(2 * y + z) * (x ** 2 + y ** 2 + z ** 2 < 0.5))[None, None]
+    vol = (torch.cos(3 * x) * torch.sin(2 * y + z) * (x**2 + y**2 + z**2 < 0.5))[None, None]
     rot = torch.eye(4, dtype=torch.float64)[None]
     rot[0, :3, :3] = euler_rotation(torch.tensor([[0.2, -0.1, 0.15]], dtype=torch.float64))
     there = warp(vol, rot)
     back = warp(there, torch.linalg.inv(rot))
     assert float((back - vol)[:, :, 8:16, 8:16, 8:16].abs().mean()) < 0.05
-    assert float(there[0, 0, 0, 0, 0]) == pytest.approx(-1.0)   # outside stays background
+    assert float(there[0, 0, 0, 0, 0]) == pytest.approx(-1.0)  # outside stays background
 
 
 def test_frobenius_loss_not_squared():

@@ -1,4 +1,5 @@
 """Schedules: values against the spec's table, alpha_t, strided reverse plans."""
+
 import numpy as np
 import pytest
 
@@ -10,10 +11,12 @@ from diffusionreg.affine.schedule import Schedule, step_std
 def test_cosine_table_matches_spec():
     s = Schedule.make(65, (0.01, 0.07), (0.5, 4.0), "cosine")
     # t:       sigma_step lin, Sigma lin, sigma_step tr, Sigma tr, alpha
-    table = {1: (0.0100, 0.0100, 0.50, 0.50, 1.00),
-             2: (0.0100, 0.0142, 0.50, 0.71, 0.71),
-             33: (0.040, 0.133, 2.25, 7.30, 0.30),
-             65: (0.070, 0.366, 4.00, 20.7, 0.19)}
+    table = {
+        1: (0.0100, 0.0100, 0.50, 0.50, 1.00),
+        2: (0.0100, 0.0142, 0.50, 0.71, 0.71),
+        33: (0.040, 0.133, 2.25, 7.30, 0.30),
+        65: (0.070, 0.366, 4.00, 20.7, 0.19),
+    }
     for t, (ls, lc, ts, tc, a) in table.items():
         assert s.lin_step[t - 1] == pytest.approx(ls, abs=6e-4)
         assert s.lin_cum[t - 1] == pytest.approx(lc, abs=6e-4)
@@ -32,7 +35,7 @@ def test_linear_schedule_totals():
 
 def test_cumulative_is_root_sum_of_squares():
     steps = step_std(10, 0.1, 0.5)
-    with pytest.warns(UserWarning, match="singular"):   # 2.5 Sigma(T) >= 1 here
+    with pytest.warns(UserWarning, match="singular"):  # 2.5 Sigma(T) >= 1 here
         s = Schedule.make(10, (0.1, 0.5), (1, 2))
     assert s.lin_cum[4] == pytest.approx(np.sqrt((steps[:5] ** 2).sum()))
     with pytest.raises(ValueError):

@@ -1,4 +1,5 @@
 """Training: loss goes down, EMA / LR schedule, checkpoints + resume, 2-process gloo DDP."""
+
 import json
 import os
 import subprocess
@@ -33,10 +34,23 @@ def brain(request):
 
 
 def tiny() -> AffineConfig:
-    return AffineConfig(name="tiny", grid_size=32, spacing_mm=7.0, widths=(2, 8, 16, 16, 32, 32, 32),
-                        time_dim=32, time_hidden=64, trans_std_vox=(0.06, 0.5), lr=2e-3,
-                        warmup_steps=5, batch_size=4, elastic_std_vox=0.4, motion_band=(1, 2),
-                        motion_shift=(1, 3), doubling_shift=3, stretch_band=(1, 3))
+    return AffineConfig(
+        name="tiny",
+        grid_size=32,
+        spacing_mm=7.0,
+        widths=(2, 8, 16, 16, 32, 32, 32),
+        time_dim=32,
+        time_hidden=64,
+        trans_std_vox=(0.06, 0.5),
+        lr=2e-3,
+        warmup_steps=5,
+        batch_size=4,
+        elastic_std_vox=0.4,
+        motion_band=(1, 2),
+        motion_shift=(1, 3),
+        doubling_shift=3,
+        stretch_band=(1, 3),
+    )
 
 
 def test_a_tiny_training_run_lowers_the_loss(brain):
@@ -63,8 +77,7 @@ def test_a_tiny_training_run_lowers_the_loss(brain):
 def test_batch_targets_match_the_corruption(brain):
     cfg = tiny()
     subj = [load_subject(brain / "vxm_test_scan_T1.nii.gz", cfg)]
-    x, t, cls, target, mat = make_batch(subj, cfg, Schedule.from_config(cfg),
-                                        torch.Generator().manual_seed(2), batch_size=3)
+    x, t, cls, target, mat = make_batch(subj, cfg, Schedule.from_config(cfg), torch.Generator().manual_seed(2), batch_size=3)
     assert x.shape == (3, 2, 32, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert torch.allclose(torch.linalg.inv(mat)[:, :3], target)
     assert ((t >= 1) & (t <= cfg.timesteps)).all() and (cls == 0).all()
@@ -79,12 +92,12 @@ def test_lr_schedule_and_ema():
     ema = EMA(net, beta=0.995, power=0.75, start=2)
     with torch.no_grad():
         net.weight.fill_(1.0)
-    ema.update(net, 1)                  # before start: copy
+    ema.update(net, 1)  # before start: copy
     assert torch.equal(ema.module.weight, net.weight)
     with torch.no_grad():
         net.weight.fill_(3.0)
-    ema.update(net, 10)                 # decay = 1 - 9^-0.75 = 0.807
-    expected = 1.0 * (1 - 9 ** -0.75) + 3.0 * 9 ** -0.75
+    ema.update(net, 10)  # decay = 1 - 9^-0.75 = 0.807
+    expected = 1.0 * (1 - 9**-0.75) + 3.0 * 9**-0.75
     assert float(ema.module.weight[0, 0]) == pytest.approx(expected, rel=1e-5)
 
 
@@ -118,10 +131,32 @@ def test_ddp_two_processes_gloo(brain, tmp_path):
     cfg_path.write_text(tiny().to_json())
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffusionreg", "train", "affine", "--data", str(brain / "vxm_test_scan_T1.nii.gz"),
-           "--config", str(cfg_path), "--steps", "4", "--val-every", "0", "--threads", "1",
-           "--output", str(out), "--progress", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "diffusionreg",
+        "train",
+        "affine",
+        "--data",
+        str(brain / "vxm_test_scan_T1.nii.gz"),
+        "--config",
+        str(cfg_path),
+        "--steps",
+        "4",
+        "--val-every",
+        "0",
+        "--threads",
+        "1",
+        "--output",
+        str(out),
+        "--progress",
+        "none",
+    ]
     res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "world 2" in res.stdout
@@ -133,11 +168,30 @@ def test_train_affine_prints_json_progress(brain, tmp_path):
     """``diffusionreg train affine --progress json``: progress lines for Slicer's runner."""
     cfg_path = tmp_path / "tiny.json"
     cfg_path.write_text(tiny().to_json())
-    cmd = [sys.executable, "-m", "diffusionreg", "train", "affine", "--progress", "json",
-           "--data", str(brain / "vxm_test_scan_T1.nii.gz"), "--config", str(cfg_path), "--steps", "2",
-           "--val-every", "0", "--threads", "1", "--output", str(tmp_path / "run")]
-    res = subprocess.run(cmd, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffusionreg",
+        "train",
+        "affine",
+        "--progress",
+        "json",
+        "--data",
+        str(brain / "vxm_test_scan_T1.nii.gz"),
+        "--config",
+        str(cfg_path),
+        "--steps",
+        "2",
+        "--val-every",
+        "0",
+        "--threads",
+        "1",
+        "--output",
+        str(tmp_path / "run"),
+    ]
+    res = subprocess.run(
+        cmd, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     records = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     train_lines = [r for r in records if r["stage"] == "train affine"]

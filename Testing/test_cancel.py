@@ -26,8 +26,13 @@ from conftest import REPO
 from diffusionreg.outputs import PAUSE_BEFORE_RENAME_ENV, OutputSet
 
 # In the order the command declares (and so commits) them.
-OUTPUTS = {"--output-transform": "d.nii.gz", "--output-inverse-transform": "dinv.nii.gz",
-           "--output-volume": "w.nrrd", "--output-jacobian": "j.nii.gz", "--output-json": "r.json"}
+OUTPUTS = {
+    "--output-transform": "d.nii.gz",
+    "--output-inverse-transform": "dinv.nii.gz",
+    "--output-volume": "w.nrrd",
+    "--output-jacobian": "j.nii.gz",
+    "--output-json": "r.json",
+}
 EARLIER = b"an earlier result that must survive a cancelled run\n"
 # Seconds the commit waits before each rename when a test signals there.
 PAUSE_S = 0.5
@@ -50,15 +55,34 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 
 def _start(pair: Path, out: Path, registry: Path, refine_iterations: int, pause: float) -> subprocess.Popen:
-    args = ["deformable", "--fixed", str(pair / "fixed.nii.gz"), "--moving", str(pair / "moving.nii.gz"),
-            "--model", "tiny-sitreg", "--instance-optimization", "0", "--refine-iterations", str(refine_iterations),
-            "--device", "cpu", "--progress", "json"]
+    args = [
+        "deformable",
+        "--fixed",
+        str(pair / "fixed.nii.gz"),
+        "--moving",
+        str(pair / "moving.nii.gz"),
+        "--model",
+        "tiny-sitreg",
+        "--instance-optimization",
+        "0",
+        "--refine-iterations",
+        str(refine_iterations),
+        "--device",
+        "cpu",
+        "--progress",
+        "json",
+    ]
     for flag, name in OUTPUTS.items():
         args += [flag, str(out / name)]
-    env = {**os.environ, "DIFFUSIONREG_MODELS": str(registry), PAUSE_BEFORE_RENAME_ENV: str(pause),
-           "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, "-m", "diffusionreg", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, encoding="utf-8", cwd=REPO, env=env)
+    env = {**os.environ, "DIFFUSIONREG_MODELS": str(registry), PAUSE_BEFORE_RENAME_ENV: str(pause), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "diffusionreg", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        encoding="utf-8",
+        cwd=REPO,
+        env=env,
+    )
 
 
 def _wait_for(process: subprocess.Popen, stage: str, message: str) -> None:
@@ -89,8 +113,9 @@ def test_cancel_leaves_the_outputs_as_they_were(moment, signum, pair, tiny_regis
     before, inputs_before = _snapshot(out), _snapshot(pair)
     registering = moment == "while registering"
     # While registering: enough refinement iterations to be still at work when the signal lands.
-    process = _start(pair, out, tiny_registry, refine_iterations=100_000 if registering else 0,
-                     pause=0.0 if registering else PAUSE_S)
+    process = _start(
+        pair, out, tiny_registry, refine_iterations=100_000 if registering else 0, pause=0.0 if registering else PAUSE_S
+    )
     try:
         _wait_for(process, *MOMENTS[moment])
         process.send_signal(signum)
@@ -112,8 +137,9 @@ def test_uncancelled_run_writes_every_output_and_no_leftovers(pair, tiny_registr
     process = _start(pair, out, tiny_registry, refine_iterations=0, pause=0.0)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
-    renames = [json.loads(line)["message"] for line in stdout.splitlines()
-               if line.startswith('{"stage": "write"') and "renaming" in line]
+    renames = [
+        json.loads(line)["message"] for line in stdout.splitlines() if line.startswith('{"stage": "write"') and "renaming" in line
+    ]
     assert renames == [f"renaming {flag}" for flag in OUTPUTS]
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS.values())
     assert (out / OUTPUTS["--output-volume"]).read_bytes() != EARLIER

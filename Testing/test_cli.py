@@ -64,8 +64,22 @@ def test_evaluate_matches_simpleitk_on_real_labels(cli, tmp_path: Path, shared_d
     sitk.WriteTransform(affine, str(transform_path))
     labels = list(range(1, 14))
     output = tmp_path / "evaluation.json"
-    cli("evaluate", "--fixed-labels", str(fixed_path), "--moving-labels", str(moving_path), "--transform", str(transform_path),
-        "--labels", ",".join(map(str, labels)), "--output-json", str(output), "--progress", "none", check=True)
+    cli(
+        "evaluate",
+        "--fixed-labels",
+        str(fixed_path),
+        "--moving-labels",
+        str(moving_path),
+        "--transform",
+        str(transform_path),
+        "--labels",
+        ",".join(map(str, labels)),
+        "--output-json",
+        str(output),
+        "--progress",
+        "none",
+        check=True,
+    )
     result = json.loads(output.read_text())
     expected = _simpleitk_dice(fixed_path, moving_path, transform_path, labels)
     for label in labels:
@@ -76,8 +90,20 @@ def test_evaluate_matches_simpleitk_on_real_labels(cli, tmp_path: Path, shared_d
 
 def test_evaluate_sample_prints_table_and_json(cli, tmp_path: Path) -> None:
     output = tmp_path / "out.json"
-    result = cli("evaluate", "--fixed-labels", str(FIXED_LABELS), "--moving-labels", str(FIXED_LABELS),
-                 "--labels", "1,3,13", "--output-json", str(output), "--progress", "none", check=True)
+    result = cli(
+        "evaluate",
+        "--fixed-labels",
+        str(FIXED_LABELS),
+        "--moving-labels",
+        str(FIXED_LABELS),
+        "--labels",
+        "1,3,13",
+        "--output-json",
+        str(output),
+        "--progress",
+        "none",
+        check=True,
+    )
     data = json.loads(output.read_text())
     assert data["dice"] == {"1": 1.0, "3": 1.0, "13": 1.0}
     assert data["mean_hd95"] == 0.0
@@ -87,8 +113,18 @@ def test_evaluate_sample_prints_table_and_json(cli, tmp_path: Path) -> None:
 def test_evaluate_labels_file_and_json_progress(cli, tmp_path: Path) -> None:
     labels_file = tmp_path / "labels.txt"
     labels_file.write_text("# deep structures\n1 5\n6, 13\n")
-    result = cli("evaluate", "--fixed-labels", str(FIXED_LABELS), "--moving-labels", str(MOVING_LABELS),
-                 "--labels-file", str(labels_file), "--progress", "json", check=True)
+    result = cli(
+        "evaluate",
+        "--fixed-labels",
+        str(FIXED_LABELS),
+        "--moving-labels",
+        str(MOVING_LABELS),
+        "--labels-file",
+        str(labels_file),
+        "--progress",
+        "json",
+        check=True,
+    )
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert records and all(set(r) == {"stage", "fraction", "message"} for r in records)
     assert records[-1]["fraction"] == 1.0
@@ -103,15 +139,33 @@ def test_evaluate_with_landmarks_and_field(cli, tmp_path: Path, shared_data: Pat
     landmarks = case / "case_054_landmarks_voxel.csv"
     # A constant 2 mm field along L on a coarse 4 mm grid over the fixed image; TRE must follow.
     fixed_image = read_image(fixed)
-    coarse = centred_grid(np.ceil(np.asarray(fixed_image.shape) * fixed_image.spacing / 4.0).astype(int) + 2, 4.0,
-                          fixed_image.grid.centre_world(), fixed_image.grid.direction)
+    coarse = centred_grid(
+        np.ceil(np.asarray(fixed_image.shape) * fixed_image.spacing / 4.0).astype(int) + 2,
+        4.0,
+        fixed_image.grid.centre_world(),
+        fixed_image.grid.direction,
+    )
     field = np.zeros(coarse.shape + (3,), np.float32)
     field[..., 0] = 2.0
     field_path = tmp_path / "shift.nii.gz"
     write_image(Image(field, coarse.affine), field_path)
     output = tmp_path / "lung.json"
-    cli("evaluate", "--fixed-labels", str(fixed), "--moving-labels", str(moving), "--landmarks", str(landmarks),
-        "--transform", str(field_path), "--output-json", str(output), "--progress", "none", check=True)
+    cli(
+        "evaluate",
+        "--fixed-labels",
+        str(fixed),
+        "--moving-labels",
+        str(moving),
+        "--landmarks",
+        str(landmarks),
+        "--transform",
+        str(field_path),
+        "--output-json",
+        str(output),
+        "--progress",
+        "none",
+        check=True,
+    )
     data = json.loads(output.read_text())
     rows = np.loadtxt(landmarks, delimiter=",", skiprows=1)
     moving_image = read_image(moving)
@@ -135,12 +189,31 @@ def test_resample_cli_matches_simpleitk(cli, tmp_path: Path) -> None:
     output = tmp_path / "warped.nrrd"
     moving = SAMPLE / "sample_moving.nii.gz"
     reference = SAMPLE / "sample_fixed.nii.gz"
-    cli("resample", "--input", str(moving), "--reference", str(reference), "--transform", str(transform_path),
-        "--output", str(output), "--interpolation", "linear", "--progress", "none", check=True)
+    cli(
+        "resample",
+        "--input",
+        str(moving),
+        "--reference",
+        str(reference),
+        "--transform",
+        str(transform_path),
+        "--output",
+        str(output),
+        "--interpolation",
+        "linear",
+        "--progress",
+        "none",
+        check=True,
+    )
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
     expected = sitk.GetArrayFromImage(
-        sitk.Resample(sitk.Cast(sitk.ReadImage(str(moving)), sitk.sitkFloat32), sitk.ReadImage(str(reference)),
-                      sitk.ReadTransform(str(transform_path)), sitk.sitkLinear, 0.0)
+        sitk.Resample(
+            sitk.Cast(sitk.ReadImage(str(moving)), sitk.sitkFloat32),
+            sitk.ReadImage(str(reference)),
+            sitk.ReadTransform(str(transform_path)),
+            sitk.sitkLinear,
+            0.0,
+        )
     )
     assert np.mean(np.abs(ours - expected) > 1e-3) < 1e-3
     assert ours.max() > 100  # the brain landed in the field of view
@@ -152,9 +225,26 @@ def test_cancel_leaves_no_output(tmp_path: Path, shared_data: Path) -> None:
     output = tmp_path / "big.nii.gz"
     big = shared_data / "brain/oasis_A_norm.nii.gz"
     process = subprocess.Popen(
-        [sys.executable, "-m", "diffusionreg", "resample", "--input", str(big), "--reference", str(big),
-         "--interpolation", "bspline", "--output", str(output), "--progress", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "diffusionreg",
+            "resample",
+            "--input",
+            str(big),
+            "--reference",
+            str(big),
+            "--interpolation",
+            "bspline",
+            "--output",
+            str(output),
+            "--progress",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        encoding="utf-8",
+        cwd=REPO,
     )
     for line in process.stdout:  # wait until the resampling stage has begun
         if '"stage": "resample"' in line:

@@ -1,4 +1,5 @@
 """SITReg and two-step ICON networks: symmetry, inverse consistency, topology, training."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusionreg import fields
-from diffusionreg.deformable.config import DeformableConfig, ICONConfig, SITRegConfig, get_config, PRESETS
+from diffusionreg.deformable.config import PRESETS, DeformableConfig, ICONConfig, SITRegConfig, get_config
 from diffusionreg.deformable.icon import TwoStepICON
 from diffusionreg.deformable.losses import cycle_consistency_loss, lncc_squared
 from diffusionreg.deformable.register import build_network, pair_loss
@@ -138,9 +139,11 @@ def test_icon_is_antisymmetric_and_inverse_consistent():
 def _shifted_pair():
     """A smooth blob and the same blob shifted by 1.5 voxels along axis 0."""
     idx = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in (16, 16, 16)], indexing="ij"))
+
     def blob(c0):
         c = torch.tensor([c0, 8.0, 8.0]).view(3, 1, 1, 1)
-        return torch.exp(-((idx - c) ** 2).sum(0) / (2 * 3.0 ** 2))[None, None]
+        return torch.exp(-((idx - c) ** 2).sum(0) / (2 * 3.0**2))[None, None]
+
     return blob(7.0), blob(8.5)
 
 
@@ -148,12 +151,18 @@ def _shifted_pair():
 def test_tiny_training_lowers_the_loss(method):
     torch.manual_seed(0)
     if method == "sitreg":
-        cfg = DeformableConfig(method="sitreg", grid_shape=(16, 16, 16), sitreg=TINY, similarity="mse",
-                               regularisation_weight=0.01)
+        cfg = DeformableConfig(
+            method="sitreg", grid_shape=(16, 16, 16), sitreg=TINY, similarity="mse", regularisation_weight=0.01
+        )
         lr = 1e-2
     else:
-        cfg = DeformableConfig(method="icon", grid_shape=(16, 16, 16), similarity="mse", regularisation_weight=0.01,
-                               icon=ICONConfig(channels=(4, 8, 8, 8, 8, 8), squarings=6, smoothing_kernel=3))
+        cfg = DeformableConfig(
+            method="icon",
+            grid_shape=(16, 16, 16),
+            similarity="mse",
+            regularisation_weight=0.01,
+            icon=ICONConfig(channels=(4, 8, 8, 8, 8, 8), squarings=6, smoothing_kernel=3),
+        )
         lr = 1e-2
     net = build_network(cfg)
     a, b = _shifted_pair()
@@ -196,6 +205,7 @@ def test_configs():
 
 def test_group_consistency_training_term():
     from diffusionreg.deformable.register import triplet_loss
+
     cfg = DeformableConfig(method="sitreg", grid_shape=(16, 16, 16), sitreg=TINY, cycle_weight=40.0)
     net = randomised(SITReg(TINY, (16, 16, 16)), 0, 0.3)
     a, b, c = (smooth_noise(s, (16, 16, 16)) for s in (1, 2, 3))

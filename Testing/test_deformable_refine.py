@@ -1,9 +1,9 @@
 """Fine-grid symmetric velocity refinement: inverse consistency, symmetry, topology, accuracy."""
+
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def problem():
     torch.manual_seed(0)
     fixed = smooth_noise(1)
     velocity = smooth_field(2, 1.5)
-    truth = fields.exp_velocity(velocity, 7)             # warp(moving, truth) = fixed
+    truth = fields.exp_velocity(velocity, 7)  # warp(moving, truth) = fixed
     moving = fields.warp(fixed, fields.exp_velocity(-velocity, 7))
     u = fields.exp_velocity(0.5 * velocity, 7)
     w = fields.exp_velocity(-0.5 * velocity, 7)
@@ -55,7 +55,7 @@ def test_refinement_lowers_the_loss_and_the_error(problem):
     inner = (slice(None), slice(None)) + (slice(4, -4),) * 3
     before = (u - truth)[inner].norm(dim=1).mean()
     after = (u2 - truth)[inner].norm(dim=1).mean()
-    assert after < 0.8 * before     # measured 0.38 vs 0.54 voxel (smooth images: aperture limits it)
+    assert after < 0.8 * before  # measured 0.38 vs 0.54 voxel (smooth images: aperture limits it)
 
 
 def test_refined_pair_stays_inverse_consistent_and_folding_free(problem):
@@ -94,7 +94,7 @@ def test_refine_config_round_trips_and_is_validated():
     assert again.inference.refine == refine
     assert again.inference.refine.fine_shape((64, 64, 64)) == (96, 96, 96)
     old = json.loads(cfg.to_json())
-    del old["inference"]["refine"]          # a config without the stage still loads: refinement off
+    del old["inference"]["refine"]  # a config without the stage still loads: refinement off
     assert DeformableConfig.from_dict(old).inference.refine.iterations == 0
     with pytest.raises(InputError):
         DeformableConfig.from_dict({**old, "inference": {"refine": {"iterations": -1}}})

@@ -1,4 +1,5 @@
 """Deformable registration path: exact world geometry, CLI end to end, bad inputs, DDP training."""
+
 from __future__ import annotations
 
 import json
@@ -12,18 +13,27 @@ import pytest
 import torch
 
 from diffusionreg.deformable.config import DeformableConfig, DeformableInference, ICONConfig, SITRegConfig
-from diffusionreg.deformable.register import (DeformableModel, build_network, export_model, register_deformable,
-                                              world_field)
-from diffusionreg.image import Image, Grid, centred_grid, read_image, write_image
+from diffusionreg.deformable.register import DeformableModel, build_network, export_model, register_deformable, world_field
+from diffusionreg.image import Image, centred_grid, read_image, write_image
 from diffusionreg.spaces import apply_affine
 from diffusionreg.transforms import AffineTransform, read_transform, write_transform
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_SITREG = DeformableConfig(name="test-sitreg", method="sitreg", grid_shape=(16, 16, 16), spacing_mm=12.0,
-                               sitreg=SITRegConfig(feature_channels=(4, 8, 8), head_channels=(4, 8, 8)))
-TINY_ICON = DeformableConfig(name="test-icon", method="icon", grid_shape=(16, 16, 16), spacing_mm=12.0,
-                             icon=ICONConfig(channels=(4, 8, 8, 8, 8, 8), smoothing_kernel=3, squarings=6),
-                             inference=DeformableInference(io_steps=2, io_lr=1e-3))
+TINY_SITREG = DeformableConfig(
+    name="test-sitreg",
+    method="sitreg",
+    grid_shape=(16, 16, 16),
+    spacing_mm=12.0,
+    sitreg=SITRegConfig(feature_channels=(4, 8, 8), head_channels=(4, 8, 8)),
+)
+TINY_ICON = DeformableConfig(
+    name="test-icon",
+    method="icon",
+    grid_shape=(16, 16, 16),
+    spacing_mm=12.0,
+    icon=ICONConfig(channels=(4, 8, 8, 8, 8, 8), smoothing_kernel=3, squarings=6),
+    inference=DeformableInference(io_steps=2, io_lr=1e-3),
+)
 
 
 def rotation(axis, degrees):
@@ -61,8 +71,7 @@ def test_identity_network_gives_exactly_the_initial_transform(ct):
     t0[:3, :3] = rotation((1, 2, 3), 7.0)
     t0[:3, 3] = (4.0, -3.0, 2.5)
     moving = moved_copy(ct, t0)
-    result = register_deformable(ct, moving, model, AffineTransform(t0), io_steps=0, want_inverse=True,
-                                 want_jacobian=True)
+    result = register_deformable(ct, moving, model, AffineTransform(t0), io_steps=0, want_inverse=True, want_jacobian=True)
     assert float(result.u.abs().max()) == 0.0
     fixed_points = ct.grid.voxel_centres_world().reshape(-1, 3)
     expected = apply_affine(t0, fixed_points) - fixed_points
@@ -96,13 +105,38 @@ def test_cli_end_to_end_on_real_ct(ct, tmp_path, cli, model_dirs):
     write_image(ct, fixed_path)
     write_image(moved_copy(ct, t0), moving_path)
     write_transform(AffineTransform(t0), tmp_path / "init.h5")
-    out = {k: tmp_path / v for k, v in dict(d="D.nii.gz", dinv="Dinv.nii.gz", vol="W.nrrd", jac="J.nii.gz",
-                                           js="R.json").items()}
-    r = cli("deformable", "--fixed", str(fixed_path), "--moving", str(moving_path), "--initial-transform",
-            str(tmp_path / "init.h5"), "--output-transform", str(out["d"]), "--output-inverse-transform",
-            str(out["dinv"]), "--output-volume", str(out["vol"]), "--output-jacobian", str(out["jac"]),
-            "--model", str(model_dirs["icon"]), "--method", "icon", "--instance-optimization", "2",
-            "--refine-iterations", "3", "--output-json", str(out["js"]), "--device", "cpu", "--progress", "none")
+    out = {k: tmp_path / v for k, v in dict(d="D.nii.gz", dinv="Dinv.nii.gz", vol="W.nrrd", jac="J.nii.gz", js="R.json").items()}
+    r = cli(
+        "deformable",
+        "--fixed",
+        str(fixed_path),
+        "--moving",
+        str(moving_path),
+        "--initial-transform",
+        str(tmp_path / "init.h5"),
+        "--output-transform",
+        str(out["d"]),
+        "--output-inverse-transform",
+        str(out["dinv"]),
+        "--output-volume",
+        str(out["vol"]),
+        "--output-jacobian",
+        str(out["jac"]),
+        "--model",
+        str(model_dirs["icon"]),
+        "--method",
+        "icon",
+        "--instance-optimization",
+        "2",
+        "--refine-iterations",
+        "3",
+        "--output-json",
+        str(out["js"]),
+        "--device",
+        "cpu",
+        "--progress",
+        "none",
+    )
     assert r.returncode == 0, r.stderr
     assert "inverse consistency" in r.stdout
     d = read_transform(out["d"])
@@ -112,8 +146,10 @@ def test_cli_end_to_end_on_real_ct(ct, tmp_path, cli, model_dirs):
     # D o Dinv = id on moving points (up to trilinear resampling of both fields)
     q = moved_copy(ct, t0).grid.voxel_centres_world().reshape(-1, 3)[::7]
     p = dinv.map_points(q)
-    inside = np.all((apply_affine(np.linalg.inv(ct.affine), p) > 1) &
-                    (apply_affine(np.linalg.inv(ct.affine), p) < np.array(ct.shape) - 2), axis=1)
+    inside = np.all(
+        (apply_affine(np.linalg.inv(ct.affine), p) > 1) & (apply_affine(np.linalg.inv(ct.affine), p) < np.array(ct.shape) - 2),
+        axis=1,
+    )
     err = np.linalg.norm(d.map_points(p[inside]) - q[inside], axis=1)
     assert np.median(err) < 0.05 and err.max() < 1.0
     # near-identity network: D is close to the initial translation
@@ -135,8 +171,19 @@ def test_cli_end_to_end_on_real_ct(ct, tmp_path, cli, model_dirs):
 def test_bad_inputs_exit_2(case, ct, tmp_path, cli, model_dirs):
     fixed = tmp_path / "f.nii.gz"
     write_image(ct, fixed)
-    args = ["deformable", "--fixed", str(fixed), "--moving", str(fixed), "--output-transform",
-            str(tmp_path / "D.nii.gz"), "--model", str(model_dirs["sitreg"]), "--progress", "none"]
+    args = [
+        "deformable",
+        "--fixed",
+        str(fixed),
+        "--moving",
+        str(fixed),
+        "--output-transform",
+        str(tmp_path / "D.nii.gz"),
+        "--model",
+        str(model_dirs["sitreg"]),
+        "--progress",
+        "none",
+    ]
     if case == "missing":
         args[2] = str(tmp_path / "nope.nii.gz")
     elif case == "suffix":
@@ -173,16 +220,38 @@ def test_ddp_training_smoke_and_resume(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(TINY_SITREG.to_json())
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "diffusionreg",
-            "train", "deformable", "--method", "sitreg", "--config", str(cfg), "--pairs", *files,
-            "--val-pairs", f"{files[0]},{files[1]}", "--output", str(out), "--threads", "1", "--progress", "none",
-            "--val-every", "2"]
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "diffusionreg",
+        "train",
+        "deformable",
+        "--method",
+        "sitreg",
+        "--config",
+        str(cfg),
+        "--pairs",
+        *files,
+        "--val-pairs",
+        f"{files[0]},{files[1]}",
+        "--output",
+        str(out),
+        "--threads",
+        "1",
+        "--progress",
+        "none",
+        "--val-every",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(base + ["--steps", "2"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
-    r = subprocess.run(base + ["--steps", "3", "--resume"], capture_output=True, text=True, cwd=REPO, env=env,
-                       timeout=120)
+    r = subprocess.run(base + ["--steps", "3", "--resume"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "start step 2/3" in r.stdout
     state = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -203,8 +272,9 @@ def test_shipped_lung_model_improves_landmarks(shared_data):
     model = load_model("lung-vessels")
     assert model.cfg.method == "icon"
     folder = shared_data / "lung" / "vessels_val_cc_by"
-    pair = load_pair(folder / "case_094_1.nii.gz", folder / "case_094_2.nii.gz",
-                     folder / "case_094_landmarks_voxel.csv", model.cfg)
+    pair = load_pair(
+        folder / "case_094_1.nii.gz", folder / "case_094_2.nii.gz", folder / "case_094_landmarks_voxel.csv", model.cfg
+    )
     with torch.no_grad():
         u, w = model.net(pair.moving, pair.fixed)
     initial = np.linalg.norm(pair.landmarks[0] - pair.landmarks[1], axis=1).mean()
@@ -224,7 +294,7 @@ def test_shipped_brain_model_aligns_a_deformed_brain(shared_data):
     assert model.cfg.method == "sitreg" and model.cfg.inference.refine.iterations > 0
     brain = read_image(shared_data / "brain" / "vxm_test_scan_T1.nii.gz")
     g = torch.Generator().manual_seed(3)
-    coarse = torch.randn(1, 3, 5, 5, 5, generator=g, dtype=torch.float64) * 2.5   # voxels (1 mm)
+    coarse = torch.randn(1, 3, 5, 5, 5, generator=g, dtype=torch.float64) * 2.5  # voxels (1 mm)
     u = torch.nn.functional.interpolate(coarse, size=brain.shape, mode="trilinear", align_corners=False)
     volume = torch.from_numpy(brain.array.astype(np.float64))[None, None]
     moving = Image(fields.warp(volume, u)[0, 0].numpy().astype(np.float32), brain.affine)

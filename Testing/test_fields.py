@@ -41,9 +41,7 @@ def linear_field(matrix: np.ndarray, shape: tuple[int, int, int], centre, device
 
 
 def rotation_about_axis2(angle: float) -> np.ndarray:
-    return np.array(
-        [[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0], [0.0, 0.0, 1.0]]
-    )
+    return np.array([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0], [0.0, 0.0, 1.0]])
 
 
 def sinusoid(points: torch.Tensor, amplitude: float, period: float) -> torch.Tensor:
@@ -52,9 +50,7 @@ def sinusoid(points: torch.Tensor, amplitude: float, period: float) -> torch.Ten
     for c in range(3):
         a, b = (c + 1) % 3, (c + 2) % 3
         components.append(
-            amplitude
-            * torch.sin(2 * math.pi * points[a] / period + c)
-            * torch.cos(2 * math.pi * points[b] / period)
+            amplitude * torch.sin(2 * math.pi * points[a] / period + c) * torch.cos(2 * math.pi * points[b] / period)
         )
     return torch.stack(components)
 
@@ -185,8 +181,7 @@ def test_exp_of_rotation_generator_converges_to_matrix_exponential(device):
     grid = fields.identity_grid(shape, device=device, dtype=F64)
     inside = torch.linalg.vector_norm(grid - grid.new_tensor(centre).view(1, 3, 1, 1, 1), dim=1) < 8
     errors = [
-        torch.linalg.vector_norm(fields.exp_velocity(v, steps=steps) - expected, dim=1)[inside].max().item()
-        for steps in (4, 7)
+        torch.linalg.vector_norm(fields.exp_velocity(v, steps=steps) - expected, dim=1)[inside].max().item() for steps in (4, 7)
     ]
     # (I + L / 2^n)^(2^n) - exp(L) = O(|L|^2 r / 2^(n+1)): about 0.04 voxel, then 0.005
     assert errors[1] < 0.01
@@ -250,9 +245,7 @@ def test_invert_gradient_matches_finite_differences():
     u = (0.3 * torch.rand(1, 3, 6, 6, 6, dtype=F64) - 0.15).requires_grad_(True)
 
     def tight_inverse(field: torch.Tensor) -> torch.Tensor:
-        return fields.invert(
-            field, tolerance=1e-12, max_iterations=300, backward_tolerance=1e-12, backward_max_iterations=300
-        )
+        return fields.invert(field, tolerance=1e-12, max_iterations=300, backward_tolerance=1e-12, backward_max_iterations=300)
 
     assert torch.autograd.gradcheck(tight_inverse, (u,), fast_mode=True, atol=1e-6, rtol=1e-4)
 
@@ -294,8 +287,7 @@ def test_ndv_of_linear_maps_is_minus_det_when_orientation_reverses(device, deter
     ndv_map = fields.non_diffeomorphic_volume_map(u)
     # inside: 8 corner tetrahedra of volume |det|/6 and 2 central ones of 2|det|/6, counted twice
     expected_inside = max(-det, 0.0)
-    torch.testing.assert_close(interior(ndv_map, 1), torch.full_like(interior(ndv_map, 1), expected_inside),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(interior(ndv_map, 1), torch.full_like(interior(ndv_map, 1), expected_inside), rtol=0, atol=1e-12)
     mask = torch.zeros(1, 8, 8, 8, device=device)
     mask[..., 1:-1, 1:-1, 1:-1] = 1
     result = fields.non_diffeomorphic_volume(u, mask=mask)
@@ -370,9 +362,7 @@ def test_resize_field_keeps_the_physical_displacement(device):
     up = fields.resize_field(coarse, (16, 8, 4))
     new_grid = fields.identity_grid((16, 8, 4), device=device, dtype=F64)
     # inside the outer half voxels (interpolation there clamps to the edge value)
-    torch.testing.assert_close(
-        up[:, 0, 1:-1], alpha * (new_grid[:, 0, 1:-1] + 0.5), rtol=0, atol=1e-12
-    )
+    torch.testing.assert_close(up[:, 0, 1:-1], alpha * (new_grid[:, 0, 1:-1] + 0.5), rtol=0, atol=1e-12)
     # a constant 0.25 voxel along axis 1 is 0.5 voxel on a twice finer axis 1
     torch.testing.assert_close(up[:, 1], torch.full_like(up[:, 1], 0.5), rtol=0, atol=1e-12)
     assert torch.all(up[:, 2] == 0)
@@ -388,11 +378,13 @@ def test_contract_violations_raise_value_error_and_thin_fields_input_error():
     """Wrong shapes and modes are a caller's bug (ValueError); a 1-voxel-thick field, which a
     user's file can hold, is bad input (InputError)."""
     u = torch.zeros(1, 3, 4, 4, 4)
-    for call in (lambda: fields.warp(torch.zeros(1, 1, 4, 4, 5), u),
-                 lambda: fields.compose(u, torch.zeros(1, 2, 4, 4, 4)),
-                 lambda: fields.warp(torch.zeros(1, 1, 4, 4, 4), u, mode="bicubic"),
-                 lambda: fields.inverse_consistency_error(u, u, (1.0, 1.0)),
-                 lambda: fields.invert(u, max_iterations=0)):
+    for call in (
+        lambda: fields.warp(torch.zeros(1, 1, 4, 4, 5), u),
+        lambda: fields.compose(u, torch.zeros(1, 2, 4, 4, 4)),
+        lambda: fields.warp(torch.zeros(1, 1, 4, 4, 4), u, mode="bicubic"),
+        lambda: fields.inverse_consistency_error(u, u, (1.0, 1.0)),
+        lambda: fields.invert(u, max_iterations=0),
+    ):
         with pytest.raises(ValueError) as raised:
             call()
         assert not isinstance(raised.value, InputError)

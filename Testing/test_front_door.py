@@ -41,15 +41,46 @@ def test_cli_registration_options_default_to_the_model_config(command):
 
 
 def _affine_cli(model: str | None, out: Path) -> np.ndarray:
-    args = ["affine", "--fixed", str(FIXED), "--moving", str(MOVING), "--output-transform", str(out),
-            "--progress", "none", "--quiet", "--device", "cpu"]
+    args = [
+        "affine",
+        "--fixed",
+        str(FIXED),
+        "--moving",
+        str(MOVING),
+        "--output-transform",
+        str(out),
+        "--progress",
+        "none",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert cli.main(args + (["--model", model] if model else [])) == 0
     return read_transform(out).matrix
 
 
 def _deformable_cli(model: str, out: Path) -> np.ndarray:
-    assert cli.main(["deformable", "--fixed", str(FIXED), "--moving", str(MOVING), "--model", model,
-                     "--output-transform", str(out), "--progress", "none", "--quiet", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "deformable",
+                "--fixed",
+                str(FIXED),
+                "--moving",
+                str(MOVING),
+                "--model",
+                model,
+                "--output-transform",
+                str(out),
+                "--progress",
+                "none",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     return read_transform(out).field.array
 
 
@@ -64,14 +95,24 @@ def tiny_affine_model(tmp_path):
     from diffusionreg.affine.register import build_model
 
     torch.manual_seed(0)
-    inference = AffineInference(steps=3, bidirectional=True, initialize="center",
-                                refine=RefineConfig(levels=(RefineLevel(8.0, 3),)))
-    config = AffineConfig(name="tiny", grid_size=16, spacing_mm=12.0, widths=(2, 4, 4, 8), norm_groups=2, time_dim=8,
-                          time_hidden=16, timesteps=4, zero_init_head=False, inference=inference)
+    inference = AffineInference(
+        steps=3, bidirectional=True, initialize="center", refine=RefineConfig(levels=(RefineLevel(8.0, 3),))
+    )
+    config = AffineConfig(
+        name="tiny",
+        grid_size=16,
+        spacing_mm=12.0,
+        widths=(2, 4, 4, 8),
+        norm_groups=2,
+        time_dim=8,
+        time_hidden=16,
+        timesteps=4,
+        zero_init_head=False,
+        inference=inference,
+    )
     folder = tmp_path / "tiny-affine"
     folder.mkdir()
-    save_file({k: v.contiguous() for k, v in build_model(config).net.state_dict().items()},
-              str(folder / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in build_model(config).net.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(config.to_json(), encoding="utf-8")
     return folder
 
@@ -84,23 +125,27 @@ def test_affine_api_and_cli_read_the_defaults_of_the_model_config(tiny_affine_mo
     assert api.unidirectional is not None and api.refine_score is not None, "bidirectional and refinement from config"
     by_cli = _affine_cli(str(tiny_affine_model), tmp_path / "t.h5")
     np.testing.assert_allclose(by_cli, api.transform.matrix, atol=1e-6)
-    plain = register_affine(read_image(FIXED), read_image(MOVING), model, steps=4, bidirectional=False,
-                            initialize="moments", refine_iterations=0).transform.matrix
+    plain = register_affine(
+        read_image(FIXED), read_image(MOVING), model, steps=4, bidirectional=False, initialize="moments", refine_iterations=0
+    ).transform.matrix
     assert np.abs(plain - api.transform.matrix).max() > 1e-3, "the configured defaults change the answer"
 
 
 def test_deformable_api_and_cli_read_the_defaults_of_the_model_config(tmp_path):
+    import torch
+
     from diffusionreg.deformable.config import DeformableConfig, DeformableInference, SITRegConfig
     from diffusionreg.deformable.field_refine import FieldRefineConfig
     from diffusionreg.deformable.register import build_network, export_model, load_model, register_deformable
 
-    import torch
-
     torch.manual_seed(0)
-    config = DeformableConfig(name="tiny", grid_shape=(16, 16, 16), spacing_mm=12.0,
-                              sitreg=SITRegConfig(feature_channels=(4, 4), head_channels=(4, 4)),
-                              inference=DeformableInference(io_steps=2, io_lr=1e-3,
-                                                            refine=FieldRefineConfig(iterations=2, control_factor=2)))
+    config = DeformableConfig(
+        name="tiny",
+        grid_shape=(16, 16, 16),
+        spacing_mm=12.0,
+        sitreg=SITRegConfig(feature_channels=(4, 4), head_channels=(4, 4)),
+        inference=DeformableInference(io_steps=2, io_lr=1e-3, refine=FieldRefineConfig(iterations=2, control_factor=2)),
+    )
     folder = tmp_path / "tiny-deformable"
     export_model(build_network(config), config, folder)
     model = load_model(str(folder))

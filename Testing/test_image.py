@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -12,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from conftest import random_rotation
 from scipy import ndimage
 
-from conftest import random_rotation
 from diffusionreg.errors import InputError
 from diffusionreg.image import (
     Grid,
@@ -182,7 +181,9 @@ def test_network_matrix_becomes_exact_world_transform() -> None:
     interior = (slice(3, -3),) * 3
     np.testing.assert_allclose(ours.array[interior], torch_result.numpy()[interior], atol=1e-4)
     np.testing.assert_allclose(
-        normalized_from_world_transform(world, fixed_grid.affine, fixed_grid.shape, moving.affine, moving.shape), theta, atol=1e-12
+        normalized_from_world_transform(world, fixed_grid.affine, fixed_grid.shape, moving.affine, moving.shape),
+        theta,
+        atol=1e-12,
     )
 
 
@@ -218,7 +219,9 @@ def test_resize_keeps_field_of_view_like_torch_interpolate() -> None:
     far_new = apply_affine(resized.affine, np.asarray(resized.shape) - 0.5)
     np.testing.assert_allclose(corner_new, corner_old, atol=1e-9)
     np.testing.assert_allclose(far_new, far_old, atol=1e-9)
-    expected = F.interpolate(torch.from_numpy(image.array)[None, None].double(), size=(8, 9, 7), mode="trilinear", align_corners=False)
+    expected = F.interpolate(
+        torch.from_numpy(image.array)[None, None].double(), size=(8, 9, 7), mode="trilinear", align_corners=False
+    )
     np.testing.assert_allclose(resized.array, expected[0, 0].numpy(), atol=1e-5)
 
 

@@ -15,14 +15,14 @@ import pytest
 from diffusionreg import cli, models, registry
 from diffusionreg.errors import InputError
 
-PAYLOAD = os.urandom(3 * 2**20 + 12345)   # a few MiB of "weights": several progress units
-CUT = 2**20 + 123                         # bytes the server sends before dropping the first connection
+PAYLOAD = os.urandom(3 * 2**20 + 12345)  # a few MiB of "weights": several progress units
+CUT = 2**20 + 123  # bytes the server sends before dropping the first connection
 
 
 class _Handler(BaseHTTPRequestHandler):
     """Serves ``server.files`` with HTTP Range support; can cut the first answer short or ignore ranges."""
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         server = self.server
         data = server.files.get(self.path)
         server.requests.append((self.path, self.headers.get("Range")))
@@ -75,13 +75,27 @@ def setup(tmp_path, monkeypatch, server):
     server.files["/evil.safetensors"] = PAYLOAD[::-1]
     sha = hashlib.sha256(PAYLOAD).hexdigest()
     common = {"modality": "mri", "config": "Models/big/config.json"}
-    registry.write_records(root / "Models.json", [
-        {"name": "big", "task": "deformable", "url": f"{base}/big.safetensors", "size": len(PAYLOAD), "sha256": sha,
-         **common},
-        {"name": "evil", "task": "affine", "url": f"{base}/evil.safetensors", "sha256": sha, **common},
-        {"name": "offline", "task": "affine", "url": f"{base}/not-served.safetensors",
-         "sha256": hashlib.sha256(b"offline weights").hexdigest(), **common},
-    ])
+    registry.write_records(
+        root / "Models.json",
+        [
+            {
+                "name": "big",
+                "task": "deformable",
+                "url": f"{base}/big.safetensors",
+                "size": len(PAYLOAD),
+                "sha256": sha,
+                **common,
+            },
+            {"name": "evil", "task": "affine", "url": f"{base}/evil.safetensors", "sha256": sha, **common},
+            {
+                "name": "offline",
+                "task": "affine",
+                "url": f"{base}/not-served.safetensors",
+                "sha256": hashlib.sha256(b"offline weights").hexdigest(),
+                **common,
+            },
+        ],
+    )
     monkeypatch.setenv(registry.REGISTRY_ENV, str(root / "Models.json"))
     monkeypatch.setenv(registry.MODELS_DIR_ENV, str(tmp_path / "user"))
     return tmp_path
@@ -171,8 +185,11 @@ def test_slicer_side_sees_installed_and_downloadable(setup, server, monkeypatch)
     from DiffusionRegCoreLib import paths
 
     manager = slicer_models.ModelManager(paths.modelsRegistryPath(), paths.userModelsDir())
-    assert {e.name: e.state for e in manager.models()} == {"big": "downloadable", "evil": "downloadable",
-                                                           "offline": "downloadable"}
+    assert {e.name: e.state for e in manager.models()} == {
+        "big": "downloadable",
+        "evil": "downloadable",
+        "offline": "downloadable",
+    }
     assert manager.find("big").label() == "big (download)"
     assert _run("pull", "big") == 0
     big = manager.find("big")
@@ -181,16 +198,18 @@ def test_slicer_side_sees_installed_and_downloadable(setup, server, monkeypatch)
 
 def test_slicer_side_reads_the_registration_defaults_of_the_shipped_models(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "DiffusionRegCore"))
+    from diffusionreg.affine.register import load_model
     from DiffusionRegCoreLib import models as slicer_models
     from DiffusionRegCoreLib import paths
-
-    from diffusionreg.affine.register import load_model
 
     manager = slicer_models.ModelManager(paths.modelsRegistryPath(), paths.userModelsDir())
     shown = manager.inferenceDefaults(manager.find("brain-mri", task="affine"))
     backend = load_model("brain-mri").cfg.inference
     assert (shown["steps"], shown["bidirectional"], shown["initialize"]) == (
-        backend.steps, backend.bidirectional, backend.initialize)
+        backend.steps,
+        backend.bidirectional,
+        backend.initialize,
+    )
     assert len(shown["refine"]["levels"]) == len(backend.refine.levels)
     assert manager.inferenceDefaults(slicer_models.ModelEntry("x", "affine")) == {}
 
@@ -201,9 +220,19 @@ def _registered(tmp_path, sha):
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"weights")
     (folder / "config.json").write_text("{}")
-    registry.write_records(tmp_path / "Models.json", [
-        {"name": "m", "task": "affine", "modality": "mri", "file": "Models/m/model.safetensors", "sha256": sha,
-         "config": "Models/m/config.json"}])
+    registry.write_records(
+        tmp_path / "Models.json",
+        [
+            {
+                "name": "m",
+                "task": "affine",
+                "modality": "mri",
+                "file": "Models/m/model.safetensors",
+                "sha256": sha,
+                "config": "Models/m/config.json",
+            }
+        ],
+    )
     return folder
 
 

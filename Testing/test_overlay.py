@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from conftest import REPO
 from PIL import Image as PILImage
 
-from conftest import REPO
 from diffusionreg.image import read_image, resample
 from diffusionreg.overlay import write_overlay, write_png
 

@@ -38,15 +38,18 @@ def test_shipped_registry_matches_its_schema():
             assert registry.sha256_file(REGISTRY.parent / record["file"]) == record["sha256"]
 
 
-@pytest.mark.parametrize("change, phrase", [
-    ({"task": "segment"}, "is not one of"),
-    ({"modality": "xray"}, "is not one of"),
-    ({"sha256": "ABC"}, "does not match"),
-    ({"file": "../outside/model.safetensors"}, "does not match"),
-    ({"file": "/abs/model.safetensors"}, "does not match"),
-    ({"url": "ftp://host/model.safetensors"}, "does not match"),
-    ({"wieghts": "x"}, "Additional properties"),
-])
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        ({"task": "segment"}, "is not one of"),
+        ({"modality": "xray"}, "is not one of"),
+        ({"sha256": "ABC"}, "does not match"),
+        ({"file": "../outside/model.safetensors"}, "does not match"),
+        ({"file": "/abs/model.safetensors"}, "does not match"),
+        ({"url": "ftp://host/model.safetensors"}, "does not match"),
+        ({"wieghts": "x"}, "Additional properties"),
+    ],
+)
 def test_schema_refuses_bad_entries(change, phrase):
     good = dict(json.loads(REGISTRY.read_text(encoding="utf-8"))["models"][0])
     bad = {"models": [{**good, **change}]}
@@ -89,11 +92,14 @@ def test_entries_resolve_shipped_and_cached_paths(tmp_path):
     (tmp_path / "shipped.safetensors").write_bytes(b"w")
     cache = tmp_path / "cache"
     base = {"modality": "mri", "sha256": "0" * 64, "config": "c.json"}
-    registry.write_records(path, [
-        {"name": "here", "task": "affine", "file": "shipped.safetensors", **base},
-        {"name": "far", "task": "deformable", "url": "https://h/x/far.safetensors?v=2", "size": 10, **base},
-        {"name": "gone", "task": "affine", "file": "gone.safetensors", **base},
-    ])
+    registry.write_records(
+        path,
+        [
+            {"name": "here", "task": "affine", "file": "shipped.safetensors", **base},
+            {"name": "far", "task": "deformable", "url": "https://h/x/far.safetensors?v=2", "size": 10, **base},
+            {"name": "gone", "task": "affine", "file": "gone.safetensors", **base},
+        ],
+    )
     here, far, gone = registry.read_entries(path, cache=cache)
     assert here.file == tmp_path / "shipped.safetensors" and here.state == "installed"
     assert far.file == cache / "deformable" / "far" / "far.safetensors" and far.state == "downloadable"
@@ -149,8 +155,14 @@ manager = models.ModelManager(paths.modelsRegistryPath(), {str(tmp_path)!r})
 print(sorted({{(e.name, e.task, e.state) for e in manager.models()}}))
 print(command.MODALITIES, progress.EXIT_BAD_INPUT, 'torch' in sys.modules)
 """
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     names, vocab = result.stdout.strip().splitlines()
     assert "('brain-mri', 'affine', 'installed')" in names and "('brain-mri', 'deformable', 'installed')" in names

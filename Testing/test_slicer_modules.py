@@ -100,7 +100,8 @@ def _parameter_fields(path: Path) -> dict[str, str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
-            (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") or (isinstance(d, ast.Call) and getattr(d.func, "id", "") == "parameterNodeWrapper")
+            (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper")
+            or (isinstance(d, ast.Call) and getattr(d.func, "id", "") == "parameterNodeWrapper")
             for d in node.decorator_list
         ):
             return {
@@ -155,12 +156,21 @@ def test_module_cmake_lists_every_script_and_resource(module: str) -> None:
     on_disk_resources = {
         p.relative_to(root).as_posix() for p in (root / "Resources").rglob("*") if p.is_file() and "__pycache__" not in p.parts
     }
-    assert set(scripts) == on_disk_scripts, f"scripts: listed-not-found {set(scripts) - on_disk_scripts}, unlisted {on_disk_scripts - set(scripts)}"
-    assert set(resources) == on_disk_resources, f"resources: listed-not-found {set(resources) - on_disk_resources}, unlisted {on_disk_resources - set(resources)}"
+    assert set(scripts) == on_disk_scripts, (
+        f"scripts: listed-not-found {set(scripts) - on_disk_scripts}, unlisted {on_disk_scripts - set(scripts)}"
+    )
+    assert set(resources) == on_disk_resources, (
+        f"resources: listed-not-found {set(resources) - on_disk_resources}, unlisted {on_disk_resources - set(resources)}"
+    )
     assert len(scripts) == len(set(scripts)) and len(resources) == len(set(resources))
     call = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", text, re.DOTALL)
     assert call, "slicerMacroBuildScriptedModule missing"
-    for keyword in ("NAME ${MODULE_NAME}", "SCRIPTS ${MODULE_PYTHON_SCRIPTS}", "RESOURCES ${MODULE_PYTHON_RESOURCES}", "WITH_GENERIC_TESTS"):
+    for keyword in (
+        "NAME ${MODULE_NAME}",
+        "SCRIPTS ${MODULE_PYTHON_SCRIPTS}",
+        "RESOURCES ${MODULE_PYTHON_RESOURCES}",
+        "WITH_GENERIC_TESTS",
+    ):
         assert keyword in call.group(1)
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     assert (root / "Testing" / "CMakeLists.txt").is_file() and (root / "Testing" / "Python" / "CMakeLists.txt").is_file()
@@ -175,8 +185,15 @@ def test_top_level_cmake_is_an_extension_with_every_module() -> None:
     text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"cmake_minimum_required\(VERSION [\d.]+", text)
     assert re.search(r"^project\(DiffusionReg\)", text, re.M)
-    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+    for variable in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+    ):
         assert re.search(rf"set\({variable} \S", text), f"{variable} not set"
     assert re.search(r'set\(EXTENSION_CATEGORY "Registration"\)', text)
     assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
@@ -197,10 +214,22 @@ def test_extension_can_be_listed_in_the_extensions_index() -> None:
     icon and screenshot URLs read with the validator's regular expressions, pointing at files of
     this repository; contributors as "Name (Organisation)"; a licence file."""
     entry = json.loads((REPO / "DiffusionReg.json").read_text(encoding="utf-8"))
-    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "dicom_support_rule",
-               "build_subdirectory", "enabled", "tier"}
+    allowed = {
+        "$schema",
+        "category",
+        "scm_url",
+        "scm_revision",
+        "scm_type",
+        "build_dependencies",
+        "dicom_support_rule",
+        "build_subdirectory",
+        "enabled",
+        "tier",
+    }
     assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
-    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v")
+    assert entry["$schema"].startswith(
+        "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v"
+    )
     assert entry["scm_url"] == REPOSITORY_URL and "slicer" in entry["scm_url"].rsplit("/", 1)[1].lower()
     assert entry["category"] == "Registration" and isinstance(entry["tier"], int)
     text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
@@ -212,7 +241,7 @@ def test_extension_can_be_listed_in_the_extensions_index() -> None:
     assert icons and shots
     for url in [icons[0], *shots[0].split()]:
         assert url.startswith(RAW_PREFIX), url
-        path = REPO / url[len(RAW_PREFIX):]
+        path = REPO / url[len(RAW_PREFIX) :]
         assert path.is_file() and path.suffix == ".png" and _png_size(path)[0] >= 128, url
     assert re.search(rf'set\(EXTENSION_HOMEPAGE "{re.escape(REPOSITORY_URL)}', text)
     contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', text).group(1)
@@ -277,7 +306,9 @@ def test_core_lib_keeps_qt_and_slicer_util_out() -> None:
         assert "slicer.util" not in imports and "import slicer\n" not in source.split("# --- Slicer")[0], path.name
         slicer_names = {i for i in imports if i.startswith("slicer.")}
         assert all(re.fullmatch(r"slicer\.vtk\w+", n) for n in slicer_names), f"{path.name}: {slicer_names}"
-        assert not {i for i in imports if i.split(".")[0] in HEAVY_MODULES - {"numpy.testing"}}, f"{path.name} imports heavy modules"
+        assert not {i for i in imports if i.split(".")[0] in HEAVY_MODULES - {"numpy.testing"}}, (
+            f"{path.name} imports heavy modules"
+        )
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -333,9 +364,14 @@ def test_requirements_are_pinned_and_leave_slicer_packages_alone() -> None:
             assert name not in protected, f"{line} would replace a package Slicer (or PyTorch Utils) owns"
             assert "<" in line and ">=" in line, f"{line} must have a lower and an upper bound"
             listed.add(name)
-    imported = {install.normalizeName(DISTRIBUTION_OF.get(n, n)) for n in _backend_third_party_imports((REPO / "diffusionreg").rglob("*.py"))}
+    imported = {
+        install.normalizeName(DISTRIBUTION_OF.get(n, n))
+        for n in _backend_third_party_imports((REPO / "diffusionreg").rglob("*.py"))
+    }
     assert imported - protected <= listed, f"backend imports missing from the requirement files: {imported - protected - listed}"
-    assert install.readRequirementFiles(REQUIREMENT_FILES[::-1]) == install.readRequirements(REQUIREMENT_FILES[1]) + install.readRequirements(REQUIREMENT_FILES[0])
+    assert install.readRequirementFiles(REQUIREMENT_FILES[::-1]) == install.readRequirements(
+        REQUIREMENT_FILES[1]
+    ) + install.readRequirements(REQUIREMENT_FILES[0])
 
 
 def test_the_affine_path_runs_without_the_deformable_requirements() -> None:
@@ -363,7 +399,15 @@ def test_progress_lines_parse_and_log_lines_do_not() -> None:
     assert event.text() == "reverse diffusion 25%: step 4/16"
     assert progress.parseProgressLine('{"stage": "x", "fraction": 7}').fraction == 1.0
     assert progress.parseProgressLine('{"stage": "x", "fraction": -1, "message": 3}') == progress.ProgressEvent("x", 0.0, "3")
-    for line in ("wrote t.h5", "{not json}", '{"stage": 1, "fraction": 0.5}', '{"fraction": 0.5}', '{"stage": "s", "fraction": true}', "[1, 2]", ""):
+    for line in (
+        "wrote t.h5",
+        "{not json}",
+        '{"stage": 1, "fraction": 0.5}',
+        '{"fraction": 0.5}',
+        '{"stage": "s", "fraction": true}',
+        "[1, 2]",
+        "",
+    ):
         assert progress.parseProgressLine(line) is None, line
     assert progress.parseErrorLine("error: moving image not found: m.nrrd") == "moving image not found: m.nrrd"
     assert progress.parseErrorLine("no error here") is None
@@ -373,7 +417,16 @@ def test_progress_lines_parse_and_log_lines_do_not() -> None:
 def test_backend_environment_puts_the_backend_first() -> None:
     env = command.backendEnvironment("/opt/ext", base={"PYTHONPATH": "/a" + os.pathsep + "/opt/ext"})
     assert env["PYTHONPATH"].split(os.pathsep) == ["/opt/ext", "/a"] and env["PYTHONUNBUFFERED"] == "1"
-    assert command.backendCommand("py", ["affine"], ["--x", "1"]) == ["py", "-m", "diffusionreg", "affine", "--x", "1", "--progress", "json"]
+    assert command.backendCommand("py", ["affine"], ["--x", "1"]) == [
+        "py",
+        "-m",
+        "diffusionreg",
+        "affine",
+        "--x",
+        "1",
+        "--progress",
+        "json",
+    ]
 
 
 def test_python_slicer_missing_is_a_clear_error_in_slicer(tmp_path: Path, monkeypatch) -> None:
@@ -393,8 +446,15 @@ def test_one_weighted_progress_bar_over_all_stages() -> None:
     now = [100.0]
     overall = progress.OverallProgress({"read": 1, "affine": 6, "refine": 2, "write": 1}, clock=lambda: now[0])
     seen = []
-    for stage, fraction, at in (("read", 0.0, 100.0), ("read", 1.0, 101.0), ("affine", 0.5, 104.0), ("affine", 1.0, 107.0),
-                                ("unknown", 0.3, 107.5), ("write", 0.0, 108.0), ("write", 1.0, 109.0)):
+    for stage, fraction, at in (
+        ("read", 0.0, 100.0),
+        ("read", 1.0, 101.0),
+        ("affine", 0.5, 104.0),
+        ("affine", 1.0, 107.0),
+        ("unknown", 0.3, 107.5),
+        ("write", 0.0, 108.0),
+        ("write", 1.0, 109.0),
+    ):
         now[0] = at
         seen.append(overall.update(progress.ProgressEvent(stage, fraction, "")))
     fractions = [s.fraction for s in seen]
@@ -435,8 +495,12 @@ WORKER = textwrap.dedent(
 @pytest.mark.parametrize("code", [0, 2])
 def test_process_runner_reports_progress_log_and_errors(code: int) -> None:
     events, lines, finished = [], [], []
-    runner = process.BackendProcess([sys.executable, "-c", WORKER, str(code)], onProgress=events.append,
-                                    onLog=lambda line, stream: lines.append((stream, line)), onFinished=finished.append)
+    runner = process.BackendProcess(
+        [sys.executable, "-c", WORKER, str(code)],
+        onProgress=events.append,
+        onLog=lambda line, stream: lines.append((stream, line)),
+        onFinished=finished.append,
+    )
     result = runner.start().wait(timeout=60)
     assert [e.fraction for e in events] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert ("stdout", "hello log") in lines and ("stderr", "warning on stderr") in lines
@@ -468,7 +532,11 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("ignore_sigterm", [False, True])
 def test_cancel_ends_the_whole_process_tree(ignore_sigterm: bool) -> None:
     """Like PythonSlicer -> python-real: the worker runs in a child of the launched process."""
-    child = "import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "") + "time.sleep(120)"
+    child = (
+        "import signal, time\n"
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "")
+        + "time.sleep(120)"
+    )
     launcher = textwrap.dedent(
         f"""
         import subprocess, sys, time
@@ -508,8 +576,9 @@ ESCAPING_LAUNCHER = textwrap.dedent(
 
 def _start_escaping(mode: str):
     lines = []
-    runner = process.BackendProcess([sys.executable, "-c", ESCAPING_LAUNCHER, mode],
-                                    onLog=lambda line, stream: lines.append(line)).start()
+    runner = process.BackendProcess(
+        [sys.executable, "-c", ESCAPING_LAUNCHER, mode], onLog=lambda line, stream: lines.append(line)
+    ).start()
     deadline = time.monotonic() + 30
     while not any(l.startswith("escaped ") for l in lines) and time.monotonic() < deadline:
         runner.poll()
@@ -570,15 +639,25 @@ def test_work_folder_is_removed_unless_kept(tmp_path: Path) -> None:
 
 # --- device probe ---------------------------------------------------------------------------------------
 def test_device_probe_parsing_and_choices() -> None:
-    record = {"torch": "2.5.1+cu124", "cuda_built": True, "cuda_available": True, "cuda_version": "12.4",
-              "devices": [{"index": 0, "name": "RTX 4090", "total_memory_gb": 23.6}, {"index": 1, "name": "T400", "total_memory_gb": 1.9}]}
+    record = {
+        "torch": "2.5.1+cu124",
+        "cuda_built": True,
+        "cuda_available": True,
+        "cuda_version": "12.4",
+        "devices": [
+            {"index": 0, "name": "RTX 4090", "total_memory_gb": 23.6},
+            {"index": 1, "name": "T400", "total_memory_gb": 1.9},
+        ],
+    }
     info = device.parseProbeOutput("some warning\n" + device.PROBE_MARKER + json.dumps(record) + "\n")
     assert info.torchInstalled and [g.name for g in info.gpus] == ["RTX 4090", "T400"]
     assert [v for _, v in device.deviceChoices(info)] == ["auto", "cpu", "cuda:0", "cuda:1"]
     assert "GPU 0: RTX 4090, 23.6 GB" in info.summary()
     assert any("1.9 GB" in w for w in device.deviceWarnings(info, "cuda:1"))
     assert not device.deviceWarnings(info, "cuda:0")
-    broken = device.parseProbeOutput(device.PROBE_MARKER + json.dumps({"torch": "2.3", "cuda_built": True, "cuda_available": False}))
+    broken = device.parseProbeOutput(
+        device.PROBE_MARKER + json.dumps({"torch": "2.3", "cuda_built": True, "cuda_available": False})
+    )
     assert any("built with CUDA" in w for w in device.deviceWarnings(broken, "auto"))
     missing = device.parseProbeOutput("Traceback ...\nImportError: x")
     assert missing.error and not missing.torchInstalled
@@ -595,7 +674,7 @@ def test_device_probe_runs_in_a_subprocess() -> None:
         from importlib import metadata
 
         expected = metadata.version("torch")
-    except Exception:  # noqa: BLE001 - torch not installed: the probe must say so
+    except Exception:
         expected = None
     assert (info.torch is None) == (expected is None)
     if expected is not None:
@@ -608,14 +687,38 @@ def test_model_manager_lists_imports_and_verifies(tmp_path: Path) -> None:
     (resources / "Models" / "shipped").mkdir(parents=True)
     weights = resources / "Models" / "shipped" / "model.safetensors"
     weights.write_bytes(b"weights")
-    (resources / "Models.json").write_text(json.dumps({"models": [
-        {"name": "shipped", "task": "affine", "modality": "mri", "file": "Models/shipped/model.safetensors",
-         "sha256": models.sha256File(weights), "config": "Models/shipped/config.json"},
-        {"name": "remote", "task": "affine", "modality": "ct", "url": "https://example.org/remote.safetensors",
-         "sha256": "0" * 64, "config": "Models/remote/config.json"},
-        {"name": "deform", "task": "deformable", "modality": "mri", "file": "Models/d.safetensors", "sha256": "0" * 64,
-         "config": "Models/d.json"},
-    ]}))
+    (resources / "Models.json").write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "name": "shipped",
+                        "task": "affine",
+                        "modality": "mri",
+                        "file": "Models/shipped/model.safetensors",
+                        "sha256": models.sha256File(weights),
+                        "config": "Models/shipped/config.json",
+                    },
+                    {
+                        "name": "remote",
+                        "task": "affine",
+                        "modality": "ct",
+                        "url": "https://example.org/remote.safetensors",
+                        "sha256": "0" * 64,
+                        "config": "Models/remote/config.json",
+                    },
+                    {
+                        "name": "deform",
+                        "task": "deformable",
+                        "modality": "mri",
+                        "file": "Models/d.safetensors",
+                        "sha256": "0" * 64,
+                        "config": "Models/d.json",
+                    },
+                ]
+            }
+        )
+    )
     manager = models.ModelManager(resources / "Models.json", tmp_path / "user")
     assert [e.name for e in manager.models("affine")] == ["shipped", "remote"]
     assert [e.name for e in manager.models("affine", "MRI")] == ["shipped"]
@@ -668,12 +771,46 @@ def test_panel_offers_only_modalities_of_installed_models_and_names_the_model(tm
     (root / "Models" / "lung").mkdir(parents=True)
     (root / "Models" / "lung" / "model.safetensors").write_bytes(b"w")
     sha = "0" * 64
-    (root / "Models.json").write_text(json.dumps({"models": [
-        {"name": "ct-big", "task": "affine", "modality": "ct", "url": "https://example.org/ct.safetensors", "sha256": sha, "config": "c.json"},
-        {"name": "brain", "task": "affine", "modality": "mri", "file": "Models/brain/model.safetensors", "sha256": sha, "config": "c.json"},
-        {"name": "generic", "task": "affine", "modality": "any", "url": "https://example.org/g.safetensors", "sha256": sha, "config": "c.json"},
-        {"name": "lung", "task": "deformable", "modality": "lung-vessels", "file": "Models/lung/model.safetensors", "sha256": sha, "config": "c.json"},
-    ]}))
+    (root / "Models.json").write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "name": "ct-big",
+                        "task": "affine",
+                        "modality": "ct",
+                        "url": "https://example.org/ct.safetensors",
+                        "sha256": sha,
+                        "config": "c.json",
+                    },
+                    {
+                        "name": "brain",
+                        "task": "affine",
+                        "modality": "mri",
+                        "file": "Models/brain/model.safetensors",
+                        "sha256": sha,
+                        "config": "c.json",
+                    },
+                    {
+                        "name": "generic",
+                        "task": "affine",
+                        "modality": "any",
+                        "url": "https://example.org/g.safetensors",
+                        "sha256": sha,
+                        "config": "c.json",
+                    },
+                    {
+                        "name": "lung",
+                        "task": "deformable",
+                        "modality": "lung-vessels",
+                        "file": "Models/lung/model.safetensors",
+                        "sha256": sha,
+                        "config": "c.json",
+                    },
+                ]
+            }
+        )
+    )
     entries = models.ModelManager(root / "Models.json", tmp_path / "user").models()
     assert model_choice.installedModalities(entries, "affine") == ["mri"]
     assert model_choice.installedModalities(entries, "deformable") == ["lung-vessels"]
@@ -681,7 +818,10 @@ def test_panel_offers_only_modalities_of_installed_models_and_names_the_model(tm
     assert entry.name == "brain" and reason == "" and model_choice.describeModel(entry) == "Runs 'brain' (affine, MRI; registry)"
     entry, reason = model_choice.modelToRun(entries, "affine", "ct")
     assert entry is None and reason == "The model 'ct-big' is not downloaded yet (Download it under Models)"
-    assert model_choice.modelToRun(entries, "affine", "oct") == (None, "The model 'generic' is not downloaded yet (Download it under Models)")
+    assert model_choice.modelToRun(entries, "affine", "oct") == (
+        None,
+        "The model 'generic' is not downloaded yet (Download it under Models)",
+    )
     assert model_choice.modelToRun(entries, "affine", "ct", "brain")[1] == "The model 'brain' is for MRI, not CT"
     assert model_choice.modelToRun(entries, "affine", "mri", "nope")[1] == "The model 'nope' is not installed"
     assert model_choice.modalityLabel("octa") == "OCTA"
@@ -703,11 +843,21 @@ def test_panel_names_the_model_the_backend_runs() -> None:
 
 # --- dependency plan ----------------------------------------------------------------------------------------
 def test_install_plan_installs_only_what_is_missing_and_pins_slicer_packages() -> None:
-    installed = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "requests": "2.32.0", "vtk": "9.3.0", "scipy": "1.13.0", "tqdm": "4.66.0"}
-    plan = install.planInstall(["monai>=1.3,<1.7", "scipy>=1.10,<2", "tqdm>=4.67,<5", "pywin32>=1; sys_platform == 'win32'"],
-                               installed.get)
+    installed = {
+        "numpy": "1.26.4",
+        "SimpleITK": "2.4.0",
+        "requests": "2.32.0",
+        "vtk": "9.3.0",
+        "scipy": "1.13.0",
+        "tqdm": "4.66.0",
+    }
+    plan = install.planInstall(
+        ["monai>=1.3,<1.7", "scipy>=1.10,<2", "tqdm>=4.67,<5", "pywin32>=1; sys_platform == 'win32'"], installed.get
+    )
     assert plan.torchMissing
-    assert plan.pipRequirements == ["monai>=1.3,<1.7", "tqdm>=4.67,<5"] + (["pywin32>=1; sys_platform == 'win32'"] if os.name == "nt" else [])
+    assert plan.pipRequirements == ["monai>=1.3,<1.7", "tqdm>=4.67,<5"] + (
+        ["pywin32>=1; sys_platform == 'win32'"] if os.name == "nt" else []
+    )
     assert set(plan.constraints) == {"numpy==1.26.4", "SimpleITK==2.4.0", "requests==2.32.0", "vtk==9.3.0"}
     described = plan.describe()
     assert described[0].startswith("PyTorch") and "monai>=1.3,<1.7 (pip)" in described
@@ -718,7 +868,9 @@ def test_install_plan_installs_only_what_is_missing_and_pins_slicer_packages() -
         install.planInstall(["numpy>=2"], installed.get)
     old = install.planInstall([], {"torch": "1.13.1"}.get)
     assert not old.torchMissing and old.torchTooOld == "1.13.1" and old.empty
-    assert install.changedImportedPackages({"scipy": "1.10", "monai": None}, {"scipy": "1.13", "monai": "1.4"}, ["scipy.ndimage"]) == ["scipy"]
+    assert install.changedImportedPackages(
+        {"scipy": "1.10", "monai": None}, {"scipy": "1.13", "monai": "1.4"}, ["scipy.ndimage"]
+    ) == ["scipy"]
 
 
 # --- Slicer calls whose arguments we build, reproduced from Slicer's own source -------------------------
@@ -788,8 +940,9 @@ def test_pip_accepts_the_install_arguments_as_slicer_assembles_them(tmp_path: Pa
     assert "Would install diffusionreg_probe-1.0" in completed.stdout.replace("diffusionreg-probe", "diffusionreg_probe")
 
     # The old list (with its own leading "install") is what users got: pip refuses it.
-    wrong = subprocess.run(_slicer_pip_install_argv(["install", *arguments], version) + offline,
-                           capture_output=True, text=True, timeout=120)
+    wrong = subprocess.run(
+        _slicer_pip_install_argv(["install", *arguments], version) + offline, capture_output=True, text=True, timeout=120
+    )
     assert wrong.returncode != 0 and "install" in wrong.stderr
 
 
@@ -802,8 +955,15 @@ SLICER_UTIL_SIGNATURES = {
     "infoDisplay": ("text", "windowTitle", "parent", "standardButtons", "**"),
     "warningDisplay": ("text", "windowTitle", "parent", "standardButtons", "**"),
     "errorDisplay": ("text", "windowTitle", "parent", "standardButtons", "**"),
-    "setSliceViewerLayers": ("background", "foreground", "label", "foregroundOpacity", "labelOpacity", "fit",
-                             "rotateToVolumePlane"),
+    "setSliceViewerLayers": (
+        "background",
+        "foreground",
+        "label",
+        "foregroundOpacity",
+        "labelOpacity",
+        "fit",
+        "rotateToVolumePlane",
+    ),
     "tryWithErrorDisplay": ("message", "show", "waitCursor"),
     "loadVolume": ("filename", "properties", "returnNode"),
     "loadUI": ("path",),
@@ -822,21 +982,40 @@ def _slicer_util_calls(path: Path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             value = node.func.value
-            if isinstance(value, ast.Attribute) and isinstance(value.value, ast.Name) and (value.value.id, value.attr) == ("slicer", "util"):
+            if (
+                isinstance(value, ast.Attribute)
+                and isinstance(value.value, ast.Name)
+                and (value.value.id, value.attr) == ("slicer", "util")
+            ):
                 yield node.func.attr, node
 
 
 #: Other Slicer calls whose arguments we build (Slicer 5.10 ``Modules/Scripted/SampleData/SampleData.py``).
 SLICER_OTHER_SIGNATURES = {
     "SampleData.SampleDataLogic.registerCustomSampleDataSource": (
-        "category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader", "thumbnailFileName",
-        "loadFileTypes", "loadFiles", "loadFileProperties", "checksums", "loadFileType"),
+        "category",
+        "sampleName",
+        "uris",
+        "fileNames",
+        "nodeNames",
+        "customDownloader",
+        "thumbnailFileName",
+        "loadFileTypes",
+        "loadFiles",
+        "loadFileProperties",
+        "checksums",
+        "loadFileType",
+    ),
 }
 
 
 def test_sample_data_registration_uses_parameters_slicer_has() -> None:
-    calls = [node for path in _module_python_files("SpatialDiffusionReg") for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-             if isinstance(node, ast.Call) and ast.unparse(node.func) in SLICER_OTHER_SIGNATURES]
+    calls = [
+        node
+        for path in _module_python_files("SpatialDiffusionReg")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in SLICER_OTHER_SIGNATURES
+    ]
     assert calls, "the module registers its sample data"
     for call in calls:
         params = SLICER_OTHER_SIGNATURES[ast.unparse(call.func)]
@@ -896,16 +1075,27 @@ def test_sample_data_checksums_are_constants_that_match_the_files() -> None:
     """Issue 10 item 6: a checksum computed from the file it checks would check nothing."""
     path = REPO / "SpatialDiffusionReg" / "SpatialDiffusionReg.py"
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    constants = next(ast.literal_eval(n.value) for n in tree.body
-                     if isinstance(n, ast.AnnAssign | ast.Assign) and "SAMPLE_SHA256" in ast.unparse(n))
+    constants = next(
+        ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.AnnAssign | ast.Assign) and "SAMPLE_SHA256" in ast.unparse(n)
+    )
     for name, digest in constants.items():
         assert models.sha256File(REPO / "Resources" / "Sample" / name) == digest
     register = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "registerSampleData")
     assert "sha256File" not in ast.unparse(register) and "SAMPLE_SHA256" in ast.unparse(register)
 
 
-KIT_WIDGETS = ("progressBar", "logTextEdit", "deviceComboBox", "registerButton", "installDependenciesButton",
-               "modelComboBox", "QTimer", "OverallProgress")
+KIT_WIDGETS = (
+    "progressBar",
+    "logTextEdit",
+    "deviceComboBox",
+    "registerButton",
+    "installDependenciesButton",
+    "modelComboBox",
+    "QTimer",
+    "OverallProgress",
+)
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m != "DiffusionRegCore"])

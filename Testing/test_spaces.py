@@ -90,7 +90,9 @@ def test_torch_spaces_are_what_affine_grid_produces(align_corners) -> None:
     expected = F.affine_grid(torch.eye(3, 4, dtype=torch.float64)[None], [1, 1, *shape], align_corners=align_corners)
     ours = coordinates(torch_space(shape, align_corners), dtype=torch.float64)
     torch.testing.assert_close(ours.movedim(1, -1), expected)
-    torch.testing.assert_close(coordinates(voxel_space(shape), dtype=torch.float64), fields.identity_grid(shape, dtype=torch.float64))
+    torch.testing.assert_close(
+        coordinates(voxel_space(shape), dtype=torch.float64), fields.identity_grid(shape, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("kind", list(FACTORIES))

@@ -16,22 +16,31 @@ from diffusionreg.errors import InputError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cls, data, phrase", [
-    (AffineConfig, {"grid_sise": 64}, "affine config: unknown key 'grid_sise' (did you mean 'grid_size'?)"),
-    (AffineConfig, {"inference": {"refine": {"levls": []}}},
-     "affine config.inference.refine: unknown key 'levls' (did you mean 'levels'?)"),
-    (AffineConfig, {"zzz": 1}, "affine config: unknown key 'zzz'"),
-    (AffineConfig, {"grid_size": "64"}, "affine config.grid_size: expected an integer"),
-    (AffineConfig, {"zero_init_head": 1}, "expected true or false"),
-    (AffineConfig, {"lin_std": [0.1]}, "affine config.lin_std: expected 2 values, got 1"),
-    (AffineConfig, {"inference": {"initialize": "pca"}}, "inference.initialize 'pca'"),
-    (AffineConfig, {"inference": {"steps": 0}}, "inference.steps must be >= 1"),
-    (DeformableConfig, {"icon": {"unet_nrom": "BATCH"}}, "did you mean 'unet_norm'?"),
-    (DeformableConfig, {"inference": {"refine": {"iteratons": 3}}},
-     "deformable config.inference.refine: unknown key 'iteratons' (did you mean 'iterations'?)"),
-    (DeformableConfig, {"io_steps": 3}, "deformable config: unknown key 'io_steps'"),
-    (DeformableConfig, {"spacing_mm": None}, "deformable config.spacing_mm: expected a number"),
-])
+@pytest.mark.parametrize(
+    "cls, data, phrase",
+    [
+        (AffineConfig, {"grid_sise": 64}, "affine config: unknown key 'grid_sise' (did you mean 'grid_size'?)"),
+        (
+            AffineConfig,
+            {"inference": {"refine": {"levls": []}}},
+            "affine config.inference.refine: unknown key 'levls' (did you mean 'levels'?)",
+        ),
+        (AffineConfig, {"zzz": 1}, "affine config: unknown key 'zzz'"),
+        (AffineConfig, {"grid_size": "64"}, "affine config.grid_size: expected an integer"),
+        (AffineConfig, {"zero_init_head": 1}, "expected true or false"),
+        (AffineConfig, {"lin_std": [0.1]}, "affine config.lin_std: expected 2 values, got 1"),
+        (AffineConfig, {"inference": {"initialize": "pca"}}, "inference.initialize 'pca'"),
+        (AffineConfig, {"inference": {"steps": 0}}, "inference.steps must be >= 1"),
+        (DeformableConfig, {"icon": {"unet_nrom": "BATCH"}}, "did you mean 'unet_norm'?"),
+        (
+            DeformableConfig,
+            {"inference": {"refine": {"iteratons": 3}}},
+            "deformable config.inference.refine: unknown key 'iteratons' (did you mean 'iterations'?)",
+        ),
+        (DeformableConfig, {"io_steps": 3}, "deformable config: unknown key 'io_steps'"),
+        (DeformableConfig, {"spacing_mm": None}, "deformable config.spacing_mm: expected a number"),
+    ],
+)
 def test_unknown_keys_and_wrong_types_are_refused_with_one_line(cls, data, phrase):
     with pytest.raises(InputError) as caught:
         cls.from_dict(data)
@@ -39,8 +48,11 @@ def test_unknown_keys_and_wrong_types_are_refused_with_one_line(cls, data, phras
 
 
 def test_configs_round_trip_through_json():
-    affine = AffineConfig(inference=AffineInference(steps=7, bidirectional=True, initialize="center",
-                                                    refine=RefineConfig(levels=(RefineLevel(4.0, 3),))))
+    affine = AffineConfig(
+        inference=AffineInference(
+            steps=7, bidirectional=True, initialize="center", refine=RefineConfig(levels=(RefineLevel(4.0, 3),))
+        )
+    )
     again = AffineConfig.from_dict(json.loads(affine.to_json()))
     assert again == affine and isinstance(again.inference.refine.levels[0], RefineLevel)
     assert isinstance(again.widths, tuple) and isinstance(again.inference.refine.levels, tuple)
@@ -76,7 +88,7 @@ def test_icon_passes_every_monai_unet_argument(monkeypatch):
     cfg = ICONConfig(channels=(4, 8, 8), strides=(2, 2), steps=1, unet_num_res_units=1, unet_dropout=0.1)
     net = TwoStepICON(cfg, (16, 16, 16))
     parameters = set(inspect.signature(real.__init__).parameters) - {"self"}
-    (args, kwargs), = seen
+    ((args, kwargs),) = seen
     assert not args and set(kwargs) == parameters, parameters ^ set(kwargs)
     assert kwargs["num_res_units"] == 1 and kwargs["dropout"] == 0.1
     assert any("Residual" in type(m).__name__ for m in net.modules()), "the config reaches MONAI"

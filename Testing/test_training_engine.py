@@ -42,7 +42,7 @@ def toy_task(run: RunOptions, step_sleep: float = 0.0) -> TrainingTask:
 
     def step(module: torch.nn.Module, gen: torch.Generator):
         if step_sleep:
-            time.sleep(step_sleep)   # leaves time to kill the run mid-way; changes no number
+            time.sleep(step_sleep)  # leaves time to kill the run mid-way; changes no number
         x = torch.randn(8, 4, generator=gen)
         y = x @ TRUE_WEIGHTS.T + 0.01 * torch.randn(8, 1, generator=gen)
         loss = ((module(x) - y) ** 2).mean()
@@ -53,21 +53,45 @@ def toy_task(run: RunOptions, step_sleep: float = 0.0) -> TrainingTask:
             return {"val_mse": float(((model(val_x) - val_x @ TRUE_WEIGHTS.T) ** 2).mean())}
 
     return TrainingTask(
-        name="affine", network=net, config_json=json.dumps({"name": "toy"}), seed=5, modality="mri",
-        optimizer=torch.optim.Adam(net.parameters(), lr=0.2), step=step,
-        lr_factor=lambda s: warmup_cosine(s, 3, run.steps), ema=EMA(net, 0.9, 0.75, 2),
-        validate=validate, score=lambda m: m["val_mse"], description="toy regression",
-        data=["toy-data"], val_data=["toy-val"])
+        name="affine",
+        network=net,
+        config_json=json.dumps({"name": "toy"}),
+        seed=5,
+        modality="mri",
+        optimizer=torch.optim.Adam(net.parameters(), lr=0.2),
+        step=step,
+        lr_factor=lambda s: warmup_cosine(s, 3, run.steps),
+        ema=EMA(net, 0.9, 0.75, 2),
+        validate=validate,
+        score=lambda m: m["val_mse"],
+        description="toy regression",
+        data=["toy-data"],
+        val_data=["toy-val"],
+    )
 
 
 def _launch(out: Path, steps: int, *extra: str, step_sleep: float = 0.0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).resolve()), "--output", str(out), "--steps", str(steps),
-           "--step-sleep", str(step_sleep), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        "--output",
+        str(out),
+        "--steps",
+        str(steps),
+        "--step-sleep",
+        str(step_sleep),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # own session for torchrun (its ranks get sessions of their own: they are killed by pid)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -142,8 +166,15 @@ def test_one_process_hooks_best_export_registry_and_json_progress(tmp_path):
 
     out = tmp_path / "toy-run"
     stream = io.StringIO()
-    run = RunOptions(output=out, steps=30, val_every=10, checkpoint_minutes=60, history_every=5,
-                     registry=tmp_path / "reg" / "Models.json", command="diffusionreg train toy")
+    run = RunOptions(
+        output=out,
+        steps=30,
+        val_every=10,
+        checkpoint_minutes=60,
+        history_every=5,
+        registry=tmp_path / "reg" / "Models.json",
+        command="diffusionreg train toy",
+    )
     summary = run_training(toy_task(run), run, Progress("json", stream=stream))
     assert summary["step"] == 30 and summary["val_mse"] < 1.0
 
@@ -158,7 +189,7 @@ def test_one_process_hooks_best_export_registry_and_json_progress(tmp_path):
     assert [v["step"] for v in validations] == [10, 20, 30]
 
     entry = models.resolve("toy-run", "affine", registry_path=tmp_path / "reg" / "Models.json")
-    models.verify(entry)                                    # sha256 in the registry matches the file
+    models.verify(entry)  # sha256 in the registry matches the file
     assert entry.file.resolve() == (out / "best" / "model.safetensors").resolve() and entry.modality == "mri"
     best = min(validations, key=lambda v: v["val_mse"])
     card = entry.card.read_text()
@@ -167,7 +198,7 @@ def test_one_process_hooks_best_export_registry_and_json_progress(tmp_path):
     from safetensors.torch import load_file
 
     exported = load_file(str(entry.file))
-    assert set(exported) == {"weight", "bias"}              # the plain network's keys (EMA weights)
+    assert set(exported) == {"weight", "bias"}  # the plain network's keys (EMA weights)
     assert json.loads(entry.config.read_text()) == {"name": "toy"}
 
 
@@ -197,8 +228,7 @@ def _tiny_volumes(folder: Path) -> list[str]:
     for n in range(2):
         centre = np.array([10.0, 10.0, 10.0]) + rng.normal(size=3)
         path = folder / f"vol{n}.nii.gz"
-        write_image(Image(np.exp(-((idx - centre) ** 2).sum(-1) / 30.0).astype(np.float32),
-                          np.diag([8.0, 8.0, 8.0, 1.0])), path)
+        write_image(Image(np.exp(-((idx - centre) ** 2).sum(-1) / 30.0).astype(np.float32), np.diag([8.0, 8.0, 8.0, 1.0])), path)
         files.append(str(path))
     return files
 
@@ -210,19 +240,45 @@ def test_train_deformable_prints_json_progress(tmp_path):
     files = _tiny_volumes(tmp_path)
     cfg = tmp_path / "cfg.json"
     tiny = SITRegConfig(feature_channels=(4, 8, 8), head_channels=(4, 8, 8))
-    cfg.write_text(DeformableConfig(name="tiny", method="sitreg", grid_shape=(16, 16, 16), spacing_mm=12.0,
-                                    sitreg=tiny).to_json())
+    cfg.write_text(
+        DeformableConfig(name="tiny", method="sitreg", grid_shape=(16, 16, 16), spacing_mm=12.0, sitreg=tiny).to_json()
+    )
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "diffusionreg", "train", "deformable", "--progress", "json",
-                        "--config", str(cfg), "--pairs", *files, "--val-pairs", f"{files[0]},{files[1]}",
-                        "--output", str(out), "--steps", "3", "--val-every", "2", "--threads", "1"],
-                       check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffusionreg",
+            "train",
+            "deformable",
+            "--progress",
+            "json",
+            "--config",
+            str(cfg),
+            "--pairs",
+            *files,
+            "--val-pairs",
+            f"{files[0]},{files[1]}",
+            "--output",
+            str(out),
+            "--steps",
+            "3",
+            "--val-every",
+            "2",
+            "--threads",
+            "1",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     records = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     train = [x for x in records if x["stage"] == "train deformable"]
-    assert train[0]["fraction"] == 0.0 and train[-1] == {"stage": "train deformable", "fraction": 1.0,
-                                                         "message": "done"}
+    assert train[0]["fraction"] == 0.0 and train[-1] == {"stage": "train deformable", "fraction": 1.0, "message": "done"}
     assert all(set(x) == {"stage", "fraction", "message"} for x in records)
     assert (out / "best" / "model.safetensors").exists() and (out / "Models.json").exists()
 
@@ -240,8 +296,16 @@ def _main() -> None:
     if args.pid_dir is not None:
         args.pid_dir.mkdir(parents=True, exist_ok=True)
         (args.pid_dir / f"rank{os.environ['RANK']}").write_text(str(os.getpid()))
-    run = RunOptions(output=args.output, steps=args.steps, resume=args.resume, val_every=8, threads=1, history_every=1,
-                     checkpoint_every=args.checkpoint_every, checkpoint_minutes=60)
+    run = RunOptions(
+        output=args.output,
+        steps=args.steps,
+        resume=args.resume,
+        val_every=8,
+        threads=1,
+        history_every=1,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=60,
+    )
     run_training(toy_task(run, args.step_sleep), run, Progress("none"))
 
 

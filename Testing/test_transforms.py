@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import random_rotation
+
 from diffusionreg.errors import InputError
 from diffusionreg.image import Image, centred_grid, resample
 from diffusionreg.transforms import (
@@ -107,7 +107,9 @@ def test_resampling_through_field_and_affine_matches_simpleitk() -> None:
     ours = resample(moving, reference, chain, "linear")
     composite = sitk.CompositeTransform([to_sitk_transform(affine), to_sitk_transform(field)])
     reference_image = Image(np.zeros(reference.shape, np.float32), reference.affine).to_sitk()
-    expected = Image.from_sitk(sitk.Resample(moving.to_sitk(), reference_image, composite, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    expected = Image.from_sitk(
+        sitk.Resample(moving.to_sitk(), reference_image, composite, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    )
     assert np.mean(np.abs(ours.array - expected.array) > 1e-3) < 0.01
 
 

@@ -15,6 +15,7 @@ Writes bench/out/affine.md, bench/out/affine.json and bench/out/affine_overlay.p
 Results of each method are cached in bench/out/affine_<method>.json; ``--reuse`` keeps the
 cached results of methods not listed in --methods.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,17 +30,37 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from diffusionreg.spaces import centred_affine, rotation_about_axis  # noqa: E402  (after the path insert)
+from diffusionreg.spaces import centred_affine, rotation_about_axis
+
 OUT = ROOT / "bench" / "out"
 
 # Shared deep structures: name -> labels per label map.
-ASEG = {"thalamus": [10, 49], "caudate": [11, 50], "putamen": [12, 51], "pallidum": [13, 52],
-        "hippocampus": [17, 53], "amygdala": [18, 54], "lateral ventricle": [4, 43],
-        "brainstem": [16], "cerebellum": [7, 8, 46, 47], "3rd ventricle": [14],
-        "4th ventricle": [15]}
-SEG13 = {"thalamus": [1], "caudate": [6], "putamen": [5], "pallidum": [7], "hippocampus": [8],
-         "amygdala": [9], "lateral ventricle": [3], "brainstem": [13], "cerebellum": [2, 4],
-         "3rd ventricle": [11], "4th ventricle": [12]}
+ASEG = {
+    "thalamus": [10, 49],
+    "caudate": [11, 50],
+    "putamen": [12, 51],
+    "pallidum": [13, 52],
+    "hippocampus": [17, 53],
+    "amygdala": [18, 54],
+    "lateral ventricle": [4, 43],
+    "brainstem": [16],
+    "cerebellum": [7, 8, 46, 47],
+    "3rd ventricle": [14],
+    "4th ventricle": [15],
+}
+SEG13 = {
+    "thalamus": [1],
+    "caudate": [6],
+    "putamen": [5],
+    "pallidum": [7],
+    "hippocampus": [8],
+    "amygdala": [9],
+    "lateral ventricle": [3],
+    "brainstem": [13],
+    "cerebellum": [2, 4],
+    "3rd ventricle": [11],
+    "4th ventricle": [12],
+}
 MNI9 = {"caudate": [1], "cerebellum": [2], "putamen": [7], "thalamus": [9]}
 SEG4 = {"caudate": [1], "cerebellum": [2], "putamen": [3], "thalamus": [4]}
 
@@ -47,15 +68,21 @@ SEG4 = {"caudate": [1], "cerebellum": [2], "putamen": [3], "thalamus": [4]}
 # --- data ------------------------------------------------------------------------------------
 def load_subjects(data: Path):
     from diffusionreg.image import read_image
+
     b = data / "brain"
     subj = {
-        "vxm": (read_image(b / "vxm_test_scan_T1.nii.gz", dtype=np.float32),
-                {"aseg": read_image(b / "vxm_test_scan_aseg.nii.gz")}),
-        "oasisA": (read_image(b / "oasis_A_norm.nii.gz", dtype=np.float32),
-                   {"seg13": read_image(b / "oasis_A_seg13.nii.gz"),
-                    "seg4": read_image(b / "oasis_A_seg4_mni.nii.gz")}),
-        "mni": (read_image(b / "mni152_T1_1mm.nii.gz", dtype=np.float32),
-                {"mni9": read_image(b / "mni152_maxprob9_on_mni152_T1_1mm_grid.nii.gz")}),
+        "vxm": (
+            read_image(b / "vxm_test_scan_T1.nii.gz", dtype=np.float32),
+            {"aseg": read_image(b / "vxm_test_scan_aseg.nii.gz")},
+        ),
+        "oasisA": (
+            read_image(b / "oasis_A_norm.nii.gz", dtype=np.float32),
+            {"seg13": read_image(b / "oasis_A_seg13.nii.gz"), "seg4": read_image(b / "oasis_A_seg4_mni.nii.gz")},
+        ),
+        "mni": (
+            read_image(b / "mni152_T1_1mm.nii.gz", dtype=np.float32),
+            {"mni9": read_image(b / "mni152_maxprob9_on_mni152_T1_1mm_grid.nii.gz")},
+        ),
     }
     return subj
 
@@ -65,7 +92,7 @@ def label_sets(a: str, b: str):
     maps = {"vxm": ("aseg", ASEG), "oasisA": ("seg13", SEG13), "mni": ("mni9", MNI9)}
     ka, ma = maps[a]
     kb, mb = maps[b]
-    if "mni" in (a, b):   # only the 4 MNI structures are shared
+    if "mni" in (a, b):  # only the 4 MNI structures are shared
         if a == "oasisA":
             ka, ma = "seg4", SEG4
         if b == "oasisA":
@@ -79,18 +106,16 @@ def label_sets(a: str, b: str):
 def rotated(image, angle_deg, axis):
     """Header-only rotation about the image centre (content rotated in world, exact)."""
     from diffusionreg.image import Image
+
     r = centred_affine(image.grid.centre_world(), rotation_about_axis(axis, angle_deg))
     return Image(image.array, r @ image.affine)
 
 
 def real_cases(subj):
-    cases = [("mni", "vxm"), ("mni", "oasisA"), ("vxm", "oasisA"), ("oasisA", "vxm"),
-             ("vxm", "mni"), ("oasisA", "mni")]
+    cases = [("mni", "vxm"), ("mni", "oasisA"), ("vxm", "oasisA"), ("oasisA", "vxm"), ("vxm", "mni"), ("oasisA", "mni")]
     out = [{"name": f"{f} <- {m}", "fixed": f, "moving": m, "rot": None} for f, m in cases]
-    out.append({"name": "mni <- oasisA rot25 oblique", "fixed": "mni", "moving": "oasisA",
-                "rot": (25.0, (1.0, 1.0, 1.0))})
-    out.append({"name": "vxm <- oasisA rot25 oblique", "fixed": "vxm", "moving": "oasisA",
-                "rot": (25.0, (1.0, -0.5, 0.8))})
+    out.append({"name": "mni <- oasisA rot25 oblique", "fixed": "mni", "moving": "oasisA", "rot": (25.0, (1.0, 1.0, 1.0))})
+    out.append({"name": "vxm <- oasisA rot25 oblique", "fixed": "vxm", "moving": "oasisA", "rot": (25.0, (1.0, -0.5, 0.8))})
     return out
 
 
@@ -101,10 +126,12 @@ def dice(fixed_labels, moving_labels, transform, map_f, map_m) -> dict:
 
     from diffusionreg.image import Image
     from diffusionreg.transforms import AffineTransform, to_sitk_transform
+
     ref = fixed_labels.to_sitk()
     mov = Image(moving_labels.array.astype(np.int16), moving_labels.affine).to_sitk()
-    out = sitk.Resample(mov, ref, to_sitk_transform(AffineTransform(np.asarray(transform))),
-                        sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
+    out = sitk.Resample(
+        mov, ref, to_sitk_transform(AffineTransform(np.asarray(transform))), sitk.sitkNearestNeighbor, 0, sitk.sitkInt16
+    )
     warped = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
     fl = fixed_labels.array
     res = {}
@@ -127,9 +154,16 @@ def synthetic_cases(n: int, seed: int, image):
         trans = d / np.linalg.norm(d) * rng.uniform(0, 20)
         lin = rotation_about_axis(axis, ang) @ np.diag(scale)
         truth = centred_affine(image.grid.centre_world(), lin, trans)
-        cases.append({"name": f"synthetic {i}", "truth": truth, "angle": float(ang),
-                      "scale": scale.tolist(), "translation_mm": float(np.linalg.norm(trans)),
-                      "seed": int(rng.integers(1 << 30))})
+        cases.append(
+            {
+                "name": f"synthetic {i}",
+                "truth": truth,
+                "angle": float(ang),
+                "scale": scale.tolist(),
+                "translation_mm": float(np.linalg.norm(trans)),
+                "seed": int(rng.integers(1 << 30)),
+            }
+        )
     return cases
 
 
@@ -139,6 +173,7 @@ def synthetic_moving(image, truth, seed):
     from scipy import ndimage
 
     from diffusionreg.image import centred_grid, crop_or_pad, resample
+
     rng = np.random.default_rng(seed)
     centre = truth[:3, :3] @ image.grid.centre_world() + truth[:3, 3]
     grid = centred_grid((192, 208, 208), 1.0, centre)
@@ -161,6 +196,7 @@ def synthetic_moving(image, truth, seed):
 
 def mean_error_mm(est, truth, image) -> float:
     from diffusionreg.spaces import apply_affine
+
     idx = np.argwhere(image.array[::3, ::3, ::3] > 0.1 * image.array.max()) * 3.0
     pts = apply_affine(image.affine, idx)
     return float(np.linalg.norm(apply_affine(est, pts) - apply_affine(truth, pts), axis=1).mean())
@@ -170,6 +206,7 @@ def mean_error_mm(est, truth, image) -> float:
 class Ours:
     def __init__(self, bidirectional=False, model=None, refine=False):
         from diffusionreg.affine.register import load_model
+
         self.model = load_model(model, "mri")
         self.bidirectional = bidirectional
         # refine=True: the model's default (diffusion, then the test-time mutual-information refinement);
@@ -178,9 +215,11 @@ class Ours:
 
     def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:
         from diffusionreg.affine.register import register_affine
+
         start, cpu0 = time.perf_counter(), time.process_time()
-        mat = register_affine(fixed, moving, self.model, bidirectional=self.bidirectional,
-                              refine_iterations=self.refine_iterations).transform.matrix
+        mat = register_affine(
+            fixed, moving, self.model, bidirectional=self.bidirectional, refine_iterations=self.refine_iterations
+        ).transform.matrix
         self.last_seconds = time.perf_counter() - start
         self.last_cpu = time.process_time() - cpu0
         return mat
@@ -192,13 +231,13 @@ class Ants:
 
         from diffusionreg.image import write_image
         from diffusionreg.transforms import read_transform
+
         write_image(fixed, tmp / "f.nii")
         write_image(moving, tmp / "m.nii")
         f = ants.image_read(str(tmp / "f.nii"))
         m = ants.image_read(str(tmp / "m.nii"))
         start, cpu0 = time.perf_counter(), time.process_time()
-        reg = ants.registration(fixed=f, moving=m, type_of_transform="Affine",
-                                outprefix=str(tmp / "ants_"), random_seed=1)
+        reg = ants.registration(fixed=f, moving=m, type_of_transform="Affine", outprefix=str(tmp / "ants_"), random_seed=1)
         self.last_seconds = time.perf_counter() - start
         self.last_cpu = time.process_time() - cpu0
         return read_transform(reg["fwdtransforms"][0]).matrix
@@ -209,19 +248,19 @@ class Sitk:
         import SimpleITK as sitk
 
         from diffusionreg.transforms import from_sitk_transform
+
         f = sitk.Cast(fixed.to_sitk(), sitk.sitkFloat32)
         m = sitk.Cast(moving.to_sitk(), sitk.sitkFloat32)
         start, cpu0 = time.perf_counter(), time.process_time()
-        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
-                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
+        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS)
         reg = sitk.ImageRegistrationMethod()
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentage(0.05, seed=1)
         reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
-                                                     numberOfIterations=300,
-                                                     gradientMagnitudeTolerance=1e-6)
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=1.0, minStep=1e-4, numberOfIterations=300, gradientMagnitudeTolerance=1e-6
+        )
         reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetShrinkFactorsPerLevel([4, 2, 1])
         reg.SetSmoothingSigmasPerLevel([2, 1, 0])
@@ -259,6 +298,7 @@ def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log, par
     def save():
         if partial is not None:
             partial.write_text(json.dumps(rows, indent=1))
+
     for case in real:
         fixed, flabels = subj[case["fixed"]]
         moving, mlabels = subj[case["moving"]]
@@ -268,19 +308,37 @@ def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log, par
         mat, sec, cpu = _timed(method, fixed, moving, tmp)
         ka, ma, kb, mb = label_sets(case["fixed"], case["moving"])
         d = dice(flabels[ka], mlabels[kb], mat, ma, mb)
-        rows["real"].append({"case": case["name"], "dice": d, "mean_dice": float(np.nanmean(list(d.values()))),
-                             "seconds": sec, "cpu_seconds": cpu, "matrix": mat.tolist()})
+        rows["real"].append(
+            {
+                "case": case["name"],
+                "dice": d,
+                "mean_dice": float(np.nanmean(list(d.values()))),
+                "seconds": sec,
+                "cpu_seconds": cpu,
+                "matrix": mat.tolist(),
+            }
+        )
         log(f"{name:12s} {case['name']:32s} dice {rows['real'][-1]['mean_dice']:.3f}  {sec:6.1f} s (cpu {cpu:.1f} s)")
         save()
     for case in synth:
         moving = case["moving"]
         mat, sec, cpu = _timed(method, synth_image, moving, tmp)
         err = mean_error_mm(mat, case["truth"], synth_image)
-        rows["synthetic"].append({"case": case["name"], "error_mm": err, "seconds": sec, "cpu_seconds": cpu,
-                                  "angle": case["angle"], "scale": case["scale"],
-                                  "translation_mm": case["translation_mm"]})
-        log(f"{name:12s} {case['name']:32s} error {err:6.2f} mm {sec:6.1f} s (cpu {cpu:.1f} s) "
-            f"(rot {case['angle']:.0f} deg, |t| {case['translation_mm']:.0f} mm)")
+        rows["synthetic"].append(
+            {
+                "case": case["name"],
+                "error_mm": err,
+                "seconds": sec,
+                "cpu_seconds": cpu,
+                "angle": case["angle"],
+                "scale": case["scale"],
+                "translation_mm": case["translation_mm"],
+            }
+        )
+        log(
+            f"{name:12s} {case['name']:32s} error {err:6.2f} mm {sec:6.1f} s (cpu {cpu:.1f} s) "
+            f"(rot {case['angle']:.0f} deg, |t| {case['translation_mm']:.0f} mm)"
+        )
         save()
     return rows
 
@@ -289,22 +347,36 @@ def parse_log(path: Path, label: str) -> dict:
     """Per-case results from the lines this script prints (for a run that was interrupted
     before it wrote its JSON). Matrices are not in the log, so such rows have none."""
     import re
+
     rows = {"real": [], "synthetic": []}
     for line in path.read_text().splitlines():
         if not line.startswith(label + " "):
             continue
-        rest = line[len(label):].strip()
+        rest = line[len(label) :].strip()
         m = re.match(r"(.+?)\s+dice ([0-9.]+)\s+([0-9.]+) s \(cpu ([0-9.]+) s\)", rest)
         if m:
-            rows["real"].append({"case": m.group(1).strip(), "mean_dice": float(m.group(2)),
-                                 "seconds": float(m.group(3)), "cpu_seconds": float(m.group(4)),
-                                 "matrix": None, "from_log": True})
+            rows["real"].append(
+                {
+                    "case": m.group(1).strip(),
+                    "mean_dice": float(m.group(2)),
+                    "seconds": float(m.group(3)),
+                    "cpu_seconds": float(m.group(4)),
+                    "matrix": None,
+                    "from_log": True,
+                }
+            )
             continue
         m = re.match(r"(synthetic \d+)\s+error\s+([0-9.]+) mm\s+([0-9.]+) s \(cpu ([0-9.]+) s\)", rest)
         if m:
-            rows["synthetic"].append({"case": m.group(1), "error_mm": float(m.group(2)),
-                                      "seconds": float(m.group(3)), "cpu_seconds": float(m.group(4)),
-                                      "from_log": True})
+            rows["synthetic"].append(
+                {
+                    "case": m.group(1),
+                    "error_mm": float(m.group(2)),
+                    "seconds": float(m.group(3)),
+                    "cpu_seconds": float(m.group(4)),
+                    "from_log": True,
+                }
+            )
     return rows
 
 
@@ -314,52 +386,74 @@ def summarise(name, rows) -> dict:
     errs = np.array([r["error_mm"] for r in syn]) if syn else np.array([np.nan])
     secs = [r["seconds"] for r in real + syn]
     cpus = [r.get("cpu_seconds", r["seconds"]) for r in real + syn]
-    return {"method": name,
-            "mean_dice": float(np.mean([r["mean_dice"] for r in real])) if real else float("nan"),
-            "per_pair": {r["case"]: r["mean_dice"] for r in real},
-            "synthetic_median_mm": float(np.median(errs)), "synthetic_mean_mm": float(np.mean(errs)),
-            "synthetic_max_mm": float(np.max(errs)),
-            "failures": int((errs > 2.0).sum()) if syn else 0, "n_synthetic": len(syn),
-            "seconds_mean": float(np.mean(secs)) if secs else float("nan"),
-            "real_seconds_mean": float(np.mean([r["seconds"] for r in real])) if real else float("nan"),
-            "real_cpu_seconds_mean": float(np.mean([r.get("cpu_seconds", r["seconds"]) for r in real])) if real else float("nan"),
-            "cpu_seconds_mean": float(np.mean(cpus)) if cpus else float("nan")}
+    return {
+        "method": name,
+        "mean_dice": float(np.mean([r["mean_dice"] for r in real])) if real else float("nan"),
+        "per_pair": {r["case"]: r["mean_dice"] for r in real},
+        "synthetic_median_mm": float(np.median(errs)),
+        "synthetic_mean_mm": float(np.mean(errs)),
+        "synthetic_max_mm": float(np.max(errs)),
+        "failures": int((errs > 2.0).sum()) if syn else 0,
+        "n_synthetic": len(syn),
+        "seconds_mean": float(np.mean(secs)) if secs else float("nan"),
+        "real_seconds_mean": float(np.mean([r["seconds"] for r in real])) if real else float("nan"),
+        "real_cpu_seconds_mean": float(np.mean([r.get("cpu_seconds", r["seconds"]) for r in real])) if real else float("nan"),
+        "cpu_seconds_mean": float(np.mean(cpus)) if cpus else float("nan"),
+    }
 
 
 def write_markdown(summaries, cases, args, path: Path, partial_methods=()):
     names = [s["method"] for s in summaries]
-    lines = ["# Affine benchmark", "",
-             f"Command: `.venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` "
-             f"({args.threads} thread(s) for every method; CPU; the machine was shared, so CPU "
-             "time is the comparable cost and wall time is inflated for every method).", ""]
+    lines = [
+        "# Affine benchmark",
+        "",
+        f"Command: `.venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` "
+        f"({args.threads} thread(s) for every method; CPU; the machine was shared, so CPU "
+        "time is the comparable cost and wall time is inflated for every method).",
+        "",
+    ]
     if partial_methods:
-        lines += [f"Interrupted before all cases finished (rows listed as nan are missing): "
-                  f"{', '.join(partial_methods)}.", ""]
+        lines += [f"Interrupted before all cases finished (rows listed as nan are missing): {', '.join(partial_methods)}.", ""]
     lines += [
-             "## Real pairs: mean Dice of shared deep structures (fixed <- moving)", "",
-             "| pair | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        "## Real pairs: mean Dice of shared deep structures (fixed <- moving)",
+        "",
+        "| pair | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for c in cases:
-        lines.append(f"| {c['name']} | " + " | ".join(
-            f"{s['per_pair'].get(c['name'], float('nan')):.3f}" for s in summaries) + " |")
+        lines.append(
+            f"| {c['name']} | " + " | ".join(f"{s['per_pair'].get(c['name'], float('nan')):.3f}" for s in summaries) + " |"
+        )
     lines.append("| **mean** | " + " | ".join(f"**{s['mean_dice']:.3f}**" for s in summaries) + " |")
-    lines.append("| mean wall / CPU time per pair (s) | " + " | ".join(
-        f"{s['real_seconds_mean']:.1f} / {s['real_cpu_seconds_mean']:.1f}" for s in summaries) + " |")
-    lines += ["", f"## Synthetic known affines on the held-out oasis_B ({summaries[0]['n_synthetic']} cases)", "",
-              "| method | median error (mm) | mean (mm) | max (mm) | failures (> 2 mm) | mean wall time (s) | mean CPU time (s) |",
-              "|---|---|---|---|---|---|---|"]
+    lines.append(
+        "| mean wall / CPU time per pair (s) | "
+        + " | ".join(f"{s['real_seconds_mean']:.1f} / {s['real_cpu_seconds_mean']:.1f}" for s in summaries)
+        + " |"
+    )
+    lines += [
+        "",
+        f"## Synthetic known affines on the held-out oasis_B ({summaries[0]['n_synthetic']} cases)",
+        "",
+        "| method | median error (mm) | mean (mm) | max (mm) | failures (> 2 mm) | mean wall time (s) | mean CPU time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
-        lines.append(f"| {s['method']} | {s['synthetic_median_mm']:.2f} | {s['synthetic_mean_mm']:.2f} | "
-                     f"{s['synthetic_max_mm']:.2f} | {s['failures']}/{s['n_synthetic']} | {s['seconds_mean']:.1f} | "
-                     f"{s['cpu_seconds_mean']:.1f} |")
+        lines.append(
+            f"| {s['method']} | {s['synthetic_median_mm']:.2f} | {s['synthetic_mean_mm']:.2f} | "
+            f"{s['synthetic_max_mm']:.2f} | {s['failures']}/{s['n_synthetic']} | {s['seconds_mean']:.1f} | "
+            f"{s['cpu_seconds_mean']:.1f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
 def overlay(subj, case, results, path: Path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from diffusionreg.image import resample
+
     fixed, _ = subj[case["fixed"]]
     moving, _ = subj[case["moving"]]
     if case["rot"] is not None:
@@ -370,8 +464,9 @@ def overlay(subj, case, results, path: Path):
     for col, (name, mat) in enumerate(results):
         w = resample(moving, fixed.grid, np.asarray(mat), default=0.0).array
         w = w / max(np.percentile(w, 99.5), 1e-6)
-        for row, sl in enumerate([(slice(None), fixed.shape[1] // 2, slice(None)),
-                                  (fixed.shape[0] // 2, slice(None), slice(None))]):
+        for row, sl in enumerate(
+            [(slice(None), fixed.shape[1] // 2, slice(None)), (fixed.shape[0] // 2, slice(None), slice(None))]
+        ):
             rgb = np.stack([np.clip(f[sl], 0, 1), np.clip(w[sl], 0, 1), np.clip(f[sl], 0, 1)], -1)
             axes[row, col].imshow(np.rot90(rgb), interpolation="nearest")
             axes[row, col].set_axis_off()
@@ -392,40 +487,56 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true", help="reuse cached results of other methods")
     p.add_argument("--real", default="all", help="'all' or 'none'")
-    p.add_argument("--import-log", nargs=2, action="append", metavar=("METHOD", "LOG"),
-                   help="recover the per-case lines of an interrupted run's log as partial results")
+    p.add_argument(
+        "--import-log",
+        nargs=2,
+        action="append",
+        metavar=("METHOD", "LOG"),
+        help="recover the per-case lines of an interrupted run's log as partial results",
+    )
     args = p.parse_args()
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import SimpleITK as sitk
     import torch
+
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
 
     from diffusionreg.image import crop_or_pad, read_image
+
     subj = load_subjects(args.data)
     real = real_cases(subj) if args.real == "all" else []
     b_img = read_image(args.data / "brain" / "oasis_B_norm.nii.gz", dtype=np.float32)
     b_img = crop_or_pad(b_img, (40, 30, 30), (176, 190, 200))
     synth = synthetic_cases(args.synthetic, args.seed, b_img)
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for case in synth if wanted else []:   # generated once, shared by every method
+    for case in synth if wanted else []:  # generated once, shared by every method
         case["moving"] = synthetic_moving(b_img, case["truth"], case["seed"])
-    factories = {"none": lambda: None, "ours": lambda: Ours(False, args.model),
-                 "ours-bidir": lambda: Ours(True, args.model),
-                 "ours-refine": lambda: Ours(False, args.model, refine=True), "ants": Ants, "sitk": Sitk}
-    labels = {"none": "identity (no registration)", "ours": "spatial diffusion",
-              "ours-bidir": "spatial diffusion (bidir)", "ours-refine": "spatial diffusion + refinement (default)",
-              "ants": "ANTs affine", "sitk": "SimpleITK MI"}
+    factories = {
+        "none": lambda: None,
+        "ours": lambda: Ours(False, args.model),
+        "ours-bidir": lambda: Ours(True, args.model),
+        "ours-refine": lambda: Ours(False, args.model, refine=True),
+        "ants": Ants,
+        "sitk": Sitk,
+    }
+    labels = {
+        "none": "identity (no registration)",
+        "ours": "spatial diffusion",
+        "ours-bidir": "spatial diffusion (bidir)",
+        "ours-refine": "spatial diffusion + refinement (default)",
+        "ants": "ANTs affine",
+        "sitk": "SimpleITK MI",
+    }
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     order = ["none", "ours", "ours-bidir", "ours-refine", "ants", "sitk"]
     all_rows = {}
     with tempfile.TemporaryDirectory() as tmpd:
         for m in wanted:
             method = factories[m]()
-            rows = run_method(labels[m], method, subj, real, synth, b_img, Path(tmpd), print,
-                              OUT / f"affine_{m}.partial.json")
+            rows = run_method(labels[m], method, subj, real, synth, b_img, Path(tmpd), print, OUT / f"affine_{m}.partial.json")
             (OUT / f"affine_{m}.json").write_text(json.dumps(rows, indent=1))
             all_rows[m] = rows
     for m, log in args.import_log or []:
@@ -437,7 +548,7 @@ def main():
                 continue
             if (OUT / f"affine_{m}.json").exists():
                 all_rows[m] = json.loads((OUT / f"affine_{m}.json").read_text())
-            elif (OUT / f"affine_{m}.partial.json").exists():   # an interrupted run
+            elif (OUT / f"affine_{m}.partial.json").exists():  # an interrupted run
                 all_rows[m] = json.loads((OUT / f"affine_{m}.partial.json").read_text())
                 partial_methods.append(labels[m])
     summaries = [summarise(labels[m], all_rows[m]) for m in order if m in all_rows]

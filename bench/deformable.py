@@ -26,6 +26,7 @@ Writes bench/out/deformable.md, bench/out/deformable.json and bench/out/deformab
 (case, method) result is cached in bench/out/deformable_cache/ and --reuse keeps the cached
 results of the cases/methods not rerun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,17 +47,43 @@ DATA = Path(os.environ.get("DIFFUSIONREG_SHARED_DATA", ROOT.parent / "shared" / 
 LUNG = DATA / "lung" / "vessels_val_cc_by"
 LUNG_CASES = ("054", "055", "056", "094", "097", "114", "115", "116")
 
-ASEG13 = {1: [10, 49], 2: [8, 47], 3: [4, 43], 4: [7, 46], 5: [12, 51], 6: [11, 50], 7: [13, 52],
-          8: [17, 53], 9: [18, 54], 10: [3, 42], 11: [14], 12: [15], 13: [16]}
-SEG13_NAMES = {1: "thalamus", 2: "cerebellum cortex", 3: "lateral ventricle", 4: "cerebellum WM", 5: "putamen",
-               6: "caudate", 7: "pallidum", 8: "hippocampus", 9: "amygdala", 10: "cerebral cortex",
-               11: "3rd ventricle", 12: "4th ventricle", 13: "brainstem"}
+ASEG13 = {
+    1: [10, 49],
+    2: [8, 47],
+    3: [4, 43],
+    4: [7, 46],
+    5: [12, 51],
+    6: [11, 50],
+    7: [13, 52],
+    8: [17, 53],
+    9: [18, 54],
+    10: [3, 42],
+    11: [14],
+    12: [15],
+    13: [16],
+}
+SEG13_NAMES = {
+    1: "thalamus",
+    2: "cerebellum cortex",
+    3: "lateral ventricle",
+    4: "cerebellum WM",
+    5: "putamen",
+    6: "caudate",
+    7: "pallidum",
+    8: "hippocampus",
+    9: "amygdala",
+    10: "cerebral cortex",
+    11: "3rd ventricle",
+    12: "4th ventricle",
+    13: "brainstem",
+}
 
 
 # ----------------------------------------------------------------------------- geometry helpers
 def coarse_grid(grid, spacing_mm: float):
     """A grid over the same field of view with (about) ``spacing_mm`` voxels, same axes."""
     from diffusionreg.image import Grid
+
     factors = np.maximum(1.0, spacing_mm / grid.spacing)
     shape = tuple(int(max(2, np.floor(n / f))) for n, f in zip(grid.shape, factors))
     scale = np.asarray(grid.shape, float) / np.asarray(shape, float)
@@ -70,6 +97,7 @@ def coarse_grid(grid, spacing_mm: float):
 def field_on_grid(transform, grid) -> np.ndarray:
     """Displacement (mm) of a fixed->moving transform at ``grid``'s voxels, ``(*shape, 3)``."""
     from diffusionreg.image import grid_points
+
     p = grid_points(grid)
     return (transform.map_points(p) - p).reshape(grid.shape + (3,))
 
@@ -79,40 +107,53 @@ def regularity(transform, grid) -> dict:
     import torch
 
     from diffusionreg import fields
+
     d = field_on_grid(transform, grid)
     u = d @ np.linalg.inv(grid.affine[:3, :3]).T
     t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(u, -1, 0)))[None].double()
     det = fields.jacobian_determinant(t)
     ndv = fields.non_diffeomorphic_volume(t)
-    return {"folding_percent": float((det <= 0).double().mean()) * 100,
-            "ndv_percent": float(ndv.fraction[0]) * 100, "min_jacobian": float(det.min())}
+    return {
+        "folding_percent": float((det <= 0).double().mean()) * 100,
+        "ndv_percent": float(ndv.fraction[0]) * 100,
+        "min_jacobian": float(det.min()),
+    }
 
 
 def inverse_consistency(forward, inverse, moving_grid, fixed_grid) -> dict:
     """|D(q + Dinv(q)) + Dinv(q)| over moving-grid points whose image lies inside the fixed grid."""
     from diffusionreg.image import grid_points
     from diffusionreg.spaces import apply_affine
+
     q = grid_points(moving_grid)
     p = inverse.map_points(q)
     idx = apply_affine(np.linalg.inv(fixed_grid.affine), p)
     inside = np.all((idx >= 0) & (idx <= np.asarray(fixed_grid.shape) - 1), axis=1)
     err = np.linalg.norm(forward.map_points(p[inside]) - q[inside], axis=1)
-    return {"ice_mean_mm": float(err.mean()), "ice_p95_mm": float(np.percentile(err, 95)),
-            "ice_max_mm": float(err.max())}
+    return {"ice_mean_mm": float(err.mean()), "ice_p95_mm": float(np.percentile(err, 95)), "ice_max_mm": float(err.max())}
 
 
 def tre(forward, fixed_mm, moving_mm) -> dict:
     d = np.linalg.norm(forward.map_points(fixed_mm) - moving_mm, axis=1)
-    return {"tre_mean_mm": float(d.mean()), "tre_median_mm": float(np.median(d)),
-            "tre_q25_mm": float(np.percentile(d, 25)), "tre_q75_mm": float(np.percentile(d, 75)),
-            "tre_values": d.round(3).tolist()}
+    return {
+        "tre_mean_mm": float(d.mean()),
+        "tre_median_mm": float(np.median(d)),
+        "tre_q25_mm": float(np.percentile(d, 25)),
+        "tre_q75_mm": float(np.percentile(d, 75)),
+        "tre_values": d.round(3).tolist(),
+    }
 
 
 # ----------------------------------------------------------------------------- baselines
 def to_ants(image):
     import ants
-    return ants.from_numpy(np.ascontiguousarray(image.array.astype(np.float32)), origin=tuple(image.affine[:3, 3]),
-                           spacing=tuple(image.spacing), direction=image.grid.direction)
+
+    return ants.from_numpy(
+        np.ascontiguousarray(image.array.astype(np.float32)),
+        origin=tuple(image.affine[:3, 3]),
+        spacing=tuple(image.spacing),
+        direction=image.grid.direction,
+    )
 
 
 def run_syn(fixed, moving, threads: int):
@@ -120,16 +161,17 @@ def run_syn(fixed, moving, threads: int):
     import ants
 
     from diffusionreg.transforms import read_transform
+
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     fi, mi = to_ants(fixed), to_ants(moving)
     t0 = time.perf_counter()
-    reg = ants.registration(fi, mi, type_of_transform="SyN", syn_metric="meansquares",
-                            reg_iterations=(100, 70, 40), verbose=False)
+    reg = ants.registration(
+        fi, mi, type_of_transform="SyN", syn_metric="meansquares", reg_iterations=(100, 70, 40), verbose=False
+    )
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         fwd = ants.apply_transforms(fi, mi, reg["fwdtransforms"], compose=os.path.join(tmp, "fwd"))
-        inv = ants.apply_transforms(mi, fi, reg["invtransforms"], whichtoinvert=[True, False],
-                                    compose=os.path.join(tmp, "inv"))
+        inv = ants.apply_transforms(mi, fi, reg["invtransforms"], whichtoinvert=[True, False], compose=os.path.join(tmp, "inv"))
         return read_transform(fwd), read_transform(inv), seconds
 
 
@@ -152,8 +194,7 @@ def run_elastix(fixed, moving, threads: int):
     po.AddParameterMap(po.GetDefaultParameterMap("affine", 3))
     po.AddParameterMap(po.GetDefaultParameterMap("bspline", 3, 8.0))
     t0 = time.perf_counter()
-    _, params = itk.elastix_registration_method(fi, mi, parameter_object=po, log_to_console=False,
-                                                number_of_threads=threads)
+    _, params = itk.elastix_registration_method(fi, mi, parameter_object=po, log_to_console=False, number_of_threads=threads)
     seconds = time.perf_counter() - t0
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:  # transformix writes deformationField.nii into the cwd
@@ -174,24 +215,36 @@ def run_ours(fixed, moving, model, method: str, args):
     """ours: the network alone; -io: + instance optimisation of the weights (args.io_steps);
     -refine: + the fine-grid velocity refinement (args.refine_iterations, None = the model's)."""
     from diffusionreg.deformable.register import register_deformable
+
     io_steps = args.io_steps if "-io" in method else 0
-    refine = args.refine_iterations if "refine" in method else 0   # None: the model's default
+    refine = args.refine_iterations if "refine" in method else 0  # None: the model's default
     t0 = time.perf_counter()
     result = register_deformable(fixed, moving, model, None, io_steps, want_inverse=True, refine_iterations=refine)
-    extra = {k: result.metrics[k] for k in ("instance_optimization_steps", "refine_iterations", "field_grid_shape",
-                                              "field_spacing_mm", "seconds_network", "seconds_refine")}
+    extra = {
+        k: result.metrics[k]
+        for k in (
+            "instance_optimization_steps",
+            "refine_iterations",
+            "field_grid_shape",
+            "field_spacing_mm",
+            "seconds_network",
+            "seconds_refine",
+        )
+    }
     return result.forward, result.inverse, time.perf_counter() - t0, extra
 
 
 # ----------------------------------------------------------------------------- tasks
 def binarised(image):
     from diffusionreg.image import Image
+
     return Image((image.array > 0).astype(np.float32), image.affine)
 
 
 def lung_case(case: str, method: str, args, models) -> dict:
     from diffusionreg.evaluation import read_landmarks
     from diffusionreg.image import read_image, resample
+
     fixed = read_image(LUNG / f"case_{case}_1.nii.gz")
     moving = read_image(LUNG / f"case_{case}_2.nii.gz")
     lm = read_landmarks(LUNG / f"case_{case}_landmarks_voxel.csv", fixed.grid, moving.grid)
@@ -204,8 +257,14 @@ def lung_case(case: str, method: str, args, models) -> dict:
         bf = resample(binarised(fixed), coarse_grid(fixed.grid, args.baseline_spacing), None, "linear")
         bm = resample(binarised(moving), coarse_grid(moving.grid, args.baseline_spacing), None, "linear")
         fwd, inv, seconds = (run_syn if method == "syn" else run_elastix)(bf, bm, args.threads)
-    out = {"task": "lung", "case": case, "method": method, "seconds": seconds,
-           "tre_initial_mm": float(np.linalg.norm(lm.fixed - lm.moving, axis=1).mean()), **extra}
+    out = {
+        "task": "lung",
+        "case": case,
+        "method": method,
+        "seconds": seconds,
+        "tre_initial_mm": float(np.linalg.norm(lm.fixed - lm.moving, axis=1).mean()),
+        **extra,
+    }
     out.update(tre(fwd, lm.fixed, lm.moving))
     out.update(regularity(fwd, eval_grid))
     if inv is not None:
@@ -219,6 +278,7 @@ def brain_inputs(args):
 
     from diffusionreg.image import Image, crop_or_pad, read_image, resample
     from diffusionreg.transforms import read_transform
+
     b = DATA / "brain"
     fixed = read_image(b / "oasis_A_norm.nii.gz", dtype=np.float32)
     fixed_lab = read_image(b / "oasis_A_seg13.nii.gz")
@@ -233,6 +293,7 @@ def brain_inputs(args):
     if not mat.exists():
         reg = ants.registration(to_ants(fixed), to_ants(moving), type_of_transform="Affine", verbose=False)
         import shutil
+
         shutil.copy(reg["fwdtransforms"][0], mat)
     affine = read_transform(mat)
     fg = np.argwhere(fixed.array > 0.01)
@@ -247,6 +308,7 @@ def brain_inputs(args):
 def brain_case(method: str, args, models) -> dict:
     from diffusionreg import metrics
     from diffusionreg.image import resample
+
     fixed, fixed_lab, moving, moving_lab = brain_inputs(args)
     extra = {}
     if method in OURS:
@@ -263,10 +325,17 @@ def brain_case(method: str, args, models) -> dict:
     dice = metrics.dice_per_label(fixed_lab.array, warped.array, labels)
     hd = metrics.hd95_per_label(fixed_lab.array, warped.array, fixed.spacing, labels)
     dice0 = metrics.dice_per_label(fixed_lab.array, moving_lab.array, labels)
-    out = {"task": "brain", "case": "vxm->oasisA", "method": method, "seconds": seconds, **extra,
-           "dice_mean": float(np.nanmean(list(dice.values()))), "hd95_mean_mm": float(np.nanmean(list(hd.values()))),
-           "dice_affine_only": float(np.nanmean(list(dice0.values()))),
-           "dice_per_structure": {SEG13_NAMES[k]: round(v, 4) for k, v in dice.items()}}
+    out = {
+        "task": "brain",
+        "case": "vxm->oasisA",
+        "method": method,
+        "seconds": seconds,
+        **extra,
+        "dice_mean": float(np.nanmean(list(dice.values()))),
+        "hd95_mean_mm": float(np.nanmean(list(hd.values()))),
+        "dice_affine_only": float(np.nanmean(list(dice0.values()))),
+        "dice_per_structure": {SEG13_NAMES[k]: round(v, 4) for k, v in dice.items()},
+    }
     out.update(regularity(fwd, coarse_grid(fixed.grid, 2.0)))
     if inv is not None:
         out.update(inverse_consistency(fwd, inv, coarse_grid(fixed.grid, 2.0), fixed.grid))
@@ -287,21 +356,29 @@ def report(results: list[dict], args) -> None:
     argv = list(sys.argv[1:])
     if "--note" in argv:
         i = argv.index("--note")
-        del argv[i:i + 2]
-    lines = ["# Deformable benchmark", "",
-             f"Command: `{' '.join(['.venv/bin/python', 'bench/deformable.py'] + argv)}`  ",
-             f"Threads per method: {args.threads}; baselines on binarised maps / images at {args.baseline_spacing} mm; "
-             f"ours on its network grid, instance optimisation {args.io_steps} steps for the -io methods, "
-             f"velocity refinement ({args.refine_iterations if args.refine_iterations is not None else 'the model default'} iterations) for the -refine methods. "
-             "Machine: 2 shared CPU cores (other jobs running), so wall times are indicative.", ""]
+        del argv[i : i + 2]
+    lines = [
+        "# Deformable benchmark",
+        "",
+        f"Command: `{' '.join(['.venv/bin/python', 'bench/deformable.py'] + argv)}`  ",
+        f"Threads per method: {args.threads}; baselines on binarised maps / images at {args.baseline_spacing} mm; "
+        f"ours on its network grid, instance optimisation {args.io_steps} steps for the -io methods, "
+        f"velocity refinement ({args.refine_iterations if args.refine_iterations is not None else 'the model default'} iterations) for the -refine methods. "
+        "Machine: 2 shared CPU cores (other jobs running), so wall times are indicative.",
+        "",
+    ]
     if args.note:
         lines += [args.note, ""]
     lung = [r for r in results if r["task"] == "lung"]
     if lung:
         n_cases = len({r["case"] for r in lung})
-        lines += [f"## Lung vessels ({n_cases} of the 8 CC-BY validation pairs, Lung250M-4B landmarks)", "",
-                  "| method | cases | TRE mean (mm) | TRE median | q25 / q75 | initial TRE | folding % | NDV % | "
-                  "ICE mean (mm) | ICE p95 | time / pair (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Lung vessels ({n_cases} of the 8 CC-BY validation pairs, Lung250M-4B landmarks)",
+            "",
+            "| method | cases | TRE mean (mm) | TRE median | q25 / q75 | initial TRE | folding % | NDV % | "
+            "ICE mean (mm) | ICE p95 | time / pair (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for method in METHODS:
             rs = [r for r in lung if r["method"] == method]
             if not rs:
@@ -310,15 +387,21 @@ def report(results: list[dict], args) -> None:
             init = np.mean([r["tre_initial_mm"] for r in rs])
             ice = [r["ice_mean_mm"] for r in rs if "ice_mean_mm" in r]
             ice95 = [r["ice_p95_mm"] for r in rs if "ice_p95_mm" in r]
-            lines.append(f"| {method} | {len(rs)} | {allt.mean():.2f} | {np.median(allt):.2f} | "
-                         f"{np.percentile(allt, 25):.2f} / {np.percentile(allt, 75):.2f} | {init:.2f} | "
-                         f"{np.mean([r['folding_percent'] for r in rs]):.4f} | {np.mean([r['ndv_percent'] for r in rs]):.4f} | "
-                         f"{fmt(np.mean(ice), 3) if ice else 'n/a'} | {fmt(np.mean(ice95), 3) if ice95 else 'n/a'} | "
-                         f"{np.mean([r['seconds'] for r in rs]):.1f} |")
+            lines.append(
+                f"| {method} | {len(rs)} | {allt.mean():.2f} | {np.median(allt):.2f} | "
+                f"{np.percentile(allt, 25):.2f} / {np.percentile(allt, 75):.2f} | {init:.2f} | "
+                f"{np.mean([r['folding_percent'] for r in rs]):.4f} | {np.mean([r['ndv_percent'] for r in rs]):.4f} | "
+                f"{fmt(np.mean(ice), 3) if ice else 'n/a'} | {fmt(np.mean(ice95), 3) if ice95 else 'n/a'} | "
+                f"{np.mean([r['seconds'] for r in rs]):.1f} |"
+            )
         present = [m for m in METHODS if any(r["method"] == m for r in lung)]
-        lines += ["", "Per case TRE mean (mm):", "",
-                  "| case | initial | " + " | ".join(present) + " |",
-                  "|---|---|" + "---|" * len(present)]
+        lines += [
+            "",
+            "Per case TRE mean (mm):",
+            "",
+            "| case | initial | " + " | ".join(present) + " |",
+            "|---|---|" + "---|" * len(present),
+        ]
         for case in sorted({r["case"] for r in lung}):
             row = [r for r in lung if r["case"] == case]
             cells = []
@@ -329,24 +412,31 @@ def report(results: list[dict], args) -> None:
         lines.append("")
     brain = [r for r in results if r["task"] == "brain"]
     if brain:
-        lines += ["## Brain (vxm_test_scan -> oasis_A, 13 structures, after a shared ANTs affine)", "",
-                  "| method | Dice mean | HD95 mean (mm) | Dice affine only | folding % | NDV % | ICE mean (mm) | time (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Brain (vxm_test_scan -> oasis_A, 13 structures, after a shared ANTs affine)",
+            "",
+            "| method | Dice mean | HD95 mean (mm) | Dice affine only | folding % | NDV % | ICE mean (mm) | time (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in brain:
             if "skipped" in r:
                 lines.append(f"| {r['method']} | {r['skipped']} | | | | | | |")
                 continue
             label = r["method"] + (f" ({r['model']})" if r.get("model") else "")
-            lines.append(f"| {label} | {r['dice_mean']:.4f} | {r['hd95_mean_mm']:.2f} | {r['dice_affine_only']:.4f} | "
-                         f"{r['folding_percent']:.4f} | {r['ndv_percent']:.4f} | {fmt(r.get('ice_mean_mm'), 3)} | "
-                         f"{r['seconds']:.1f} |")
+            lines.append(
+                f"| {label} | {r['dice_mean']:.4f} | {r['hd95_mean_mm']:.2f} | {r['dice_affine_only']:.4f} | "
+                f"{r['folding_percent']:.4f} | {r['ndv_percent']:.4f} | {fmt(r.get('ice_mean_mm'), 3)} | "
+                f"{r['seconds']:.1f} |"
+            )
         lines.append("")
     (OUT / "deformable.md").write_text("\n".join(lines) + "\n")
     (OUT / "deformable.json").write_text(json.dumps(results, indent=1))
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         methods = [m for m in METHODS if any(r["method"] == m for r in lung)]
         if methods:
@@ -360,7 +450,7 @@ def report(results: list[dict], args) -> None:
             axes[1].set_title("Wall time (lung)")
         fig.tight_layout()
         fig.savefig(OUT / "deformable.png", dpi=100)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"plot failed: {exc}")
     print("\n".join(lines))
 
@@ -373,8 +463,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline-spacing", type=float, default=2.0)
     ap.add_argument("--io-steps", type=int, default=50)
-    ap.add_argument("--refine-iterations", type=int, default=None,
-                    help="velocity-refinement iterations of the -refine methods (default: the model's)")
+    ap.add_argument(
+        "--refine-iterations",
+        type=int,
+        default=None,
+        help="velocity-refinement iterations of the -refine methods (default: the model's)",
+    )
     ap.add_argument("--lung-model", default="lung-vessels")
     ap.add_argument("--brain-model", default=None)
     ap.add_argument("--reuse", action="store_true", help="keep cached results (skip cases already done)")
@@ -382,6 +476,7 @@ def main() -> int:
     ap.add_argument("--note", default="", help="text added under the command line (e.g. the runs merged)")
     args = ap.parse_args()
     import torch
+
     torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
@@ -392,6 +487,7 @@ def main() -> int:
             ap.error(f"unknown methods {sorted(unknown)}; use {', '.join(METHODS)}")
         if any(m in OURS for m in methods):
             from diffusionreg.deformable.register import load_model
+
             models["lung"] = load_model(args.lung_model)
             models["brain"] = load_model(args.brain_model) if args.brain_model else None
         cases = LUNG_CASES if args.lung_cases == "all" else tuple(c for c in args.lung_cases.split(",") if c)
@@ -405,8 +501,9 @@ def main() -> int:
             print(f"{task} {case} {method} ...", flush=True)
             result = lung_case(case, method, args, models) if task == "lung" else brain_case(method, args, models)
             path.write_text(json.dumps(result))
-            print(f"  {json.dumps({k: v for k, v in result.items() if k not in ('tre_values', 'dice_per_structure')})}",
-                  flush=True)
+            print(
+                f"  {json.dumps({k: v for k, v in result.items() if k not in ('tre_values', 'dice_per_structure')})}", flush=True
+            )
     report(load_cache(), args)
     return 0
 

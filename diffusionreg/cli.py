@@ -38,9 +38,11 @@ _COMMAND_MODULES = ("diffusionreg.affine.commands", "diffusionreg.deformable.com
 def _input_rules() -> str:
     from diffusionreg.image_files import MAX_VOXEL_VALUES
 
-    return (f"Inputs: 3D images of at most {MAX_VOXEL_VALUES:,} voxel values (1024^3; larger ones are refused "
-            "before reading), no NaN or infinite voxels, data as long as the header says. Outputs: all written "
-            "or none; an output may not be an input or another output of the same command.")
+    return (
+        f"Inputs: 3D images of at most {MAX_VOXEL_VALUES:,} voxel values (1024^3; larger ones are refused "
+        "before reading), no NaN or infinite voxels, data as long as the header says. Outputs: all written "
+        "or none; an output may not be an input or another output of the same command."
+    )
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -64,7 +66,9 @@ def common_options() -> argparse.ArgumentParser:
     """Options shared by every command (a parent parser)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("common options")
-    group.add_argument("--device", default="auto", type=_device_type, help="auto (default: CUDA when available), cpu, cuda or cuda:N")
+    group.add_argument(
+        "--device", default="auto", type=_device_type, help="auto (default: CUDA when available), cpu, cuda or cuda:N"
+    )
     group.add_argument(
         "--progress",
         default="tqdm",
@@ -72,9 +76,11 @@ def common_options() -> argparse.ArgumentParser:
         help="tqdm bars on the terminal (default), json lines {stage, fraction, message} for Slicer, or none",
     )
     group.add_argument("--quiet", action="store_true", help="print only errors")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace existing output files even when read-only (an output that is also an input "
-                            "is always refused)")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files even when read-only (an output that is also an input is always refused)",
+    )
     return parent
 
 
@@ -125,7 +131,9 @@ def _add_evaluate(commands, common) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--labels", help="comma-separated labels to score, e.g. 2,3,4 (default: every label in the fixed map)")
     which.add_argument("--labels-file", type=Path, help="file listing labels to score (commas or whitespace)")
-    p.add_argument("--landmarks", type=Path, help="CSV of paired landmarks (fixed_x..moving_z in LPS mm, or fixed_i..moving_k voxels)")
+    p.add_argument(
+        "--landmarks", type=Path, help="CSV of paired landmarks (fixed_x..moving_z in LPS mm, or fixed_i..moving_k voxels)"
+    )
     p.add_argument("--mask", type=Path, help="region for the Jacobian statistics, on the grid of the displacement field")
     p.add_argument("--output-json", type=Path, help="write the results as JSON")
     p.set_defaults(handler=_run_evaluate)
@@ -143,11 +151,17 @@ def _run_evaluate(args: argparse.Namespace, progress: Progress) -> int:
     from diffusionreg.image import read_image
     from diffusionreg.transforms import read_transforms
 
-    outputs = OutputSet.from_args(args, ("--fixed-labels", "--moving-labels", "--transform", "--labels-file",
-                                         "--landmarks", "--mask"), progress)
+    outputs = OutputSet.from_args(
+        args, ("--fixed-labels", "--moving-labels", "--transform", "--labels-file", "--landmarks", "--mask"), progress
+    )
     outputs.add("--output-json", args.output_json, (".json",))
-    labels = (parse_label_list(args.labels) if args.labels is not None
-              else read_label_file(args.labels_file) if args.labels_file else None)
+    labels = (
+        parse_label_list(args.labels)
+        if args.labels is not None
+        else read_label_file(args.labels_file)
+        if args.labels_file
+        else None
+    )
     with outputs:
         with progress.stage("read", total=3) as stage:
             fixed = read_image(args.fixed_labels, what="fixed labels")
@@ -249,8 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except Exception as error:  # a bug: one line, exit 1, and a way to see more
         reason = (str(error).strip().splitlines() or [""])[0]
-        print(f"error: internal error ({type(error).__name__}: {reason}); this is a bug in diffusionreg, please "
-              "report it with the command line (DIFFUSIONREG_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"error: internal error ({type(error).__name__}: {reason}); this is a bug in diffusionreg, please "
+            "report it with the command line (DIFFUSIONREG_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
         if os.environ.get("DIFFUSIONREG_TRACEBACK"):  # developers: the full traceback
             raise
         return EXIT_FAILURE

@@ -106,8 +106,9 @@ def stack_slices(slices: list[Slice]):
     return _regularise(volume, depth, along_row, along_column, slices[0], normal)
 
 
-def _regularise(volume: np.ndarray, depth: np.ndarray, along_row: np.ndarray, along_column: np.ndarray,
-                first: Slice, normal: np.ndarray):
+def _regularise(
+    volume: np.ndarray, depth: np.ndarray, along_row: np.ndarray, along_column: np.ndarray, first: Slice, normal: np.ndarray
+):
     """Resample slices at arbitrary in-plane offsets and depths onto one orthonormal grid.
 
     The output step along the normal is the smallest typical acquired step (no resolution is lost);

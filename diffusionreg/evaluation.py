@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -73,8 +73,10 @@ def read_landmarks(path: str | os.PathLike, fixed_grid: Grid | None = None, movi
         reader = csv.DictReader(handle)
         for row in reader:
             if None in row:  # DictReader files values beyond the header under the key None
-                raise InputError(f"landmarks file {path} line {reader.line_num} has {len(row) - 1 + len(row[None])} "
-                                 f"values but the header names {len(row) - 1} columns")
+                raise InputError(
+                    f"landmarks file {path} line {reader.line_num} has {len(row) - 1 + len(row[None])} "
+                    f"values but the header names {len(row) - 1} columns"
+                )
             rows.append(row)
     if not rows:
         raise InputError(f"landmarks file {path} has no rows")
@@ -97,9 +99,7 @@ def read_landmarks(path: str | os.PathLike, fixed_grid: Grid | None = None, movi
         fixed = apply_affine(fixed_grid.affine, take(["fixed_i", "fixed_j", "fixed_k"]))
         moving = apply_affine(moving_grid.affine, take(["moving_i", "moving_j", "moving_k"]))
     else:
-        raise InputError(
-            f"landmarks file {path} needs columns fixed_x..moving_z (mm) or fixed_i..moving_k (voxels)"
-        )
+        raise InputError(f"landmarks file {path} needs columns fixed_x..moving_z (mm) or fixed_i..moving_k (voxels)")
     if not (np.all(np.isfinite(fixed)) and np.all(np.isfinite(moving))):
         raise InputError(f"landmarks file {path} contains NaN values")
     return Landmarks(fixed, moving)
@@ -260,4 +260,3 @@ def format_table(result: dict) -> str:
 
 def _fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
-

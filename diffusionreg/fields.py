@@ -21,8 +21,8 @@ raise ``ValueError`` (a caller's bug); a field too thin to differentiate is bad 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -314,9 +314,7 @@ def invert(
     if tolerance < 0 or backward_tolerance < 0 or anderson_memory < 0 or anderson_regularisation < 0:
         raise ValueError("tolerances, anderson_memory and anderson_regularisation must be >= 0")
     forward_settings = _FixedPointSettings(int(max_iterations), int(anderson_memory), float(anderson_regularisation))
-    backward_settings = _FixedPointSettings(
-        int(backward_max_iterations), int(anderson_memory), float(anderson_regularisation)
-    )
+    backward_settings = _FixedPointSettings(int(backward_max_iterations), int(anderson_memory), float(anderson_regularisation))
     return _InvertFunction.apply(u, float(tolerance), forward_settings, float(backward_tolerance), backward_settings)
 
 
@@ -412,9 +410,7 @@ def non_diffeomorphic_volume_map(u: torch.Tensor) -> torch.Tensor:
 
     total = torch.zeros_like(centre[0])
     for signs in range(2**SPATIAL_DIMS):
-        columns = [
-            (backward_diffs if (signs >> axis) & 1 else forward_diffs)[axis] for axis in range(SPATIAL_DIMS)
-        ]
+        columns = [(backward_diffs if (signs >> axis) & 1 else forward_diffs)[axis] for axis in range(SPATIAL_DIMS)]
         total = total + negative_part(columns)
     for tetrahedron in _CENTRAL_TETRAHEDRA:
         total = total + negative_part([difference(shifted(offset), centre) for offset in tetrahedron])
@@ -485,7 +481,7 @@ def resize_field(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if shape == tuple(u.shape[2:]):
         return u
     resized = F.interpolate(u, size=shape, mode="trilinear", align_corners=False)
-    factors = torch.tensor(
-        [new / old for new, old in zip(shape, u.shape[2:])], dtype=u.dtype, device=u.device
-    ).view(1, SPATIAL_DIMS, 1, 1, 1)
+    factors = torch.tensor([new / old for new, old in zip(shape, u.shape[2:])], dtype=u.dtype, device=u.device).view(
+        1, SPATIAL_DIMS, 1, 1, 1
+    )
     return resized * factors

@@ -15,9 +15,10 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -72,7 +73,7 @@ class Grid:
         """LPS coordinates of the grid centre (mm)."""
         return apply_affine(self.affine, (np.asarray(self.shape, dtype=np.float64) - 1.0) / 2.0)
 
-    def same_as(self, other: "Grid", tolerance_mm: float = 1e-4) -> bool:
+    def same_as(self, other: Grid, tolerance_mm: float = 1e-4) -> bool:
         """True when both grids have the same shape and place every voxel within tolerance."""
         if self.shape != other.shape:
             return False
@@ -114,7 +115,7 @@ class Image:
     def spacing(self) -> np.ndarray:
         return self.grid.spacing
 
-    def with_array(self, array: np.ndarray) -> "Image":
+    def with_array(self, array: np.ndarray) -> Image:
         """Same geometry, new voxels (the spatial shape must match)."""
         if tuple(array.shape[:3]) != self.shape:
             raise ValueError(f"array shape {array.shape} does not match grid {self.shape}")
@@ -122,13 +123,15 @@ class Image:
 
     # --- SimpleITK bridge -------------------------------------------------------------
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> "Image":
+    def from_sitk(cls, image: sitk.Image) -> Image:
         """Convert a 3D SimpleITK image (scalar or vector) keeping its exact geometry."""
         if image.GetDimension() != 3:
             raise InputError(f"expected a 3D image, got a {image.GetDimension()}D image")
         array = sitk.GetArrayFromImage(image)  # [k, j, i(, c)]
-        array = np.ascontiguousarray(np.swapaxes(array, 0, 2)) if array.ndim == 3 else np.ascontiguousarray(
-            array.transpose(2, 1, 0, 3)
+        array = (
+            np.ascontiguousarray(np.swapaxes(array, 0, 2))
+            if array.ndim == 3
+            else np.ascontiguousarray(array.transpose(2, 1, 0, 3))
         )
         affine = affine_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
         return cls(array, affine)
@@ -192,8 +195,9 @@ def read_image(
         if np.issubdtype(result.array.dtype, np.floating):
             nonfinite += int(np.count_nonzero(~np.isfinite(result.array)))
         if nonfinite:
-            raise InputError(f"{what} {path} has {nonfinite} NaN or infinite voxels ({file_format}); "
-                             "replace them with finite values first")
+            raise InputError(
+                f"{what} {path} has {nonfinite} NaN or infinite voxels ({file_format}); replace them with finite values first"
+            )
     return result
 
 
@@ -276,9 +280,11 @@ def resample(
             values = np.full(stop - start, default, dtype=np.float64)
             if inside.any():
                 values[inside] = _sample(channel, index[inside], interpolation)
-            flat_out[start:stop, c] = values.astype(out_dtype, copy=False) if np.issubdtype(
-                np.dtype(out_dtype), np.floating
-            ) else np.rint(values).astype(out_dtype)
+            flat_out[start:stop, c] = (
+                values.astype(out_dtype, copy=False)
+                if np.issubdtype(np.dtype(out_dtype), np.floating)
+                else np.rint(values).astype(out_dtype)
+            )
     return Image(output, grid.affine.copy())
 
 
@@ -404,8 +410,8 @@ def crop_or_pad(image: Image, start: Sequence[int], shape: Sequence[int], fill: 
     if np.all(source_hi > source_lo):
         dest_lo = source_lo - start
         dest_hi = dest_lo + (source_hi - source_lo)
-        output[dest_lo[0]:dest_hi[0], dest_lo[1]:dest_hi[1], dest_lo[2]:dest_hi[2]] = image.array[
-            source_lo[0]:source_hi[0], source_lo[1]:source_hi[1], source_lo[2]:source_hi[2]
+        output[dest_lo[0] : dest_hi[0], dest_lo[1] : dest_hi[1], dest_lo[2] : dest_hi[2]] = image.array[
+            source_lo[0] : source_hi[0], source_lo[1] : source_hi[1], source_lo[2] : source_hi[2]
         ]
     affine = image.affine.copy()
     affine[:3, 3] = apply_affine(image.affine, start.astype(np.float64))
@@ -416,8 +422,7 @@ def require_same_grid(a: Image, b: Image, what_a: str, what_b: str, tolerance_mm
     """Raise :class:`InputError` unless two images share one grid (e.g. an image and its labels)."""
     if not a.grid.same_as(b.grid, tolerance_mm):
         raise InputError(
-            f"{what_a} and {what_b} are on different grids (shapes {a.shape} vs {b.shape}); "
-            "resample one onto the other first"
+            f"{what_a} and {what_b} are on different grids (shapes {a.shape} vs {b.shape}); resample one onto the other first"
         )
 
 

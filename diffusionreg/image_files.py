@@ -71,8 +71,10 @@ def check_image_file(path: Path, what: str) -> FileCheck:
     header = read_header(path, what)
     if header.values > MAX_VOXEL_VALUES:
         shape = " x ".join(str(s) for s in header.size)
-        raise InputError(f"{what} {path} declares {shape} voxels ({header.values:,} values), above the limit of "
-                         f"{MAX_VOXEL_VALUES:,} (1024^3); crop or downsample it first")
+        raise InputError(
+            f"{what} {path} declares {shape} voxels ({header.values:,} values), above the limit of "
+            f"{MAX_VOXEL_VALUES:,} (1024^3); crop or downsample it first"
+        )
     name = path.name.lower()
     nonfinite = 0
     if header.format == "NIfTI":
@@ -93,8 +95,12 @@ def read_header(path: Path, what: str) -> ImageHeader:
     bits = re.search(r"(\d+)-bit", pixel)
     component_bytes = (int(bits.group(1)) // 8 if bits else 1) * (2 if "complex" in pixel else 1)
     io_name = reader.GetImageIO() or sitk.ImageFileReader.GetImageIOFromFileName(str(path))
-    return ImageHeader(tuple(int(s) for s in reader.GetSize()), int(reader.GetNumberOfComponents()),
-                       component_bytes, _FORMAT_NAMES.get(io_name, io_name))
+    return ImageHeader(
+        tuple(int(s) for s in reader.GetSize()),
+        int(reader.GetNumberOfComponents()),
+        component_bytes,
+        _FORMAT_NAMES.get(io_name, io_name),
+    )
 
 
 def _too_short(path: Path, what: str, found: int, expected: int) -> InputError:
@@ -112,7 +118,7 @@ def _scan_nifti(path: Path, what: str) -> int:
 
     try:
         header = nibabel.load(str(path)).header
-    except Exception:  # noqa: BLE001 - ITK read the header; let its reader report the problem
+    except Exception:
         return 0
     dtype = header.get_data_dtype()
     offset = int(header.get_data_offset())
@@ -181,12 +187,12 @@ def _check_meta_length(path: Path, header: ImageHeader, what: str) -> None:
     if fields.get("compresseddata", "false").lower() == "true":
         return
     data_file = fields.get("elementdatafile", "LOCAL")
-    _check_data_length(path, header, what, None if data_file.upper() == "LOCAL" else data_file, data_start,
-                       int(fields.get("headersize", "0")))
+    _check_data_length(
+        path, header, what, None if data_file.upper() == "LOCAL" else data_file, data_start, int(fields.get("headersize", "0"))
+    )
 
 
-def _check_data_length(path: Path, header: ImageHeader, what: str, data_file: str | None, data_start: int,
-                       skip: int) -> None:
+def _check_data_length(path: Path, header: ImageHeader, what: str, data_file: str | None, data_start: int, skip: int) -> None:
     """Compare the raw bytes after the header (or in the detached ``data_file``, relative to the
     header's folder) with what the header declares; ``skip`` bytes precede the data."""
     if skip < 0:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Multi-part suffixes that readers recognise by their full extension.
 _COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
@@ -17,7 +17,7 @@ def split_suffix(path: Path) -> tuple[str, str]:
     name = path.name
     for suffix in _COMPOUND_SUFFIXES:
         if name.lower().endswith(suffix):
-            return name[: -len(suffix)], name[-len(suffix):]
+            return name[: -len(suffix)], name[-len(suffix) :]
     return path.stem, path.suffix
 
 

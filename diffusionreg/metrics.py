@@ -16,8 +16,8 @@ the caller); an empty mask or landmark set is bad input (:class:`~diffusionreg.e
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -172,8 +172,7 @@ def hd95_per_label(
         # (grown by one voxel so the erosion sees the same neighbours) are exact.
         union_indices = np.nonzero(in_fixed | in_warped)
         box = tuple(
-            slice(max(int(idx.min()) - 1, 0), min(int(idx.max()) + 2, size))
-            for idx, size in zip(union_indices, fixed.shape)
+            slice(max(int(idx.min()) - 1, 0), min(int(idx.max()) + 2, size)) for idx, size in zip(union_indices, fixed.shape)
         )
         surface_fixed = _surface(in_fixed[box])
         surface_warped = _surface(in_warped[box])

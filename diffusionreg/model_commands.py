@@ -17,12 +17,12 @@ from diffusionreg.errors import InputError
 from diffusionreg.vocabulary import EXIT_OK, TASKS
 
 
-def add_commands(commands, train_commands, common) -> None:  # noqa: ARG001 - no training command
+def add_commands(commands, train_commands, common) -> None:
     """Register ``diffusionreg models`` and its sub-commands."""
-    cache_note = (f"Downloads and imports go to {registry.cache_dir()} "
-                  f"(set ${registry.MODELS_DIR_ENV} to use another folder).")
-    models = commands.add_parser("models", help="list, download, import and verify registered models",
-                                 parents=[common], description=cache_note)
+    cache_note = f"Downloads and imports go to {registry.cache_dir()} (set ${registry.MODELS_DIR_ENV} to use another folder)."
+    models = commands.add_parser(
+        "models", help="list, download, import and verify registered models", parents=[common], description=cache_note
+    )
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", parser_class=type(models))
     sub.required = True
 
@@ -31,16 +31,24 @@ def add_commands(commands, train_commands, common) -> None:  # noqa: ARG001 - no
     p.add_argument("--json", action="store_true", help="one JSON object per model instead of a table")
     p.set_defaults(handler=_run_list)
 
-    p = sub.add_parser("pull", parents=[common], help="download a registered model into the user cache",
-                       description="Download NAME's weights (resuming an interrupted download), check their "
-                                   "sha256 against the registry and keep them only if it matches. " + cache_note)
+    p = sub.add_parser(
+        "pull",
+        parents=[common],
+        help="download a registered model into the user cache",
+        description="Download NAME's weights (resuming an interrupted download), check their "
+        "sha256 against the registry and keep them only if it matches. " + cache_note,
+    )
     p.add_argument("name", help="registered model name")
     p.add_argument("--task", choices=TASKS, help="only this task's entry (default: every entry of NAME)")
     p.set_defaults(handler=_run_pull)
 
-    p = sub.add_parser("import", parents=[common], help="add a weights file obtained elsewhere (offline)",
-                       description="Copy FILE into the user cache as the weights of the registry entry whose "
-                                   "sha256 it has; a file that matches no entry is refused. " + cache_note)
+    p = sub.add_parser(
+        "import",
+        parents=[common],
+        help="add a weights file obtained elsewhere (offline)",
+        description="Copy FILE into the user cache as the weights of the registry entry whose "
+        "sha256 it has; a file that matches no entry is refused. " + cache_note,
+    )
     p.add_argument("file", type=Path, help="weights file (.safetensors, .pt, .pth)")
     p.add_argument("--name", help="the registry entry it is for (default: found by its sha256)")
     p.add_argument("--task", choices=TASKS, help="the entry's task (default: any)")
@@ -73,8 +81,16 @@ def _size(entry: registry.RegistryEntry) -> str:
 
 def describe(entry: registry.RegistryEntry) -> dict:
     """What ``models list --json`` prints for one entry (the Slicer panel reads the same fields)."""
-    return {"name": entry.name, "task": entry.task, "modality": entry.modality, "state": entry.state,
-            "file": str(entry.file), "url": entry.url, "size": entry.size, "sha256": entry.sha256}
+    return {
+        "name": entry.name,
+        "task": entry.task,
+        "modality": entry.modality,
+        "state": entry.state,
+        "file": str(entry.file),
+        "url": entry.url,
+        "size": entry.size,
+        "sha256": entry.sha256,
+    }
 
 
 def _run_list(args: argparse.Namespace, progress) -> int:
@@ -84,8 +100,9 @@ def _run_list(args: argparse.Namespace, progress) -> int:
             progress.log(json.dumps(describe(entry)))
         return EXIT_OK
     rows = [("name", "task", "modality", "state", "size", "where")]
-    rows += [(e.name, e.task, e.modality, e.state, _size(e), str(e.file) if e.installed else (e.url or str(e.file)))
-             for e in entries]
+    rows += [
+        (e.name, e.task, e.modality, e.state, _size(e), str(e.file) if e.installed else (e.url or str(e.file))) for e in entries
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         progress.log("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -100,8 +117,10 @@ def _run_pull(args: argparse.Namespace, progress) -> int:
             progress.log(f"{entry.name} ({entry.task}): already installed at {entry.file}")
             continue
         if entry.url is None:
-            raise InputError(f"model {entry.name} ({entry.task}) has no download url and its file "
-                             f"{entry.file} is missing or does not match its sha256")
+            raise InputError(
+                f"model {entry.name} ({entry.task}) has no download url and its file "
+                f"{entry.file} is missing or does not match its sha256"
+            )
         path = pull(entry, progress)
         progress.log(f"{entry.name} ({entry.task}): downloaded and verified, {path}")
     return EXIT_OK
@@ -119,8 +138,10 @@ def _run_import(args: argparse.Namespace, progress) -> int:
     digest = registry.sha256_file(source)
     matching = [e for e in candidates if e.sha256 == digest]
     if not matching:
-        raise InputError(f"{source} (sha256 {digest[:12]}...) matches no registry entry"
-                         f"{f' of {args.name}' if args.name else ''}; use it unverified with --model {source}")
+        raise InputError(
+            f"{source} (sha256 {digest[:12]}...) matches no registry entry"
+            f"{f' of {args.name}' if args.name else ''}; use it unverified with --model {source}"
+        )
     for entry in matching:
         path = import_file(entry, source)
         progress.log(f"{entry.name} ({entry.task}): imported and verified, {path}")

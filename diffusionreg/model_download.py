@@ -24,8 +24,8 @@ from diffusionreg.errors import InputError
 from diffusionreg.registry import RegistryEntry, sha256_file
 
 MIB = 1 << 20
-CHUNK_BYTES = MIB               # read size, and the unit of the progress bar
-TIMEOUT_S = 60.0                # per socket operation; a stalled server fails instead of hanging
+CHUNK_BYTES = MIB  # read size, and the unit of the progress bar
+TIMEOUT_S = 60.0  # per socket operation; a stalled server fails instead of hanging
 PART_SUFFIX = ".part"
 
 
@@ -54,8 +54,9 @@ def import_file(entry: RegistryEntry, source: Path) -> Path:
         raise InputError(f"model {entry.name} ({entry.task}) has no registry checksum to verify {source} against")
     got = sha256_file(source)
     if got != entry.sha256:
-        raise InputError(f"{source}: sha256 {got[:12]}... is not that of model {entry.name} ({entry.task}), "
-                         f"{entry.sha256[:12]}...")
+        raise InputError(
+            f"{source}: sha256 {got[:12]}... is not that of model {entry.name} ({entry.task}), {entry.sha256[:12]}..."
+        )
     target = entry.cache_file
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -73,8 +74,10 @@ def _verify_then_rename(temporary: Path, target: Path, entry: RegistryEntry, rem
     if got != entry.sha256:
         if remove_on_mismatch:
             temporary.unlink(missing_ok=True)
-        raise InputError(f"model {entry.name} ({entry.task}): checksum mismatch, expected sha256 "
-                         f"{entry.sha256[:12]}..., got {got[:12]}...; the file was refused")
+        raise InputError(
+            f"model {entry.name} ({entry.task}): checksum mismatch, expected sha256 "
+            f"{entry.sha256[:12]}..., got {got[:12]}...; the file was refused"
+        )
     os.replace(temporary, target)
 
 
@@ -86,7 +89,7 @@ def _fetch(url: str, part: Path, size: int | None, progress, timeout: float) -> 
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - registry URLs are http(s) by schema
+        response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as error:
         if error.code == 416 and have and (size is None or have == size):
             return  # the part is already complete: the checksum decides
@@ -97,8 +100,10 @@ def _fetch(url: str, part: Path, size: int | None, progress, timeout: float) -> 
     with response:
         resumed = have > 0 and response.status == 206
         if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-            raise InputError(f"cannot resume {url}: the server sent another range "
-                             f"({response.headers.get('Content-Range')!r}); delete {part} to start afresh")
+            raise InputError(
+                f"cannot resume {url}: the server sent another range "
+                f"({response.headers.get('Content-Range')!r}); delete {part} to start afresh"
+            )
         if not resumed:
             have = 0  # a full answer (200): start the part again
         length = response.headers.get("Content-Length")
@@ -111,8 +116,7 @@ def _fetch(url: str, part: Path, size: int | None, progress, timeout: float) -> 
                 try:
                     chunk = response.read(CHUNK_BYTES)
                 except (OSError, http.client.HTTPException) as error:  # reset, timeout, cut short
-                    raise InputError(f"download of {url} interrupted ({error}); "
-                                     "run the same command again to resume") from None
+                    raise InputError(f"download of {url} interrupted ({error}); run the same command again to resume") from None
                 if not chunk:
                     break
                 stream.write(chunk)

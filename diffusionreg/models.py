@@ -54,8 +54,9 @@ def list_models(task: str | None = None, registry_path: Path | None = None) -> l
         raise InputError(str(error)) from None
 
 
-def resolve(name_or_path: str | os.PathLike | None, task: str, modality: str | None = None,
-            registry_path: Path | None = None) -> ModelEntry:
+def resolve(
+    name_or_path: str | os.PathLike | None, task: str, modality: str | None = None, registry_path: Path | None = None
+) -> ModelEntry:
     """A registered name, a weights file (config.json beside it) or a folder holding
     ``model.safetensors`` (or ``ema.safetensors`` / ``model.pt``) and ``config.json``. With None,
     the first registered model of ``task`` for ``modality`` (then one for 'any'), installed ones
@@ -67,8 +68,9 @@ def resolve(name_or_path: str | os.PathLike | None, task: str, modality: str | N
             for e in ordered:
                 if e.modality == want:
                     return e
-        raise InputError(f"no {task} model registered for modality {modality!r}; "
-                         f"pass --model NAME|PATH (registered: {_names(entries)})")
+        raise InputError(
+            f"no {task} model registered for modality {modality!r}; pass --model NAME|PATH (registered: {_names(entries)})"
+        )
     text = str(name_or_path)
     for e in entries:
         if e.name == text:
@@ -108,16 +110,18 @@ def verify(entry: ModelEntry) -> None:
     an entry without one (a user path) is reported as unverified on stderr."""
     if not entry.file.exists():
         if entry.downloadable:
-            raise InputError(f"model {entry.name} ({entry.task}) is not downloaded yet: "
-                             f"run 'diffusionreg models pull {entry.name}'")
+            raise InputError(
+                f"model {entry.name} ({entry.task}) is not downloaded yet: run 'diffusionreg models pull {entry.name}'"
+            )
         raise InputError(f"model weights not found: {entry.file}")
     if entry.sha256 is None:
         print(f"warning: {UNVERIFIED_NOTE}: {entry.file}", file=sys.stderr, flush=True)
         return
     got = sha256_file(entry.file)
     if got != entry.sha256:
-        raise InputError(f"model {entry.name}: sha256 mismatch for {entry.file} "
-                         f"(expected {entry.sha256[:12]}..., got {got[:12]}...)")
+        raise InputError(
+            f"model {entry.name}: sha256 mismatch for {entry.file} (expected {entry.sha256[:12]}..., got {got[:12]}...)"
+        )
 
 
 def load_state_dict(entry: ModelEntry) -> dict:
@@ -126,8 +130,10 @@ def load_state_dict(entry: ModelEntry) -> dict:
     name = entry.file.name.lower()
     if name.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         return load_file(str(entry.file))
     import torch
+
     try:
         state = torch.load(entry.file, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -148,14 +154,21 @@ def load_config_json(entry: ModelEntry) -> dict:
         raise InputError(f"cannot read model config {entry.config}: {exc}") from exc
 
 
-def register_entry(name: str, task: str, modality: str, file: Path, config: Path,
-                   card: Path | None = None, registry_path: Path | None = None) -> dict:
+def register_entry(
+    name: str, task: str, modality: str, file: Path, config: Path, card: Path | None = None, registry_path: Path | None = None
+) -> dict:
     """Add or replace the entry of (``name``, ``task``) with the file's sha256, keeping the others
     (atomic write, :func:`diffusionreg.registry.upsert_entry`). One name may serve several tasks."""
     registry_path = registry_path or models_json_path()
     root = registry_path.parent
-    entry = {"name": name, "task": task, "modality": modality, "file": _relative(file, root),
-             "sha256": sha256_file(file), "config": _relative(config, root)}
+    entry = {
+        "name": name,
+        "task": task,
+        "modality": modality,
+        "file": _relative(file, root),
+        "sha256": sha256_file(file),
+        "config": _relative(config, root),
+    }
     if card is not None:
         entry["card"] = _relative(card, root)
     registry.upsert_entry(registry_path, entry)

@@ -66,8 +66,7 @@ class OutputSet:
     ``progress`` is a :class:`~diffusionreg.progress.Progress` for the ``write`` stage.
     """
 
-    def __init__(self, inputs: Iterable[tuple[str, Path | str | None]], *, overwrite: bool = False,
-                 progress=None) -> None:
+    def __init__(self, inputs: Iterable[tuple[str, Path | str | None]], *, overwrite: bool = False, progress=None) -> None:
         self._inputs = [(flag, Path(path)) for flag, path in inputs if path is not None]
         self._overwrite = overwrite
         self._progress = progress
@@ -103,8 +102,7 @@ class OutputSet:
             raise InputError(f"{flag} {path} is a folder; give a file name")
         for input_flag, input_path in self._inputs:
             if same_file(path, input_path):
-                raise InputError(f"output {flag} {path} is also input {input_flag} {input_path}; "
-                                 "choose another output path")
+                raise InputError(f"output {flag} {path} is also input {input_flag} {input_path}; choose another output path")
         for other in self._outputs.values():
             if same_file(path, other.path):
                 raise InputError(f"outputs {other.flag} and {flag} are the same file {path}")
@@ -125,7 +123,7 @@ class OutputSet:
         return output.temporary
 
     # --- committing and undoing ---------------------------------------------------------------
-    def __enter__(self) -> OutputSet:  # noqa: PYI034 - Python 3.10 has no typing.Self
+    def __enter__(self) -> OutputSet:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -69,8 +69,15 @@ def _views(volume: np.ndarray, spacing: np.ndarray) -> list[np.ndarray]:
 
 
 def _upsample(view: np.ndarray, spacing_rows_columns: Sequence[float]) -> np.ndarray:
-    rows = np.maximum(np.round(np.arange(int(view.shape[0] * spacing_rows_columns[0] * PIXELS_PER_MM)) / (spacing_rows_columns[0] * PIXELS_PER_MM)).astype(int), 0)
-    columns = np.round(np.arange(int(view.shape[1] * spacing_rows_columns[1] * PIXELS_PER_MM)) / (spacing_rows_columns[1] * PIXELS_PER_MM)).astype(int)
+    rows = np.maximum(
+        np.round(
+            np.arange(int(view.shape[0] * spacing_rows_columns[0] * PIXELS_PER_MM)) / (spacing_rows_columns[0] * PIXELS_PER_MM)
+        ).astype(int),
+        0,
+    )
+    columns = np.round(
+        np.arange(int(view.shape[1] * spacing_rows_columns[1] * PIXELS_PER_MM)) / (spacing_rows_columns[1] * PIXELS_PER_MM)
+    ).astype(int)
     return view[np.minimum(rows, view.shape[0] - 1)][:, np.minimum(columns, view.shape[1] - 1)]
 
 

@@ -19,7 +19,7 @@ ProgressMode = Literal["tqdm", "json", "none"]
 class Stage:
     """One named stage of ``total`` units of work."""
 
-    def __init__(self, progress: "Progress", name: str, total: int | None) -> None:
+    def __init__(self, progress: Progress, name: str, total: int | None) -> None:
         self._progress = progress
         self.name = name
         self.total = total
@@ -41,7 +41,7 @@ class Stage:
                 self._bar.set_postfix_str(message, refresh=False)
         self._progress._emit(self.name, fraction, message)
 
-    def __enter__(self) -> "Stage":
+    def __enter__(self) -> Stage:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -76,4 +76,3 @@ class Progress:
         record = {"stage": stage, "fraction": round(float(fraction), 4), "message": message}
         print(json.dumps(record), file=self.stream, flush=True)
         self._last_emit = time.monotonic()
-

@@ -80,12 +80,12 @@ class RegistryEntry:
     name: str
     task: str
     modality: str
-    file: Path                      # where the weights are (or will be once downloaded)
+    file: Path  # where the weights are (or will be once downloaded)
     config: Path | None
     sha256: str | None = None
     card: Path | None = None
-    url: str | None = None          # download source of ``file``
-    size: int | None = None         # bytes, when the registry states it
+    url: str | None = None  # download source of ``file``
+    size: int | None = None  # bytes, when the registry states it
     cache_file: Path | None = None  # where the user cache keeps it (registry entries only)
 
     @property
@@ -153,11 +153,17 @@ def entry_from_record(record: dict, root: Path, cache: Path | None = None) -> Re
         weights = cached
     sha = record.get("sha256")
     return RegistryEntry(
-        name=record["name"], task=record["task"], modality=record.get("modality", "any"), file=weights,
+        name=record["name"],
+        task=record["task"],
+        modality=record.get("modality", "any"),
+        file=weights,
         config=root / record["config"] if record.get("config") else None,
         sha256=sha.lower() if isinstance(sha, str) and sha else None,
         card=root / record["card"] if record.get("card") else None,
-        url=url, size=record.get("size"), cache_file=cached)
+        url=url,
+        size=record.get("size"),
+        cache_file=cached,
+    )
 
 
 def cached_path(record: dict, cache: Path | None = None) -> Path:
@@ -168,12 +174,10 @@ def cached_path(record: dict, cache: Path | None = None) -> Path:
     return (cache if cache is not None else cache_dir()) / record["task"] / record["name"] / name
 
 
-def read_entries(registry_path: Path | None = None, task: str | None = None,
-                 cache: Path | None = None) -> list[RegistryEntry]:
+def read_entries(registry_path: Path | None = None, task: str | None = None, cache: Path | None = None) -> list[RegistryEntry]:
     """Entries of the registry (only those of ``task`` when given), in file order."""
     path = Path(registry_path) if registry_path is not None else default_registry_path()
-    return [entry_from_record(r, path.parent, cache) for r in read_records(path)
-            if task is None or r["task"] == task]
+    return [entry_from_record(r, path.parent, cache) for r in read_records(path) if task is None or r["task"] == task]
 
 
 def entry_holding(entries: list[RegistryEntry], path: str | os.PathLike) -> RegistryEntry | None:
@@ -205,8 +209,7 @@ def write_records(registry_path: Path, records: list[dict]) -> None:
     registry_path = Path(registry_path)
     registry_path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"$schema": f"./{SCHEMA_NAME}", "models": records}, indent=2) + "\n"
-    handle, temporary = tempfile.mkstemp(prefix=f".{registry_path.name}.", suffix=".tmp",
-                                         dir=registry_path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{registry_path.name}.", suffix=".tmp", dir=registry_path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)

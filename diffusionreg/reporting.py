@@ -68,8 +68,9 @@ def read_report_labels(args: argparse.Namespace) -> ReportLabels | None:
     return ReportLabels(fixed_labels, moving_labels, labels)
 
 
-def report(labels: ReportLabels | None, overlay_path: Path | None, fixed, moving, transform, progress: Progress,
-           initial_transform=None) -> dict:
+def report(
+    labels: ReportLabels | None, overlay_path: Path | None, fixed, moving, transform, progress: Progress, initial_transform=None
+) -> dict:
     """Dice before/after (with labels) and the overlay PNG at ``overlay_path``; returns the numbers.
 
     ``fixed`` and ``moving`` are :class:`~diffusionreg.image.Image`; ``transform`` maps fixed to
@@ -84,11 +85,17 @@ def report(labels: ReportLabels | None, overlay_path: Path | None, fixed, moving
     if labels is not None:
         before = evaluate(labels.fixed, labels.moving, initial_transform, labels.labels)
         after = evaluate(labels.fixed, labels.moving, transform, labels.labels)
-        numbers = {"dice_before": before["mean_dice"], "dice_after": after["mean_dice"], "dice": after["dice"],
-                   "absent_labels": after["absent_labels"]}
+        numbers = {
+            "dice_before": before["mean_dice"],
+            "dice_after": after["mean_dice"],
+            "dice": after["dice"],
+            "absent_labels": after["absent_labels"],
+        }
         per_label = ", ".join(f"{k}: {_number(v)}" for k, v in after["dice"].items())
-        progress.log(f"Dice (mean over {len(after['labels'])} labels): {_number(before['mean_dice'])} before, "
-                     f"{_number(after['mean_dice'])} after  [{per_label}]")
+        progress.log(
+            f"Dice (mean over {len(after['labels'])} labels): {_number(before['mean_dice'])} before, "
+            f"{_number(after['mean_dice'])} after  [{per_label}]"
+        )
     if overlay_path is not None:
         before_image = resample(moving, fixed.grid, initial_transform)
         after_image = resample(moving, fixed.grid, transform)

@@ -22,8 +22,8 @@ All matrices here are 4x4 homogeneous float64 and act on column vectors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -50,9 +50,7 @@ def rotation_about_axis(axis: Sequence[float], degrees: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
 
 
-def centred_affine(
-    centre: Sequence[float], linear: np.ndarray, translation: Sequence[float] = (0.0, 0.0, 0.0)
-) -> np.ndarray:
+def centred_affine(centre: Sequence[float], linear: np.ndarray, translation: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
     """4x4 point map ``x -> L (x - c) + c + t`` (mm, in whatever world ``c`` is given: LPS here)."""
     centre = np.asarray(centre, dtype=np.float64)
     linear = np.asarray(linear, dtype=np.float64)
@@ -347,8 +345,9 @@ def sample(volume, positions, space: Space | None = None, mode: str = "bilinear"
     return out.reshape(out.shape[:2] + tuple(positions.shape[2:]))
 
 
-def sample_affine(volume, matrix, output: Space, input_space: Space | None = None, mode: str = "bilinear",
-                  padding_mode: str = "zeros"):
+def sample_affine(
+    volume, matrix, output: Space, input_space: Space | None = None, mode: str = "bilinear", padding_mode: str = "zeros"
+):
     """Resample ``volume`` ``(B, C, *input grid)`` through point maps onto ``output``'s grid.
 
     ``matrix`` (torch, ``(B, 3 or 4, 4)``, differentiable) maps ``output`` coordinates to

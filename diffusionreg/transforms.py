@@ -18,9 +18,9 @@ first (ITK CompositeTransform and ``antsApplyTransforms -t T1 -t T2`` order).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -55,7 +55,7 @@ class AffineTransform:
         """``map_points`` of the grid's voxel centres ``start:stop`` (C order)."""
         return self.map_points(grid_points(grid, start, stop))
 
-    def inverse(self) -> "AffineTransform":
+    def inverse(self) -> AffineTransform:
         return AffineTransform(np.linalg.inv(self.matrix))
 
 
@@ -123,7 +123,7 @@ class CompositeTransform:
         return points
 
 
-Transform = Union[AffineTransform, DisplacementFieldTransform, CompositeTransform]
+Transform = AffineTransform | DisplacementFieldTransform | CompositeTransform
 
 
 # --- composition ---------------------------------------------------------------------------

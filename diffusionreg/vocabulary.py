@@ -42,9 +42,9 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 
 # --- exit codes ------------------------------------------------------------------------------
 EXIT_OK = 0
-EXIT_FAILURE = 1        # anything unexpected (an internal error)
-EXIT_BAD_INPUT = 2      # one line on stderr names the problem; nothing written
-EXIT_CANCELLED = 130    # Ctrl-C or SIGTERM (the Slicer runner's Cancel)
+EXIT_FAILURE = 1  # anything unexpected (an internal error)
+EXIT_BAD_INPUT = 2  # one line on stderr names the problem; nothing written
+EXIT_CANCELLED = 130  # Ctrl-C or SIGTERM (the Slicer runner's Cancel)
 
 # --- registry --------------------------------------------------------------------------------
 TASKS = ("affine", "deformable")

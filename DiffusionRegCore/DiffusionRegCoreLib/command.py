@@ -72,8 +72,7 @@ def backendEnvironment(
 
 def backendCommand(python: str, subcommand: Sequence[str], arguments: Sequence[str] = ()) -> list[str]:
     """``python -m diffusionreg <subcommand...> <arguments...> --progress json``."""
-    return [str(python), "-m", "diffusionreg", *[str(s) for s in subcommand], *[str(a) for a in arguments],
-            "--progress", "json"]
+    return [str(python), "-m", "diffusionreg", *[str(s) for s in subcommand], *[str(a) for a in arguments], "--progress", "json"]
 
 
 def checkDevice(device: str) -> str:

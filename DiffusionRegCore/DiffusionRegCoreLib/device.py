@@ -107,7 +107,7 @@ def parseProbeOutput(text: str) -> DeviceInfo:
         line = line.strip()
         if line.startswith(PROBE_MARKER):
             try:
-                record = json.loads(line[len(PROBE_MARKER):])
+                record = json.loads(line[len(PROBE_MARKER) :])
             except ValueError as error:
                 return DeviceInfo(error=f"unreadable probe output: {error}")
             return deviceInfoFromRecord(record)
@@ -117,7 +117,9 @@ def parseProbeOutput(text: str) -> DeviceInfo:
 
 def deviceInfoFromRecord(record: dict) -> DeviceInfo:
     gpus = [
-        GpuInfo(int(d.get("index", n)), str(d.get("name", "GPU")), float(d.get("total_memory_gb", 0.0)), str(d.get("capability", "")))
+        GpuInfo(
+            int(d.get("index", n)), str(d.get("name", "GPU")), float(d.get("total_memory_gb", 0.0)), str(d.get("capability", ""))
+        )
         for n, d in enumerate(record.get("devices") or [])
     ]
     return DeviceInfo(
@@ -165,7 +167,6 @@ def deviceWarnings(info: DeviceInfo | None, device: str = "auto") -> list[str]:
     for gpu in chosen[:1] if device in ("auto", "cuda") else chosen:
         if gpu.totalMemoryGB and gpu.totalMemoryGB < LOW_GPU_MEMORY_GB:
             warnings.append(
-                f"{gpu.name} has {gpu.totalMemoryGB:.1f} GB: large volumes may run out of GPU memory; "
-                "if they do, choose CPU."
+                f"{gpu.name} has {gpu.totalMemoryGB:.1f} GB: large volumes may run out of GPU memory; if they do, choose CPU."
             )
     return warnings

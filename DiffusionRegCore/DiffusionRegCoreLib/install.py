@@ -103,8 +103,10 @@ class InstallPlan:
         """Human-readable list for the one confirmation dialog."""
         items = []
         if self.torchMissing:
-            items.append(f"PyTorch {TORCH_REQUIREMENT} (through PyTorch Utils; a GPU build is chosen to match "
-                         "your NVIDIA driver; about 1 GB for CPU, 2-4 GB with CUDA)")
+            items.append(
+                f"PyTorch {TORCH_REQUIREMENT} (through PyTorch Utils; a GPU build is chosen to match "
+                "your NVIDIA driver; about 1 GB for CPU, 2-4 GB with CUDA)"
+            )
         items += [f"{r} (pip)" for r in self.pipRequirements]
         return items
 
@@ -155,8 +157,9 @@ def pipInstallArguments(plan: InstallPlan, constraintsFile: str | os.PathLike | 
     return arguments + list(plan.pipRequirements)
 
 
-def changedImportedPackages(before: dict[str, str | None], after: dict[str, str | None],
-                            importedModules: Iterable[str] | None = None) -> list[str]:
+def changedImportedPackages(
+    before: dict[str, str | None], after: dict[str, str | None], importedModules: Iterable[str] | None = None
+) -> list[str]:
     """Distributions whose version changed while already imported here (restart needed)."""
     imported = {m.split(".")[0].lower() for m in (importedModules if importedModules is not None else sys.modules)}
     changed = []
@@ -199,8 +202,9 @@ def currentPlan(requirementsPaths) -> InstallPlan:
     return planInstall(readRequirementFiles(requirementsPaths))
 
 
-def ensureDependencies(requirementsPath, requester: str = "DiffusionReg",
-                       askConfirmation: bool = True, log: Callable[[str], None] | None = None) -> bool:
+def ensureDependencies(
+    requirementsPath, requester: str = "DiffusionReg", askConfirmation: bool = True, log: Callable[[str], None] | None = None
+) -> bool:
     """Install what is missing after one confirmation; True when everything is in place.
 
     ``requirementsPath``: one requirements file or a list of them (the module's own list).
@@ -213,8 +217,10 @@ def ensureDependencies(requirementsPath, requester: str = "DiffusionReg",
     log = log or logging.info
     plan = currentPlan(requirementsPath)
     if plan.torchTooOld:
-        log(f"PyTorch {plan.torchTooOld} is installed; {requester} needs torch{TORCH_REQUIREMENT}. "
-            "Use the PyTorch Utils module to upgrade it.")
+        log(
+            f"PyTorch {plan.torchTooOld} is installed; {requester} needs torch{TORCH_REQUIREMENT}. "
+            "Use the PyTorch Utils module to upgrade it."
+        )
     if plan.empty:
         return True
     torchLogic = pyTorchUtilsLogic() if plan.torchMissing else None
@@ -226,12 +232,15 @@ def ensureDependencies(requirementsPath, requester: str = "DiffusionReg",
     testing = bool(slicer.app.commandOptions().testingEnabled) if hasattr(slicer.app, "commandOptions") else False
     if askConfirmation and not testing:
         items = plan.describe()
-        text = (f"{requester} needs these Python packages, which are not installed yet:\n\n"
-                + "\n".join(f"  - {item}" for item in items)
-                + "\n\nThey are downloaded and installed into Slicer's Python now; this can take several minutes. "
-                "Slicer's own numpy, SimpleITK, vtk and requests are not changed.\n\nInstall now?")
-        if not slicer.util.confirmOkCancelDisplay(text, windowTitle=f"{requester}: install dependencies",
-                                                  detailedText="\n".join(items)):
+        text = (
+            f"{requester} needs these Python packages, which are not installed yet:\n\n"
+            + "\n".join(f"  - {item}" for item in items)
+            + "\n\nThey are downloaded and installed into Slicer's Python now; this can take several minutes. "
+            "Slicer's own numpy, SimpleITK, vtk and requests are not changed.\n\nInstall now?"
+        )
+        if not slicer.util.confirmOkCancelDisplay(
+            text, windowTitle=f"{requester}: install dependencies", detailedText="\n".join(items)
+        ):
             log("Installation declined by the user.")
             return False
     before = {name: installedVersion(name) for name in [requirementName(r) for r in plan.pipRequirements]}

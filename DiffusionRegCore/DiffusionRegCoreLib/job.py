@@ -73,8 +73,9 @@ class JobOutcome:
     processResult: ProcessResult | None = None
 
 
-def finishJob(job: PreparedJob, result: ProcessResult, keepTemporaryFiles: bool = False,
-              log: Callable[[str], None] | None = None) -> JobOutcome:
+def finishJob(
+    job: PreparedJob, result: ProcessResult, keepTemporaryFiles: bool = False, log: Callable[[str], None] | None = None
+) -> JobOutcome:
     """Decide the outcome of a finished process, import the outputs on success, clean up."""
     log = log or (lambda text: None)
     if result.cancelled:
@@ -87,7 +88,7 @@ def finishJob(job: PreparedJob, result: ProcessResult, keepTemporaryFiles: bool 
         try:
             outcome = JobOutcome("completed", job.importResults(result), processResult=result)
             log(f"Completed in {result.elapsedSeconds:.1f} s.")
-        except Exception as error:  # noqa: BLE001 - reported to the user, the run itself worked
+        except Exception as error:
             outcome = JobOutcome("failed", error=f"loading the results failed: {error}", processResult=result)
             log(outcome.error)
     if keepTemporaryFiles:
@@ -97,9 +98,15 @@ def finishJob(job: PreparedJob, result: ProcessResult, keepTemporaryFiles: bool 
     return outcome
 
 
-def runJob(job: PreparedJob, processFactory: ProcessFactory = BackendProcess, timeout: float | None = None,
-           keepTemporaryFiles: bool = False, onProgress: Callable[[ProgressEvent], None] | None = None,
-           onLog: Callable[[str], None] | None = None, idle: Callable[[], None] | None = None) -> JobOutcome:
+def runJob(
+    job: PreparedJob,
+    processFactory: ProcessFactory = BackendProcess,
+    timeout: float | None = None,
+    keepTemporaryFiles: bool = False,
+    onProgress: Callable[[ProgressEvent], None] | None = None,
+    onLog: Callable[[str], None] | None = None,
+    idle: Callable[[], None] | None = None,
+) -> JobOutcome:
     """Run ``job`` to the end (blocking; ``idle`` runs between polls) and return its outcome.
 
     A run past ``timeout`` seconds is cancelled and ends as ``cancelled``.
@@ -107,8 +114,9 @@ def runJob(job: PreparedJob, processFactory: ProcessFactory = BackendProcess, ti
     log = onLog or (lambda text: None)
     for note in job.notes:
         log(note)
-    process = processFactory(job.command, env=job.env, cwd=str(job.workFolder.path), onProgress=onProgress,
-                             onLog=lambda line, stream: log(line))
+    process = processFactory(
+        job.command, env=job.env, cwd=str(job.workFolder.path), onProgress=onProgress, onLog=lambda line, stream: log(line)
+    )
     try:
         process.start()
     except OSError as error:
@@ -119,4 +127,3 @@ def runJob(job: PreparedJob, processFactory: ProcessFactory = BackendProcess, ti
     except TimeoutError:
         result = process.result()
     return finishJob(job, result, keepTemporaryFiles, log)
-

@@ -48,7 +48,7 @@ class ModelEntry:
     card: str = ""
     source: str = "registry"  # "registry" or "imported"
     path: str | None = None
-    url: str = ""             # registry models that can be downloaded
+    url: str = ""  # registry models that can be downloaded
 
     @property
     def isRemote(self) -> bool:
@@ -113,9 +113,17 @@ class ModelManager:
             return []
         registry = _registry()
         return [
-            ModelEntry(name=e.name, task=e.task, modality=e.modality, sha256=e.sha256 or "",
-                       config=str(e.config or ""), card=str(e.card or ""), source="registry",
-                       path=str(e.file), url=e.url or "")
+            ModelEntry(
+                name=e.name,
+                task=e.task,
+                modality=e.modality,
+                sha256=e.sha256 or "",
+                config=str(e.config or ""),
+                card=str(e.card or ""),
+                source="registry",
+                path=str(e.file),
+                url=e.url or "",
+            )
             for e in registry.read_entries(self.registryPath, cache=self.userModelsDir / "cache")
         ]
 
@@ -140,9 +148,9 @@ class ModelManager:
         """Registry models first, then imported ones; only ``task`` (and ``modality`` or "any") ones when given."""
         entries = self.registryEntries() + self.importedEntries()
         return [
-            e for e in entries
-            if (task is None or not e.task or e.task == task)
-            and (modality is None or e.modality in (modality.lower(), "any"))
+            e
+            for e in entries
+            if (task is None or not e.task or e.task == task) and (modality is None or e.modality in (modality.lower(), "any"))
         ]
 
     def find(self, name: str, task: str | None = None) -> ModelEntry | None:
@@ -165,9 +173,15 @@ class ModelManager:
         return section if isinstance(section, dict) else {}
 
     # --- import -----------------------------------------------------------------------
-    def importFile(self, path: str | os.PathLike, name: str | None = None, task: str = "affine",
-                   config: str | os.PathLike | None = None, expectedSha256: str | None = None,
-                   modality: str = "any") -> ModelEntry:
+    def importFile(
+        self,
+        path: str | os.PathLike,
+        name: str | None = None,
+        task: str = "affine",
+        config: str | os.PathLike | None = None,
+        expectedSha256: str | None = None,
+        modality: str = "any",
+    ) -> ModelEntry:
         """Copy a local weights file (or a model folder) and its config into the user models
         folder and list it; returns the new entry.
 

@@ -284,7 +284,9 @@ def importTransform(
     linear = bool(loaded.IsLinear())
     if transformNode is None:
         # One current class for every kind (the Linear/Grid/BSpline subclasses are deprecated aliases).
-        transformNode = scene.AddNewNodeByClass("vtkMRMLTransformNode", scene.GenerateUniqueName(name or _nodeNameFromPath(Path(path))))
+        transformNode = scene.AddNewNodeByClass(
+            "vtkMRMLTransformNode", scene.GenerateUniqueName(name or _nodeNameFromPath(Path(path)))
+        )
     elif name:
         transformNode.SetName(name)
     if linear:
@@ -460,8 +462,10 @@ def placeMovingUnderResult(movingNode, resultNode) -> list[str]:
     movingNode.SetAndObserveTransformNodeID(resultNode.GetID())
     if parent is None:
         return []
-    return [f"'{movingNode.GetName()}' was under '{parent.GetName()}'; it is now directly under "
-            f"'{resultNode.GetName()}', which includes where '{parent.GetName()}' had put it"]
+    return [
+        f"'{movingNode.GetName()}' was under '{parent.GetName()}'; it is now directly under "
+        f"'{resultNode.GetName()}', which includes where '{parent.GetName()}' had put it"
+    ]
 
 
 def nodesOfClass(scene, className: str) -> Iterable:

@@ -282,7 +282,7 @@ def _descendants(pid: int) -> list[int]:
         return _procDescendants(pid)
     try:
         return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except Exception:  # noqa: BLE001 - the process may be gone already
+    except Exception:
         return []
 
 

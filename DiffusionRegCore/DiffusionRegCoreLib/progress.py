@@ -62,7 +62,7 @@ def parseErrorLine(line: str) -> str | None:
     """The message of a backend ``error: ...`` line, or None for any other line."""
     text = line.strip()
     if text.lower().startswith("error:"):
-        return text[len("error:"):].strip()
+        return text[len("error:") :].strip()
     return None
 
 
@@ -79,7 +79,6 @@ def describeExitCode(returncode: int | None) -> str:
     if returncode < 0:
         return f"killed by signal {-returncode}"
     return f"failed (exit code {returncode})"
-
 
 
 @dataclass(frozen=True)

@@ -153,8 +153,9 @@ def placeBeside(scene, nodes: Sequence, referenceNode) -> None:
         placeInFolder(scene, nodes, parent)
 
 
-def importVolumesIntoFolder(scene, paths: Sequence[str | os.PathLike], folderName: str, names: Sequence[str] | None = None,
-                            besideNode=None) -> tuple[int, list]:
+def importVolumesIntoFolder(
+    scene, paths: Sequence[str | os.PathLike], folderName: str, names: Sequence[str] | None = None, besideNode=None
+) -> tuple[int, list]:
     """Load several volumes under a new subject-hierarchy folder; returns ``(folderItem, nodes)``."""
     names = list(names) if names is not None else [None] * len(paths)
     if len(names) != len(paths):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
 from DiffusionRegCoreLib import command, mrml_io, results
 from DiffusionRegCoreLib.job import JobOptions, PreparedJob
 from DiffusionRegCoreLib.process import WorkFolder
@@ -86,7 +87,9 @@ class AffineOptions(JobOptions):
                 return f"The {what} volume is not 3D (size {'x'.join(map(str, dims))})"
             if image.GetNumberOfScalarComponents() != 1:
                 return f"The {what} volume must have one component per voxel"
-        if self.outputVolume is not None and (mrml_io.sameNode(self.outputVolume, fixed) or mrml_io.sameNode(self.outputVolume, moving)):
+        if self.outputVolume is not None and (
+            mrml_io.sameNode(self.outputVolume, fixed) or mrml_io.sameNode(self.outputVolume, moving)
+        ):
             return "The output volume must not be the fixed or moving volume"
         if self.outputTransform is not None and mrml_io.chainIncludes(fixed, self.outputTransform):
             return "The fixed volume must not be under the output transform"
@@ -111,8 +114,14 @@ class AffineOptions(JobOptions):
         ok, reason = self.isValid()
         if not ok:
             raise ValueError(reason)
-        arguments = ["--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
-                     "--output-transform", str(files["transform"])]
+        arguments = [
+            "--fixed",
+            str(files["fixed"]),
+            "--moving",
+            str(files["moving"]),
+            "--output-transform",
+            str(files["transform"]),
+        ]
         if files.get("volume"):
             arguments += ["--output-volume", str(files["volume"])]
         if self.model:
@@ -138,8 +147,9 @@ class AffineResult:
     notes: list = field(default_factory=list)
 
 
-def prepareAffineJob(options: AffineOptions, scene, workFolder: WorkFolder, python: str,
-                     env: dict[str, str] | None = None) -> PreparedJob:
+def prepareAffineJob(
+    options: AffineOptions, scene, workFolder: WorkFolder, python: str, env: dict[str, str] | None = None
+) -> PreparedJob:
     """Export the inputs into ``workFolder`` and return the job (command + result import).
 
     The moving volume's frame ``C`` (see the module docstring) is taken now, so what is
@@ -177,5 +187,12 @@ def prepareAffineJob(options: AffineOptions, scene, workFolder: WorkFolder, pyth
             notes += mrml_io.placeMovingUnderResult(moving, transformNode)
         return AffineResult(transformNode, volumeNode, processResult.elapsedSeconds, notes)
 
-    return PreparedJob("SpatialDiffusionReg", commandLine, workFolder, importResults, options.stageWeights,
-                       [movingNote] if movingNote else [], env)
+    return PreparedJob(
+        "SpatialDiffusionReg",
+        commandLine,
+        workFolder,
+        importResults,
+        options.stageWeights,
+        [movingNote] if movingNote else [],
+        env,
+    )

@@ -27,7 +27,9 @@ def test_is_valid_gives_one_reason(scene, mrml_io, affine_job) -> None:
     assert Options(None, moving).isValid() == (False, "Select the fixed volume")
     assert Options(fixed, fixed).isValid() == (False, "Fixed and moving volumes must be different volumes")
     assert Options(fixed, _volume(scene, "flat", (6, 5, 1))).isValid() == (False, "The moving volume is not 3D (size 6x5x1)")
-    assert Options(fixed, _volume(scene, "rgb", components=3)).isValid()[1] == "The moving volume must have one component per voxel"
+    assert (
+        Options(fixed, _volume(scene, "rgb", components=3)).isValid()[1] == "The moving volume must have one component per voxel"
+    )
     assert Options(fixed, moving, None, moving).isValid()[1] == "The output volume must not be the fixed or moving volume"
     output = scene.AddNewNodeByClass("vtkMRMLTransformNode", "output")
     fixed.SetAndObserveTransformNodeID(output.GetID())
@@ -54,14 +56,28 @@ def test_arguments_parse_in_the_backend(scene, affine_job) -> None:
     parser = build_parser()
     fixed, moving = _volume(scene, "fixed"), _volume(scene, "moving")
     files = {"fixed": "f.nrrd", "moving": "m.nrrd", "transform": "t.h5", "volume": "w.nrrd"}
-    full = affine_job.AffineOptions(fixed, moving, model="x", modality="octa", steps=3, bidirectional=True,
-                                    initialize="none", device="cuda:1").asArgList(files)
+    full = affine_job.AffineOptions(
+        fixed, moving, model="x", modality="octa", steps=3, bidirectional=True, initialize="none", device="cuda:1"
+    ).asArgList(files)
     args = parser.parse_args(["affine", *full])
     assert (args.modality, args.steps, args.bidirectional, args.initialize, args.device, args.model) == (
-        "octa", 3, True, "none", "cuda:1", "x")
-    assert [str(a) for a in (args.fixed, args.moving, args.output_transform, args.output_volume)] == ["f.nrrd", "m.nrrd", "t.h5", "w.nrrd"]
+        "octa",
+        3,
+        True,
+        "none",
+        "cuda:1",
+        "x",
+    )
+    assert [str(a) for a in (args.fixed, args.moving, args.output_transform, args.output_volume)] == [
+        "f.nrrd",
+        "m.nrrd",
+        "t.h5",
+        "w.nrrd",
+    ]
     minimal = affine_job.AffineOptions(fixed, moving).asArgList({**files, "volume": None})
-    assert not {"--steps", "--model", "--output-volume", "--initialize", "--seed"} & set(minimal), "defaults come from the model config"
+    assert not {"--steps", "--model", "--output-volume", "--initialize", "--seed"} & set(minimal), (
+        "defaults come from the model config"
+    )
     args = parser.parse_args(["affine", *minimal])
     assert args.modality == "mri" and args.device == "auto"
     assert affine_job.INITIALIZE_CHOICES == ("default", *INITIALIZATIONS)

@@ -36,8 +36,17 @@ def tiny_model(tmp_path_factory) -> Path:
     from diffusionreg.affine.register import build_model
 
     torch.manual_seed(0)
-    config = AffineConfig(name="tiny-test", grid_size=16, spacing_mm=12.0, widths=(2, 4, 4, 8), norm_groups=2,
-                          time_dim=8, time_hidden=16, timesteps=4, zero_init_head=False)
+    config = AffineConfig(
+        name="tiny-test",
+        grid_size=16,
+        spacing_mm=12.0,
+        widths=(2, 4, 4, 8),
+        norm_groups=2,
+        time_dim=8,
+        time_hidden=16,
+        timesteps=4,
+        zero_init_head=False,
+    )
     model = build_model(config)
     folder = tmp_path_factory.mktemp("tiny_model")
     state = {k: v.detach().contiguous() for k, v in model.net.state_dict().items()}
@@ -46,16 +55,18 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder / "model.safetensors"
 
 
-def test_affine_job_runs_the_backend_and_loads_what_simpleitk_reads(tmp_path: Path, scene, mrml_io, corelib, affine_job,
-                                                                     tiny_model) -> None:
+def test_affine_job_runs_the_backend_and_loads_what_simpleitk_reads(
+    tmp_path: Path, scene, mrml_io, corelib, affine_job, tiny_model
+) -> None:
     # Inputs as the module has them: volume nodes (loaded by Slicer's reader), moving under an earlier output.
     fixed = mrml_io.importVolume(SAMPLE / "sample_fixed.nii.gz", scene, name="fixed")
     moving = mrml_io.importVolume(SAMPLE / "sample_moving.nii.gz", scene, name="moving")
     earlier = scene.AddNewNodeByClass("vtkMRMLTransformNode", "earlier result")
     moving.SetAndObserveTransformNodeID(earlier.GetID())
     resampled = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "resampled")
-    options = affine_job.AffineOptions(fixed, moving, earlier, resampled, modality="mri", model=str(tiny_model), steps=2,
-                                       initialize="moments", device="cpu")
+    options = affine_job.AffineOptions(
+        fixed, moving, earlier, resampled, modality="mri", model=str(tiny_model), steps=2, initialize="moments", device="cpu"
+    )
     assert options.isValid() == (True, "")
     workFolder = corelib.process.WorkFolder(tmp_path / "work")
     job = affine_job.prepareAffineJob(options, scene, workFolder, sys.executable, corelib.command.backendEnvironment(REPO))
@@ -75,7 +86,9 @@ def test_affine_job_runs_the_backend_and_loads_what_simpleitk_reads(tmp_path: Pa
     dims = np.array(fixed.GetImageData().GetDimensions(), dtype=float)
     points = np.random.default_rng(0).uniform(0, dims - 1, (50, 3)) @ fixedGrid[:3, :3].T + fixedGrid[:3, 3]
     transformFile = workFolder.file("transform.h5")
-    np.testing.assert_allclose(mrml_io.mapPointsLps(node, points), sitk_map_points(transformFile, points), atol=TOLERANCE_MM, rtol=0)
+    np.testing.assert_allclose(
+        mrml_io.mapPointsLps(node, points), sitk_map_points(transformFile, points), atol=TOLERANCE_MM, rtol=0
+    )
 
     # The resampled output lands on the fixed grid; the moving volume stays directly under the result.
     assert result.volumeNode is resampled

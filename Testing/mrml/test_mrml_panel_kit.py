@@ -20,9 +20,8 @@ import sys
 import time
 import types
 
-import pytest
-
 import numpy as np
+import pytest
 
 from .conftest import CORE_MODULE_DIR, REPO
 
@@ -188,8 +187,12 @@ def _fake_modules(errors: list) -> dict:
     ctk = types.ModuleType("ctk")
     ctk.ctkCollapsibleButton = _Widget
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
+    for name in (
+        "ScriptedLoadableModule",
+        "ScriptedLoadableModuleLogic",
+        "ScriptedLoadableModuleTest",
+        "ScriptedLoadableModuleWidget",
+    ):
         setattr(scripted, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
     return {"qt": qt, "ctk": ctk, "slicer.ScriptedLoadableModule": scripted, "slicer.i18n": None}
 
@@ -233,13 +236,26 @@ def _panel(core, corelib, mode, reason=""):
     logic = core.DiffusionRegCoreLogic()
 
     def start(panel):
-        job = corelib.job.PreparedJob("test", [sys.executable, "-c", WORKER, mode], logic.createWorkFolder(),
-                                      lambda result: state["imported"].append(result) or "outputs",
-                                      {"read": 1.0, "affine": 3.0})
+        job = corelib.job.PreparedJob(
+            "test",
+            [sys.executable, "-c", WORKER, mode],
+            logic.createWorkFolder(),
+            lambda result: state["imported"].append(result) or "outputs",
+            {"read": 1.0, "affine": 3.0},
+        )
         return logic.startJob(job, onProgress=panel.onProgress, onLog=panel.log, onFinished=panel.onFinished)
 
-    panel = core.JobPanel(_Layout(), "affine", lambda: state["reason"], start, [], "Test module", "Register",
-                          onResult=state["imported"].append, logic=logic)
+    panel = core.JobPanel(
+        _Layout(),
+        "affine",
+        lambda: state["reason"],
+        start,
+        [],
+        "Test module",
+        "Register",
+        onResult=state["imported"].append,
+        logic=logic,
+    )
     panel.logic.ensureDependencies = lambda *args, **kwargs: True
     shown = state["shown"] = []
     onProgress = panel.onProgress
@@ -280,11 +296,38 @@ def test_downloadable_models_are_listed_but_not_offered_as_modalities(core, core
     (tmp_path / "brain").mkdir()
     (tmp_path / "brain" / "model.safetensors").write_bytes(b"w")
     sha = "0" * 64
-    (tmp_path / "Models.json").write_text(json.dumps({"models": [
-        {"name": "brain", "task": "affine", "modality": "mri", "file": "brain/model.safetensors", "sha256": sha, "config": "c.json"},
-        {"name": "ct-big", "task": "affine", "modality": "ct", "url": "https://example.org/ct.safetensors", "sha256": sha, "config": "c.json"},
-        {"name": "generic", "task": "affine", "modality": "any", "url": "https://example.org/g.safetensors", "sha256": sha, "config": "c.json"},
-    ]}))
+    (tmp_path / "Models.json").write_text(
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "name": "brain",
+                        "task": "affine",
+                        "modality": "mri",
+                        "file": "brain/model.safetensors",
+                        "sha256": sha,
+                        "config": "c.json",
+                    },
+                    {
+                        "name": "ct-big",
+                        "task": "affine",
+                        "modality": "ct",
+                        "url": "https://example.org/ct.safetensors",
+                        "sha256": sha,
+                        "config": "c.json",
+                    },
+                    {
+                        "name": "generic",
+                        "task": "affine",
+                        "modality": "any",
+                        "url": "https://example.org/g.safetensors",
+                        "sha256": sha,
+                        "config": "c.json",
+                    },
+                ]
+            }
+        )
+    )
     monkeypatch.setenv("DIFFUSIONREG_MODELS", str(tmp_path / "Models.json"))
     monkeypatch.setenv("DIFFUSIONREG_MODELS_DIR", str(tmp_path / "user"))
     panel, _ = _panel(core, corelib, "ok")
@@ -401,8 +444,10 @@ def test_logic_register_runs_the_job_and_shows_the_result(spatial, corelib, scen
         "matrix[:3, 3] = [3.0, -2.0, 1.0]\n"
         "write_transform(AffineTransform(matrix), args[args.index('--output-transform') + 1])\n"
     )
-    factory = lambda command, **kwargs: corelib.process.BackendProcess(  # noqa: E731
-        [sys.executable, "-c", script, *command[command.index("affine") + 1:]], **kwargs)
+
+    def factory(command, **kwargs):
+        return corelib.process.BackendProcess([sys.executable, "-c", script, *command[command.index("affine") + 1 :]], **kwargs)
+
     logic = spatial.SpatialDiffusionRegLogic(processFactory=factory)
     fixed = mrml_io.importVolume(REPO / "Resources" / "Sample" / "sample_fixed.nii.gz", scene, name="fixed")
     moving = mrml_io.importVolume(REPO / "Resources" / "Sample" / "sample_moving.nii.gz", scene, name="moving")

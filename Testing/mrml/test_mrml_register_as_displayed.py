@@ -45,7 +45,7 @@ def backend_matrix() -> np.ndarray:
 
 def _fake_factory(corelib, matrix):
     def factory(command, **kwargs):
-        arguments = command[command.index("affine") + 1:]
+        arguments = command[command.index("affine") + 1 :]
         fake = [sys.executable, "-c", FAKE_BACKEND, ",".join(repr(float(v)) for v in matrix.ravel()), *arguments]
         return corelib.process.BackendProcess(fake, **kwargs)
 
@@ -148,8 +148,7 @@ def test_register_as_displayed(case, tmp_path: Path, scene, mrml_io, corelib, af
     assert options.isValid() == (True, "")
     workFolder = corelib.process.WorkFolder(tmp_path / "work")
     job = affine_job.prepareAffineJob(options, scene, workFolder, sys.executable, corelib.command.backendEnvironment(REPO))
-    outcome = corelib.job.runJob(job, processFactory=_fake_factory(corelib, backend_matrix), timeout=120,
-                                 keepTemporaryFiles=True)
+    outcome = corelib.job.runJob(job, processFactory=_fake_factory(corelib, backend_matrix), timeout=120, keepTemporaryFiles=True)
     assert outcome.state == "completed", outcome.error
     result = outcome.outputs.transformNode
 

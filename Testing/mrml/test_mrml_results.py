@@ -45,8 +45,9 @@ def test_forward_and_inverse_fields_become_grid_transforms(tmp_path: Path, scene
     fixed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
     moving = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving")
 
-    forward, inverse = results.importDisplacementFields(scene, forwardPath, inversePath, movingNode=moving, fixedNode=fixed,
-                                                        name="moving to fixed")
+    forward, inverse = results.importDisplacementFields(
+        scene, forwardPath, inversePath, movingNode=moving, fixedNode=fixed, name="moving to fixed"
+    )
 
     for node, path in ((forward, forwardPath), (inverse, inversePath)):
         assert node.GetClassName() == "vtkMRMLTransformNode" and not node.IsLinear()
@@ -78,7 +79,9 @@ def test_jacobian_map_gets_the_diverging_colour_table_centred_at_one(tmp_path: P
     assert function.GetColor(1.0) == pytest.approx((1.0, 1.0, 1.0))  # no volume change: white
     low, high = function.GetColor(0.5), function.GetColor(1.5)
     assert low[2] > low[0] and high[0] > high[2]  # shrinking blue, growing red
-    array = np.array([[[node.GetImageData().GetScalarComponentAsDouble(i, j, k, 0) for k in range(4)] for j in range(5)] for i in range(6)])
+    array = np.array(
+        [[[node.GetImageData().GetScalarComponentAsDouble(i, j, k, 0) for k in range(4)] for j in range(5)] for i in range(6)]
+    )
     np.testing.assert_allclose(array, values, rtol=1e-6)
 
 

@@ -134,7 +134,9 @@ def test_transform_written_by_slicer_reads_back_in_backend(tmp_path: Path, scene
         np.testing.assert_allclose(sitk_map_points(path, points), expected, atol=TOLERANCE_MM, rtol=0)
 
 
-def test_moving_volume_under_result_is_resampled_like_the_backend(tmp_path: Path, scene, mrml_io, slicer_core, oblique_matrix) -> None:
+def test_moving_volume_under_result_is_resampled_like_the_backend(
+    tmp_path: Path, scene, mrml_io, slicer_core, oblique_matrix
+) -> None:
     """Placing the moving volume under the result transform is what resampling does.
 
     World (fixed) RAS point x shows the moving voxel at local RAS ``T(x)``: the world-to-local

@@ -12,6 +12,7 @@ Modules: config (AffineConfig, presets compact/full), schedule, network (AffineD
 gabor, sampling (one-jump forward process), artifacts, preprocess (network grids),
 reverse (reverse process, bidirectional), training, register, commands (CLI).
 """
+
 from .config import AffineConfig, get_config
 
 # The torch-based names load on first use: the command line imports this package to build its

@@ -5,6 +5,7 @@ the A-scan / depth direction (the reference's H axis = 1); the two other axes ar
 "en-face" axes. Voxel-valued parameters come from the config (already scaled to the grid).
 Each artifact fires with probability ``cfg.artifact_prob``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,8 +82,7 @@ def doubling(vol: torch.Tensor, cfg: AffineConfig, gen, axial: int = 1) -> torch
 def shadow(vol: torch.Tensor, cfg: AffineConfig, gen, axial: int = 1) -> torch.Tensor:
     """Multiply (in [0,1] space) by a smooth U(0,1) field, then min-max renormalise."""
     ctrl = torch.rand((1, 1, *_control_shape(cfg.shadow_grid, axial)), generator=gen)
-    field = F.interpolate(ctrl, size=tuple(vol.shape[1:]), mode="trilinear",
-                          align_corners=True)[0]
+    field = F.interpolate(ctrl, size=tuple(vol.shape[1:]), mode="trilinear", align_corners=True)[0]
     x = (vol + 1) / 2 * field
     mn, mx = x.min(), x.max()
     x = (x - mn) / (mx - mn).clamp_min(1e-8)
@@ -117,8 +117,7 @@ def random_crop(vol: torch.Tensor, floor: float, gen, axial: int = 1) -> torch.T
     return out
 
 
-def apply_artifacts(vol: torch.Tensor, cfg: AffineConfig, gen, modality: str = "mri",
-                    axial: int = 1) -> torch.Tensor:
+def apply_artifacts(vol: torch.Tensor, cfg: AffineConfig, gen, modality: str = "mri", axial: int = 1) -> torch.Tensor:
     """One independent artifact draw, then the random crop."""
     p = cfg.artifact_prob
     if modality != "octa" and _u(gen) < p:

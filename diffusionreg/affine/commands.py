@@ -1,4 +1,5 @@
 """CLI: ``diffusionreg affine`` and ``diffusionreg train affine``."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,47 +15,72 @@ from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, INITIALIZATIONS, MODA
 def add_commands(commands, train_commands, common) -> None:
     """Register the affine registration command and its training command."""
     p = commands.add_parser(
-        "affine", parents=[common],
+        "affine",
+        parents=[common],
         help="spatial-diffusion affine registration (writes an ITK transform)",
-        description=("Affine registration of MOVING onto FIXED with the spatial-diffusion "
-                     "network. The output transform maps fixed LPS points to moving LPS points "
-                     "(ITK resampling convention): SimpleITK, 'diffusionreg resample' and Slicer "
-                     "put the moving image onto the fixed one with it."))
+        description=(
+            "Affine registration of MOVING onto FIXED with the spatial-diffusion "
+            "network. The output transform maps fixed LPS points to moving LPS points "
+            "(ITK resampling convention): SimpleITK, 'diffusionreg resample' and Slicer "
+            "put the moving image onto the fixed one with it."
+        ),
+    )
     p.add_argument("--fixed", required=True, type=Path, help="fixed (reference) image")
     p.add_argument("--moving", required=True, type=Path, help="moving image")
-    p.add_argument("--output-transform", required=True, type=Path,
-                   help="output transform (.h5, .tfm or .txt)")
-    p.add_argument("--output-volume", type=Path,
-                   help="moving image resampled onto the fixed grid (.nrrd, .nii.gz, .mha)")
-    p.add_argument("--model", default=None,
-                   help="model name from Resources/Models.json or a path to a .safetensors "
-                        "file / model folder (default: the model registered for the modality)")
-    p.add_argument("--modality", default="mri", choices=MODALITIES,
-                   help="image type: picks the default model, preprocessing and class (default mri)")
+    p.add_argument("--output-transform", required=True, type=Path, help="output transform (.h5, .tfm or .txt)")
+    p.add_argument("--output-volume", type=Path, help="moving image resampled onto the fixed grid (.nrrd, .nii.gz, .mha)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name from Resources/Models.json or a path to a .safetensors "
+        "file / model folder (default: the model registered for the modality)",
+    )
+    p.add_argument(
+        "--modality",
+        default="mri",
+        choices=MODALITIES,
+        help="image type: picks the default model, preprocessing and class (default mri)",
+    )
     # Registration defaults (None) come from the model's config.json ("inference"), so the
     # command, the Python API and the Slicer panel give the same result with no options.
-    p.add_argument("--steps", type=int, default=None,
-                   help="reverse-process steps (default: from the model config; all T when unset there)")
-    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None,
-                   help="refine with a second pass in the other direction, twice the time "
-                        "(default: from the model config)")
-    p.add_argument("--initialize", default=None, choices=INITIALIZATIONS,
-                   help="pre-alignment of the network grids: intensity centroids (moments), "
-                        "image centres, or none (default: from the model config)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="reverse-process steps (default: from the model config; all T when unset there)"
+    )
+    p.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refine with a second pass in the other direction, twice the time (default: from the model config)",
+    )
+    p.add_argument(
+        "--initialize",
+        default=None,
+        choices=INITIALIZATIONS,
+        help="pre-alignment of the network grids: intensity centroids (moments), "
+        "image centres, or none (default: from the model config)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (the method is deterministic)")
     p.add_argument("--output-json", type=Path, help="write the matrix and timings as JSON")
-    p.add_argument("--refine-iterations", type=int, default=None,
-                   help=("Adam steps per level of the test-time mutual-information refinement after the "
-                         "diffusion; 0 runs the published method alone (default: from the model config)"))
+    p.add_argument(
+        "--refine-iterations",
+        type=int,
+        default=None,
+        help=(
+            "Adam steps per level of the test-time mutual-information refinement after the "
+            "diffusion; 0 runs the published method alone (default: from the model config)"
+        ),
+    )
     add_report_options(p)
     p.set_defaults(handler=_run_affine)
 
     t = train_commands.add_parser(
-        "affine", parents=[common], help="train a spatial-diffusion affine model",
-        description="Self-supervised training; run under torchrun for DDP (gloo on CPU).")
+        "affine",
+        parents=[common],
+        help="train a spatial-diffusion affine model",
+        description="Self-supervised training; run under torchrun for DDP (gloo on CPU).",
+    )
     t.add_argument("--data", required=True, nargs="+", help="training volumes or folders")
-    t.add_argument("--val", nargs="+", default=None,
-                   help="held-back validation volumes (excluded from training)")
+    t.add_argument("--val", nargs="+", default=None, help="held-back validation volumes (excluded from training)")
     t.add_argument("--modality", default="mri", choices=MODALITIES[:-1])
     t.add_argument("--config", default="compact", help="compact | full | path to config JSON")
     t.add_argument("--batch-size", type=int, default=None, help="override the config batch size")
@@ -68,8 +94,7 @@ def _run_train(args: argparse.Namespace, progress) -> int:
     from .training import TrainOptions, train
 
     cfg = with_overrides(get_config(args.config), batch_size=args.batch_size, seed=args.seed)
-    train(TrainOptions(data=args.data, config=cfg, modality=args.modality, val=args.val),
-          RunOptions.from_args(args), progress)
+    train(TrainOptions(data=args.data, config=cfg, modality=args.modality, val=args.val), RunOptions.from_args(args), progress)
     return EXIT_OK
 
 
@@ -113,9 +138,18 @@ def _run_affine(args: argparse.Namespace, progress) -> int:
             model = load_model(args.model, args.modality, device=resolve_device(args.device))
             check_modality(model, args.modality)
             stage.update(message="model")
-        result = register_affine(fixed, moving, model, modality=args.modality, steps=args.steps,
-                                 bidirectional=args.bidirectional, initialize=args.initialize,
-                                 seed=args.seed, progress=progress, refine_iterations=args.refine_iterations)
+        result = register_affine(
+            fixed,
+            moving,
+            model,
+            modality=args.modality,
+            steps=args.steps,
+            bidirectional=args.bidirectional,
+            initialize=args.initialize,
+            seed=args.seed,
+            progress=progress,
+            refine_iterations=args.refine_iterations,
+        )
         write_transform(result.transform, outputs.temporary("--output-transform"))
         if outputs.wants("--output-volume"):
             with progress.stage("resample", total=1) as stage:

@@ -8,6 +8,7 @@ Two presets:
   parameters (translation std, artifact sizes) are scaled by grid_size / 256 so that they
   cover the same fraction of the field of view as in the full model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,16 +34,16 @@ class RefineConfig:
     """Coarse-to-fine refinement. Parameters are scaled so a unit step is ``scale_mm`` of motion."""
 
     levels: tuple[RefineLevel, ...] = (RefineLevel(6.0, 50), RefineLevel(3.0, 50))
-    learning_rate: float = 0.01        # Adam step at the first level; later levels scale it by spacing
-    final_rate_fraction: float = 0.1   # per level, the rate decays (cosine) to this fraction of its start
-    scale_mm: float = 100.0            # translation unit; also the lever arm of the linear part
+    learning_rate: float = 0.01  # Adam step at the first level; later levels scale it by spacing
+    final_rate_fraction: float = 0.1  # per level, the rate decays (cosine) to this fraction of its start
+    scale_mm: float = 100.0  # translation unit; also the lever arm of the linear part
     max_field_of_view_mm: float = 320.0  # cube side around the pivot: the fixed image's extent, capped
     foreground_fraction: float | None = None  # score only fixed voxels above this fraction of the
-                                       # intensity window (None: all; MI needs the background)
-    max_linear_change: float = 0.5     # clamp on |C - I| entries, so refinement never runs away
-    metric: str = "mi"                 # 'mi' (Parzen-window mutual information) or 'ncc' (Pearson)
-    histogram_bins: int = 16           # for 'mi' (32 was slower and no better on the benchmark)
-    sampling_stride: int = 2           # score every n-th fixed voxel per axis (regular sampling)
+    # intensity window (None: all; MI needs the background)
+    max_linear_change: float = 0.5  # clamp on |C - I| entries, so refinement never runs away
+    metric: str = "mi"  # 'mi' (Parzen-window mutual information) or 'ncc' (Pearson)
+    histogram_bins: int = 16  # for 'mi' (32 was slower and no better on the benchmark)
+    sampling_stride: int = 2  # score every n-th fixed voxel per axis (regular sampling)
 
     def with_iterations(self, iterations: int) -> RefineConfig:
         """The same levels with ``iterations`` steps each (0: no refinement)."""
@@ -56,9 +57,9 @@ class AffineInference:
     """Registration defaults of a model: what ``register_affine``, ``diffusionreg affine`` and the
     Slicer panel use when not told otherwise (stored in the model's ``config.json``)."""
 
-    steps: int | None = None            # reverse-process steps (None: all ``timesteps``)
-    bidirectional: bool = False         # second pass with the images swapped (twice the time)
-    initialize: str = "moments"         # pre-alignment of the network grids (vocabulary.INITIALIZATIONS)
+    steps: int | None = None  # reverse-process steps (None: all ``timesteps``)
+    bidirectional: bool = False  # second pass with the images swapped (twice the time)
+    initialize: str = "moments"  # pre-alignment of the network grids (vocabulary.INITIALIZATIONS)
     # Test-time refinement after the diffusion (no levels: the published method alone). On by
     # default: it took the benchmark from 10/10 synthetic failures to 0/10 (bench/results/affine.md).
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -80,41 +81,41 @@ class AffineConfig:
 
     name: str = "compact"
     # --- network grid -------------------------------------------------------------
-    grid_size: int = 64                 # cubic network grid, voxels per side
-    spacing_mm: float = 3.5             # isotropic spacing of the network grid
+    grid_size: int = 64  # cubic network grid, voxels per side
+    spacing_mm: float = 3.5  # isotropic spacing of the network grid
     # --- network ------------------------------------------------------------------
     widths: tuple[int, ...] = (2, 16, 32, 64, 64, 128, 128)
-    norm_groups: int = 8                # GroupNorm groups (full: 32)
-    time_dim: int = 128                 # sinusoidal embedding size (full: 256)
-    time_hidden: int = 512              # MLP hidden size (full: 1024)
-    n_classes: int = 1                  # modality classes; >1 adds class embeddings
+    norm_groups: int = 8  # GroupNorm groups (full: 32)
+    time_dim: int = 128  # sinusoidal embedding size (full: 256)
+    time_hidden: int = 512  # MLP hidden size (full: 1024)
+    n_classes: int = 1  # modality classes; >1 adds class embeddings
     class_names: tuple[str, ...] = ("mri",)
     class_dropout: float = 0.15
-    zero_init_head: bool = True         # reference does not zero-init (full: False)
+    zero_init_head: bool = True  # reference does not zero-init (full: False)
     # --- diffusion schedule -------------------------------------------------------
     timesteps: int = 65
-    schedule: str = "cosine"            # 'cosine' | 'linear'
+    schedule: str = "cosine"  # 'cosine' | 'linear'
     lin_std: tuple[float, float] = (0.01, 0.07)
-    trans_std_vox: tuple[float, float] = (0.125, 1.0)   # full: (0.5, 4.0) at 256^3
+    trans_std_vox: tuple[float, float] = (0.125, 1.0)  # full: (0.5, 4.0) at 256^3
     affine_prob: float = 0.8
     clamp_sigmas: float = 2.5
     # --- augmentation -------------------------------------------------------------
-    global_rotation_deg: float = 15.0   # full: 180 (about y only, as the reference)
-    global_rotation_axes: str = "xyz"   # full: 'y'
-    global_shift_vox: float = 6.0       # full: 15
-    global_scale: tuple[float, float] = (0.9, 1.1)   # full: (1, 1)
+    global_rotation_deg: float = 15.0  # full: 180 (about y only, as the reference)
+    global_rotation_axes: str = "xyz"  # full: 'y'
+    global_shift_vox: float = 6.0  # full: 15
+    global_scale: tuple[float, float] = (0.9, 1.1)  # full: (1, 1)
     artifact_prob: float = 0.5
     elastic_grid: tuple[int, int, int] = (14, 7, 7)  # along (axial, en-face, en-face)
-    elastic_std_vox: float = 0.75       # full: 3
+    elastic_std_vox: float = 0.75  # full: 3
     motion_max: int = 9
-    motion_band: tuple[int, int] = (2, 4)            # frames; full (5, 16)
-    motion_shift: tuple[int, int] = (2, 7)           # voxels; full (5, 29)
+    motion_band: tuple[int, int] = (2, 4)  # frames; full (5, 16)
+    motion_shift: tuple[int, int] = (2, 7)  # voxels; full (5, 29)
     doubling_alpha: float = 0.35
-    doubling_shift: int = 6             # voxels; full 25
+    doubling_shift: int = 6  # voxels; full 25
     shadow_grid: tuple[int, int, int] = (12, 6, 6)
-    stretch_prob: float = 0.25          # the reference never used its stretch artifact
+    stretch_prob: float = 0.25  # the reference never used its stretch artifact
     stretch_band: tuple[int, int] = (2, 6)
-    crop_floor: float = 0.6             # keep at least this fraction (MRI 0.6, OCT 0.75)
+    crop_floor: float = 0.6  # keep at least this fraction (MRI 0.6, OCT 0.75)
     gamma_range: tuple[float, float] = (0.7, 1.4)
     noise_std: float = 0.02
     # --- optimisation -------------------------------------------------------------
@@ -171,13 +172,29 @@ def compact() -> AffineConfig:
 
 def full() -> AffineConfig:
     return AffineConfig(
-        name="full", grid_size=256, spacing_mm=1.0,
-        widths=(2, 64, 128, 256, 256, 512, 1024), norm_groups=32, time_dim=256,
-        time_hidden=1024, zero_init_head=False, trans_std_vox=(0.5, 4.0),
-        global_rotation_deg=180.0, global_rotation_axes="y", global_shift_vox=15.0,
-        global_scale=(1.0, 1.0), elastic_std_vox=3.0, motion_band=(5, 16),
-        motion_shift=(5, 29), doubling_shift=25, stretch_prob=0.0, stretch_band=(5, 16),
-        gamma_range=(1.0, 1.0), noise_std=0.0, lr=1e-4, warmup_steps=5000,
+        name="full",
+        grid_size=256,
+        spacing_mm=1.0,
+        widths=(2, 64, 128, 256, 256, 512, 1024),
+        norm_groups=32,
+        time_dim=256,
+        time_hidden=1024,
+        zero_init_head=False,
+        trans_std_vox=(0.5, 4.0),
+        global_rotation_deg=180.0,
+        global_rotation_axes="y",
+        global_shift_vox=15.0,
+        global_scale=(1.0, 1.0),
+        elastic_std_vox=3.0,
+        motion_band=(5, 16),
+        motion_shift=(5, 29),
+        doubling_shift=25,
+        stretch_prob=0.0,
+        stretch_band=(5, 16),
+        gamma_range=(1.0, 1.0),
+        noise_std=0.0,
+        lr=1e-4,
+        warmup_steps=5000,
     )
 
 

@@ -5,6 +5,7 @@ exp(-w^2/(8 k^2) (4 x'^2 + y'^2 + z'^2)), carrier cos(w x'), each normalised to 
 w = 0.5 (OCT) / 0.95 (OCTA); thresholds -0.4 / -0.5 in [-1, 1] space; output in {-1, +1}.
 Coordinates (x, y, z) are torch's (last, middle, first) array axes.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ def gabor_kernel(omega: float, theta: float, size: int = 5, k: float = math.pi) 
     # theta = pi/2 -> carrier along x; theta = 0 -> along y
     xp = x * math.sin(theta) + y * math.cos(theta)
     yp = -x * math.cos(theta) + y * math.sin(theta)
-    env = torch.exp(-(omega ** 2) / (8 * k ** 2) * (4 * xp ** 2 + yp ** 2 + z ** 2))
+    env = torch.exp(-(omega**2) / (8 * k**2) * (4 * xp**2 + yp**2 + z**2))
     kern = env * torch.cos(omega * xp)
     return (kern / kern.sum()).float()
 

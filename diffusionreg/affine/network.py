@@ -6,6 +6,7 @@ needed). Output ``(B, 3, 4)``: [I | 0] + head, an affine in torch-normalised coo
 (align_corners=False, (x, y, z) = array axes (k, j, i)) that maps fixed normalised points to
 moving sample points, i.e. the transform that undoes the whole corruption.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,7 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) integer timesteps -> (B, dim): dim/2 sin then dim/2 cos terms,
     frequencies exp(-i ln(1e4) / (dim/2 - 1))."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device,
-                                                          dtype=torch.float32) / max(half - 1, 1))
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
@@ -72,12 +72,13 @@ class AffineDiffusionNet(nn.Module):
         w = list(cfg.widths)
         if w[0] != 2 or len(w) < 3:
             raise ValueError("widths must start with 2 input channels and have >= 3 entries")
-        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.time_hidden), nn.GELU(),
-                                      nn.Linear(cfg.time_hidden, cfg.time_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(cfg.time_dim, cfg.time_hidden), nn.GELU(), nn.Linear(cfg.time_hidden, cfg.time_dim)
+        )
         self.in_conv = nn.Conv3d(2, w[1], 4, stride=2, padding=1)
         self.blocks = nn.ModuleList(
-            DownBlock(w[i], w[i + 1], cfg.time_dim, cfg.norm_groups, cfg.n_classes)
-            for i in range(1, len(w) - 1))
+            DownBlock(w[i], w[i + 1], cfg.time_dim, cfg.norm_groups, cfg.n_classes) for i in range(1, len(w) - 1)
+        )
         self.out_norm = nn.GroupNorm(_groups(w[-1], cfg.norm_groups), w[-1])
         k = cfg.feature_size
         self.head = nn.Conv3d(w[-1], 12, k)  # full-extent read-out
@@ -87,8 +88,9 @@ class AffineDiffusionNet(nn.Module):
         self.gabor = GaborBinarize()
         self.register_buffer("identity", torch.eye(3, 4), persistent=False)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cls: torch.Tensor | None = None,
-                preprocess: str | tuple[str, str] = "none") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cls: torch.Tensor | None = None, preprocess: str | tuple[str, str] = "none"
+    ) -> torch.Tensor:
         """x (B,2,...) in [-1,1]; t (B,) ints in 1..T; cls (B,) ints (0 = agnostic).
         preprocess: one type or (fixed_type, moving_type) among mri/ct/venous/none/oct/octa."""
         size = (self.cfg.grid_size,) * 3
@@ -96,7 +98,7 @@ class AffineDiffusionNet(nn.Module):
             x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
         kinds = (preprocess, preprocess) if isinstance(preprocess, str) else preprocess
         if any(k in ("oct", "octa") for k in kinds):
-            x = torch.cat([self.gabor(x[:, c:c + 1], kinds[c]) for c in range(2)], dim=1)
+            x = torch.cat([self.gabor(x[:, c : c + 1], kinds[c]) for c in range(2)], dim=1)
         emb = self.time_mlp(sinusoidal_embedding(t, self.cfg.time_dim))
         if cls is None and self.cfg.n_classes > 1:
             cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)

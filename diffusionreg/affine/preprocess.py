@@ -6,6 +6,7 @@ fixed and moving images go onto such grids, so every brain appears in one canoni
 orientation and the network only has to explain the residual affine. The returned Grid's
 matrix is the exact voxel -> LPS map of the tensor the network sees.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,9 +21,9 @@ from .config import AffineConfig
 
 @dataclass
 class NetworkInput:
-    array: np.ndarray        # (S, S, S) float32 in [-1, 1], background -1
-    grid: Grid               # exact voxel -> LPS matrix of ``array``
-    intensity: tuple[float, float]   # (lo, hi) raw values mapped to -1 and +1
+    array: np.ndarray  # (S, S, S) float32 in [-1, 1], background -1
+    grid: Grid  # exact voxel -> LPS matrix of ``array``
+    intensity: tuple[float, float]  # (lo, hi) raw values mapped to -1 and +1
 
 
 def intensity_window(array: np.ndarray, percentile: float) -> tuple[float, float]:
@@ -46,7 +47,7 @@ def normalise(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 def antialias(array: np.ndarray, spacing: np.ndarray, target_mm: float) -> np.ndarray:
     """Gaussian pre-filter so that sampling at ``target_mm`` does not alias:
     sigma_mm = sqrt(max(target^2 - spacing^2, 0)) / 2.355 per axis."""
-    sigma_mm = np.sqrt(np.maximum(target_mm ** 2 - np.asarray(spacing) ** 2, 0.0)) / 2.355
+    sigma_mm = np.sqrt(np.maximum(target_mm**2 - np.asarray(spacing) ** 2, 0.0)) / 2.355
     sigma_vox = sigma_mm / np.asarray(spacing)
     if np.all(sigma_vox < 0.2):
         return array
@@ -66,20 +67,16 @@ def foreground_centroid(image: Image, window: tuple[float, float] | None = None)
     if total <= 0:
         return image.grid.centre_world()
     idx = [np.arange(0, n, step, dtype=np.float64)[: sub.shape[a]] for a, n in enumerate(arr.shape)]
-    c = np.array([(w.sum(axis=tuple(b for b in range(3) if b != a)) * idx[a]).sum() / total
-                  for a in range(3)])
+    c = np.array([(w.sum(axis=tuple(b for b in range(3) if b != a)) * idx[a]).sum() / total for a in range(3)])
     return image.affine[:3, :3] @ c + image.affine[:3, 3]
 
 
-def network_grid(cfg: AffineConfig, centre_world, size: int | None = None,
-                 spacing: float | None = None) -> Grid:
+def network_grid(cfg: AffineConfig, centre_world, size: int | None = None, spacing: float | None = None) -> Grid:
     """Cubic identity-direction grid of the network centred at ``centre_world`` (LPS)."""
-    return centred_grid((size or cfg.grid_size,) * 3, spacing or cfg.spacing_mm,
-                        np.asarray(centre_world, dtype=np.float64))
+    return centred_grid((size or cfg.grid_size,) * 3, spacing or cfg.spacing_mm, np.asarray(centre_world, dtype=np.float64))
 
 
-def to_network(image: Image, grid: Grid, cfg: AffineConfig,
-               window: tuple[float, float] | None = None) -> NetworkInput:
+def to_network(image: Image, grid: Grid, cfg: AffineConfig, window: tuple[float, float] | None = None) -> NetworkInput:
     """Normalise, anti-alias for ``cfg.spacing_mm`` and resample onto ``grid`` (linear,
     background -1 outside the image)."""
     window = window or intensity_window(np.asarray(image.array), cfg.intensity_percentile)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffusionreg.image import Grid, Image, centred_grid, resample
 from diffusionreg.spaces import sample_affine, space_of_grid
@@ -33,7 +32,7 @@ from .config import RefineConfig, RefineLevel  # noqa: F401 - the settings live 
 @dataclass
 class RefineResult:
     transform: AffineTransform
-    score_before: float                # similarity (MI or NCC, higher is better) of the start
+    score_before: float  # similarity (MI or NCC, higher is better) of the start
     score_after: float
     history: list[float] = field(default_factory=list)
 
@@ -143,7 +142,9 @@ def refine_affine(
         level_rate = config.learning_rate * level.spacing_mm / config.levels[0].spacing_mm
         for iteration in range(level.iterations):
             progress_fraction = iteration / max(level.iterations - 1, 1)
-            decay = config.final_rate_fraction + (1.0 - config.final_rate_fraction) * 0.5 * (1.0 + np.cos(np.pi * progress_fraction))
+            decay = config.final_rate_fraction + (1.0 - config.final_rate_fraction) * 0.5 * (
+                1.0 + np.cos(np.pi * progress_fraction)
+            )
             for group in optimiser.param_groups:
                 group["lr"] = level_rate * decay
             optimiser.zero_grad()

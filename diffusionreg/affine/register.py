@@ -10,6 +10,7 @@ centres for 'center', both on the fixed centre for 'none'); N: voxel -> torch-no
 (align_corners=False); C: the composed reverse-process matrix (fixed normalised -> moving
 normalised). T_world maps fixed points to moving points (ITK resampling convention).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from diffusionreg.errors import InputError
 from diffusionreg.image import Image, check_registrable
 from diffusionreg.spaces import world_transform_from_normalized
 from diffusionreg.transforms import AffineTransform
 
-from diffusionreg.errors import InputError
 from .config import AffineConfig, RefineConfig
 from .network import AffineDiffusionNet
 from .preprocess import foreground_centroid, intensity_window, network_grid, to_network
@@ -44,14 +45,16 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
-def build_model(cfg: AffineConfig, state: dict | None = None, name: str = "model",
-                device: str | torch.device = "cpu") -> LoadedModel:
+def build_model(
+    cfg: AffineConfig, state: dict | None = None, name: str = "model", device: str | torch.device = "cpu"
+) -> LoadedModel:
     net = AffineDiffusionNet(cfg)
     if state is not None:
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise InputError(f"model {name}: weights do not match its config "
-                             f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+            raise InputError(
+                f"model {name}: weights do not match its config (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+            )
     net.eval().to(device)
     return LoadedModel(name, net, cfg, Schedule.from_config(cfg), torch.device(device))
 
@@ -68,21 +71,25 @@ def load_model(name_or_path=None, modality: str = "mri", device="cpu") -> Loaded
 
 @dataclass
 class AffineResult:
-    transform: AffineTransform           # fixed LPS -> moving LPS
-    theta: np.ndarray                    # 4x4 normalised (fixed net grid -> moving net grid)
+    transform: AffineTransform  # fixed LPS -> moving LPS
+    theta: np.ndarray  # 4x4 normalised (fixed net grid -> moving net grid)
     fixed_grid_affine: np.ndarray
     moving_grid_affine: np.ndarray
     grid_shape: tuple[int, int, int]
     seconds: float
     unidirectional: AffineTransform | None = None
-    diffusion_only: AffineTransform | None = None   # before the optional refinement
+    diffusion_only: AffineTransform | None = None  # before the optional refinement
     refine_score: tuple[float, float] | None = None  # similarity before/after refinement
 
     def to_dict(self) -> dict:
-        d = {"matrix_lps": self.transform.matrix.tolist(), "theta_normalized": self.theta.tolist(),
-             "fixed_network_grid": self.fixed_grid_affine.tolist(),
-             "moving_network_grid": self.moving_grid_affine.tolist(),
-             "grid_shape": list(self.grid_shape), "seconds": self.seconds}
+        d = {
+            "matrix_lps": self.transform.matrix.tolist(),
+            "theta_normalized": self.theta.tolist(),
+            "fixed_network_grid": self.fixed_grid_affine.tolist(),
+            "moving_network_grid": self.moving_grid_affine.tolist(),
+            "grid_shape": list(self.grid_shape),
+            "seconds": self.seconds,
+        }
         if self.unidirectional is not None:
             d["matrix_lps_unidirectional"] = self.unidirectional.matrix.tolist()
         return d
@@ -106,11 +113,19 @@ def centres(fixed: Image, moving: Image, initialize: str, windows) -> tuple[np.n
     raise InputError(f"unknown initialisation {initialize!r}; use moments, center or none")
 
 
-def register_affine(fixed: Image, moving: Image, model: LoadedModel, modality: str = "mri",
-                    steps: int | None = None, bidirectional: bool | None = None,
-                    initialize: str | None = None, seed: int = 0, progress=None,
-                    refine: RefineConfig | None = None,
-                    refine_iterations: int | None = None) -> AffineResult:
+def register_affine(
+    fixed: Image,
+    moving: Image,
+    model: LoadedModel,
+    modality: str = "mri",
+    steps: int | None = None,
+    bidirectional: bool | None = None,
+    initialize: str | None = None,
+    seed: int = 0,
+    progress=None,
+    refine: RefineConfig | None = None,
+    refine_iterations: int | None = None,
+) -> AffineResult:
     """Register ``moving`` onto ``fixed``; returns the fixed->moving LPS AffineTransform.
 
     Every option left at None takes the model's default (``model.cfg.inference``, from its
@@ -150,12 +165,10 @@ def register_affine(fixed: Image, moving: Image, model: LoadedModel, modality: s
     uni = None
     try:
         if bidirectional:
-            comp, _, c1 = run_bidirectional(model.net, f_t, m_t, model.sched, steps, cls, prep,
-                                            callback=cb)
+            comp, _, c1 = run_bidirectional(model.net, f_t, m_t, model.sched, steps, cls, prep, callback=cb)
             uni = c1[0].numpy()
         else:
-            comp, _ = reverse_process(model.net, f_t, m_t, model.sched, steps, cls, prep,
-                                      callback=cb)
+            comp, _ = reverse_process(model.net, f_t, m_t, model.sched, steps, cls, prep, callback=cb)
     finally:
         if stage is not None:
             stage.__exit__(None, None, None)
@@ -163,21 +176,28 @@ def register_affine(fixed: Image, moving: Image, model: LoadedModel, modality: s
     shape = (cfg.grid_size,) * 3
 
     def world(th):
-        return AffineTransform(world_transform_from_normalized(th, g_fix.affine, shape,
-                                                               g_mov.affine, shape))
+        return AffineTransform(world_transform_from_normalized(th, g_fix.affine, shape, g_mov.affine, shape))
 
     diffusion = world(theta)
     final, score = diffusion, None
     if refine is not None and refine.levels:
         pivot = c_fix if initialize == "moments" else foreground_centroid(fixed, w_fix)
-        with (progress.stage("refine", total=1) if progress else _no_stage()) as refine_stage:
+        with progress.stage("refine", total=1) if progress else _no_stage() as refine_stage:
             refined = refine_affine(fixed, moving, diffusion, pivot, refine, device=dev)
             if refine_stage is not None:
                 refine_stage.update(message=f"{refine.metric.upper()} {refined.score_before:.3f} -> {refined.score_after:.3f}")
         final, score = refined.transform, (refined.score_before, refined.score_after)
-    return AffineResult(final, theta, g_fix.affine, g_mov.affine, shape,
-                        time.perf_counter() - start, world(uni) if uni is not None else None,
-                        diffusion_only=diffusion, refine_score=score)
+    return AffineResult(
+        final,
+        theta,
+        g_fix.affine,
+        g_mov.affine,
+        shape,
+        time.perf_counter() - start,
+        world(uni) if uni is not None else None,
+        diffusion_only=diffusion,
+        refine_score=score,
+    )
 
 
 @contextlib.contextmanager

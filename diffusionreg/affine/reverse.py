@@ -6,9 +6,10 @@ a = alpha_t (linear part and translation separately); C <- C A_t; current = warp
 moving, C). Deterministic. With fewer steps than T, each jump covers several timesteps and
 uses a = 1 - prod(1 - alpha_s) over them (equal to the reference when steps == T).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,17 +33,22 @@ def step_plan(sched: Schedule, steps: int | None) -> list[tuple[int, float, floa
 
 
 @torch.no_grad()
-def reverse_process(net: torch.nn.Module, fixed: torch.Tensor, moving: torch.Tensor,
-                    sched: Schedule, steps: int | None = None, cls: torch.Tensor | None = None,
-                    preprocess="none", init: torch.Tensor | None = None,
-                    callback: Callable[[int], None] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def reverse_process(
+    net: torch.nn.Module,
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    sched: Schedule,
+    steps: int | None = None,
+    cls: torch.Tensor | None = None,
+    preprocess="none",
+    init: torch.Tensor | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fixed, moving: (B,1,S,S,S) in [-1,1]. Returns (C (B,4,4) float64, warped moving).
 
     ``init`` (B,4,4) is an optional starting C (identity by default)."""
     b = fixed.shape[0]
-    comp = (torch.eye(4, dtype=torch.float64).repeat(b, 1, 1) if init is None
-            else init.to(torch.float64).clone())
+    comp = torch.eye(4, dtype=torch.float64).repeat(b, 1, 1) if init is None else init.to(torch.float64).clone()
     current = moving if init is None else warp(moving, comp)
     eye = torch.eye(3, dtype=torch.float64)
     for n, (t, a_lin, a_tr) in enumerate(step_plan(sched, steps)):
@@ -71,8 +77,9 @@ def safe_inverse(mat: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bidirectional(net, fixed, moving, sched, steps=None, cls=None, preprocess="none",
-                  init=None, callback=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def bidirectional(
+    net, fixed, moving, sched, steps=None, cls=None, preprocess="none", init=None, callback=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Residual refinement from the other direction.
 
     1. moving -> fixed gives C1 and moving' = moving(C1 p);

@@ -4,6 +4,7 @@ All matrices here are in torch-normalised coordinates (align_corners=False; comp
 (x, y, z) = array axes (k, j, i)) and map output (fixed) points to input (moving) sample
 points, the affine_grid convention. A corrupted moving volume is q(p) = x0(M p).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,9 +58,14 @@ def translation_to_normalized(tau_vox: torch.Tensor, spatial_shape) -> torch.Ten
     return tau_vox / half
 
 
-def sample_forward(t: torch.Tensor, sched: Schedule, spatial_shape, affine_prob: float = 0.8,
-                   clamp: float = 2.5, generator: torch.Generator | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_forward(
+    t: torch.Tensor,
+    sched: Schedule,
+    spatial_shape,
+    affine_prob: float = 0.8,
+    clamp: float = 2.5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One-jump sample of the marginal at timesteps t (B,) in 1..T.
 
     Returns (M, target): M (B,4,4) the corruption (q = x0(M p)), target (B,3,4) = M^-1.
@@ -80,8 +86,7 @@ def sample_forward(t: torch.Tensor, sched: Schedule, spatial_shape, affine_prob:
     lin_rig = euler_rotation(ang) @ torch.diag_embed(torch.exp(logs))
     use_aff = torch.rand((b,), generator=generator, dtype=torch.float64) < affine_prob
     lin = torch.where(use_aff[:, None, None], lin_aff, lin_rig)
-    tau = translation_to_normalized(_clamped_normal(s_tr, (b, 3), clamp, generator),
-                                    spatial_shape)
+    tau = translation_to_normalized(_clamped_normal(s_tr, (b, 3), clamp, generator), spatial_shape)
     mat = torch.zeros((b, 4, 4), dtype=torch.float64)
     mat[:, :3, :3] = lin
     mat[:, :3, 3] = tau
@@ -89,8 +94,9 @@ def sample_forward(t: torch.Tensor, sched: Schedule, spatial_shape, affine_prob:
     return mat, torch.linalg.inv(mat)[:, :3, :]
 
 
-def sample_uniform_affine(b: int, sched: Schedule, spatial_shape, scale: float = 1.2,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_uniform_affine(
+    b: int, sched: Schedule, spatial_shape, scale: float = 1.2, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Monitoring affines: magnitude and translation uniform up to scale * Sigma(T).
     Returns (B,4,4) normalised corruption matrices."""
     s_lin = scale * float(sched.lin_cum[-1])
@@ -108,8 +114,16 @@ def sample_uniform_affine(b: int, sched: Schedule, spatial_shape, scale: float =
 def frobenius_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Batch mean of ||pred - target||_F over (B,3,4) matrices (not squared)."""
     diff = (pred - target.to(pred.dtype)).flatten(1)
-    return torch.sqrt((diff ** 2).sum(1) + 1e-12).mean()
+    return torch.sqrt((diff**2).sum(1) + 1e-12).mean()
 
 
-__all__ = ["warp", "to_homogeneous", "euler_rotation", "translation_to_normalized",
-           "sample_forward", "sample_uniform_affine", "frobenius_loss", "math"]
+__all__ = [
+    "warp",
+    "to_homogeneous",
+    "euler_rotation",
+    "translation_to_normalized",
+    "sample_forward",
+    "sample_uniform_affine",
+    "frobenius_loss",
+    "math",
+]

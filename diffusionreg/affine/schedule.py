@@ -5,6 +5,7 @@ u_t = (t-1)/(T-1)); the marginal at t is a single Gaussian with cumulative std
 Sigma(t) = sqrt(sum_{s<=t} sigma_step(s)^2); the reverse process blends by
 alpha_t = sigma_step(t) / Sigma(t).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,22 +34,22 @@ class Schedule:
 
     lin_step: np.ndarray
     lin_cum: np.ndarray
-    tr_step: np.ndarray       # voxels of the network grid
+    tr_step: np.ndarray  # voxels of the network grid
     tr_cum: np.ndarray
 
     @classmethod
-    def make(cls, timesteps: int, lin_std=(0.01, 0.07), trans_std=(0.5, 4.0),
-             kind: str = "cosine") -> "Schedule":
+    def make(cls, timesteps: int, lin_std=(0.01, 0.07), trans_std=(0.5, 4.0), kind: str = "cosine") -> Schedule:
         lin = step_std(timesteps, lin_std[0], lin_std[1], kind)
         tr = step_std(timesteps, trans_std[0], trans_std[1], kind)
-        sched = cls(lin, np.sqrt(np.cumsum(lin ** 2)), tr, np.sqrt(np.cumsum(tr ** 2)))
+        sched = cls(lin, np.sqrt(np.cumsum(lin**2)), tr, np.sqrt(np.cumsum(tr**2)))
         if sched.lin_cum[-1] * 2.5 >= 1.0:
             import warnings
-            warnings.warn("Sigma(T) * 2.5 >= 1: sampled affines may be singular")
+
+            warnings.warn("Sigma(T) * 2.5 >= 1: sampled affines may be singular", stacklevel=2)
         return sched
 
     @classmethod
-    def from_config(cls, cfg) -> "Schedule":
+    def from_config(cls, cfg) -> Schedule:
         return cls.make(cfg.timesteps, cfg.lin_std, cfg.trans_std_vox, cfg.schedule)
 
     @property

@@ -9,6 +9,7 @@ clipped at 1, EMA; validation: loss + recovery error in mm of random known affin
 volumes (best = lowest mean recovery error). Checkpoints, resume, DDP, export and progress are
 the engine's (:mod:`diffusionreg.training`).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,7 @@ def list_volumes(paths) -> list[Path]:
         if p.is_dir():
             for f in sorted(p.iterdir()):
                 name = f.name.lower()
-                if name.endswith(VOLUME_SUFFIXES) and not any(
-                        s in name for s in ("seg", "label", "mask", "maxprob")):
+                if name.endswith(VOLUME_SUFFIXES) and not any(s in name for s in ("seg", "label", "mask", "maxprob")):
                     out.append(f)
         elif p.exists():
             out.append(p)
@@ -94,8 +94,14 @@ def _global_theta(cfg: AffineConfig, gen: torch.Generator) -> torch.Tensor:
     return theta
 
 
-def make_batch(subjects: list[torch.Tensor], cfg: AffineConfig, sched: Schedule,
-               gen: torch.Generator, modality: str = "mri", batch_size: int | None = None):
+def make_batch(
+    subjects: list[torch.Tensor],
+    cfg: AffineConfig,
+    sched: Schedule,
+    gen: torch.Generator,
+    modality: str = "mri",
+    batch_size: int | None = None,
+):
     """Returns (x (B,2,S,S,S), t (B,), cls (B,), target (B,3,4), M (B,4,4))."""
     b = batch_size or cfg.batch_size
     s = cfg.grid_size
@@ -104,8 +110,7 @@ def make_batch(subjects: list[torch.Tensor], cfg: AffineConfig, sched: Schedule,
         vol = subjects[int(torch.randint(len(subjects), (), generator=gen))]
         theta = _global_theta(cfg, gen).float()[None]
         grid = F.affine_grid(theta, [1, 1, s, s, s], align_corners=False)
-        base = F.grid_sample((vol[None] + 1) / 2, grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=False)[0]
+        base = F.grid_sample((vol[None] + 1) / 2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
         g_lo, g_hi = cfg.gamma_range
         gamma = g_lo + (g_hi - g_lo) * float(torch.rand((), generator=gen))
         base = base.clamp(0, 1) ** gamma * 2 - 1
@@ -128,8 +133,7 @@ def make_batch(subjects: list[torch.Tensor], cfg: AffineConfig, sched: Schedule,
 
 # --- validation ------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4,
-             steps: int | None = None, seed: int = 1234) -> dict:
+def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4, steps: int | None = None, seed: int = 1234) -> dict:
     """Single-step loss at random t and recovery error (mm) of random known affines
     (magnitude up to 1.2 Sigma(T)) by the reverse process, on held-back volumes."""
     gen = torch.Generator().manual_seed(seed)
@@ -153,8 +157,12 @@ def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4,
         ph = torch.cat([p, torch.ones(len(p), 1, dtype=torch.float64)], 1)
         d = (ph @ (comp[0] - truth[0])[:3].T).norm(dim=1) * half_mm
         errs.append(float(d.mean()))
-    return {"val_loss": loss, "recovery_mm_mean": float(np.mean(errs)),
-            "recovery_mm_median": float(np.median(errs)), "recovery_mm_max": float(np.max(errs))}
+    return {
+        "val_loss": loss,
+        "recovery_mm_mean": float(np.mean(errs)),
+        "recovery_mm_median": float(np.median(errs)),
+        "recovery_mm_max": float(np.max(errs)),
+    }
 
 
 # --- the adapter --------------------------------------------------------------------------------
@@ -162,8 +170,9 @@ def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4,
 CLIP_GRAD_NORM = 1.0
 
 
-def export_weights(model: torch.nn.Module, cfg: AffineConfig, out_dir: Path, name: str = "model",
-                   meta: dict | None = None) -> Path:
+def export_weights(
+    model: torch.nn.Module, cfg: AffineConfig, out_dir: Path, name: str = "model", meta: dict | None = None
+) -> Path:
     """Write ``name.safetensors`` + ``config.json`` of an affine network (atomic)."""
     return _export_weights(model, cfg.to_json(), out_dir, name, {"task": "affine", **(meta or {})})
 
@@ -175,8 +184,8 @@ class TrainOptions:
     data: list[str]
     config: AffineConfig
     modality: str = "mri"
-    val: list[str] | None = None       # held-back volumes (files or folders)
-    val_recover: int = 4               # known affines recovered per validation
+    val: list[str] | None = None  # held-back volumes (files or folders)
+    val_recover: int = 4  # known affines recovered per validation
 
 
 def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None) -> dict:
@@ -201,14 +210,24 @@ def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None)
         return frobenius_loss(model(x, t, cls if cfg.n_classes > 1 else None), target), {}
 
     task = TrainingTask(
-        name="affine", network=net, config_json=cfg.to_json(), seed=cfg.seed, modality=opts.modality,
-        optimizer=torch.optim.Adam(net.parameters(), lr=cfg.lr), step=step,
+        name="affine",
+        network=net,
+        config_json=cfg.to_json(),
+        seed=cfg.seed,
+        modality=opts.modality,
+        optimizer=torch.optim.Adam(net.parameters(), lr=cfg.lr),
+        step=step,
         lr_factor=lambda s: warmup_cosine(s, cfg.warmup_steps, run.steps),
-        ema=EMA(net, cfg.ema_beta, cfg.ema_power, cfg.ema_start), clip_grad_norm=CLIP_GRAD_NORM,
+        ema=EMA(net, cfg.ema_beta, cfg.ema_power, cfg.ema_start),
+        clip_grad_norm=CLIP_GRAD_NORM,
         validate=lambda model: validate(model, val_subjects, cfg, sched, n_recover=opts.val_recover),
         score=lambda m: m["recovery_mm_mean"],
-        description=(f"{len(files)} volumes ({', '.join(f.name for f in files)}); validation: "
-                     f"{', '.join(f.name for f in val_files) or '(train[0])'}; {count_parameters(net)} "
-                     f"parameters; config {cfg.name}"),
-        data=list(opts.data), val_data=list(opts.val or []))
+        description=(
+            f"{len(files)} volumes ({', '.join(f.name for f in files)}); validation: "
+            f"{', '.join(f.name for f in val_files) or '(train[0])'}; {count_parameters(net)} "
+            f"parameters; config {cfg.name}"
+        ),
+        data=list(opts.data),
+        val_data=list(opts.val or []),
+    )
     return run_training(task, run, progress)

@@ -1,4 +1,5 @@
 """CLI: ``diffusionreg deformable`` and ``diffusionreg train deformable``."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,43 +13,73 @@ from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, MODALITIES
 def add_commands(commands, train_commands, common) -> None:
     """Register the deformable registration command and its training command."""
     p = commands.add_parser(
-        "deformable", parents=[common],
+        "deformable",
+        parents=[common],
         help="inverse-consistent deformable registration (SITReg or two-step ICON)",
-        description=("Deformable registration of MOVING onto FIXED. The output is an ITK displacement field on "
-                     "the fixed grid mapping fixed LPS points to moving LPS points, the initial transform "
-                     "included, so it alone carries the moving image onto the fixed one."))
+        description=(
+            "Deformable registration of MOVING onto FIXED. The output is an ITK displacement field on "
+            "the fixed grid mapping fixed LPS points to moving LPS points, the initial transform "
+            "included, so it alone carries the moving image onto the fixed one."
+        ),
+    )
     p.add_argument("--fixed", required=True, type=Path, help="fixed (reference) image")
     p.add_argument("--moving", required=True, type=Path, help="moving image")
     p.add_argument("--initial-transform", type=Path, help="initial (e.g. affine) transform, fixed -> moving")
-    p.add_argument("--output-transform", required=True, type=Path,
-                   help="displacement field on the fixed grid (.nii.gz, .nrrd, .mha, or ITK .h5)")
+    p.add_argument(
+        "--output-transform",
+        required=True,
+        type=Path,
+        help="displacement field on the fixed grid (.nii.gz, .nrrd, .mha, or ITK .h5)",
+    )
     p.add_argument("--output-inverse-transform", type=Path, help="inverse displacement field on the moving grid")
     p.add_argument("--output-volume", type=Path, help="moving image resampled onto the fixed grid")
     p.add_argument("--output-jacobian", type=Path, help="Jacobian determinant of the output transform (fixed grid)")
     p.add_argument("--model", default=None, help="registered model name or path to weights/folder")
-    p.add_argument("--method", choices=("sitreg", "icon"), default=None,
-                   help="pick the default model of this method / check the given model's method")
+    p.add_argument(
+        "--method",
+        choices=("sitreg", "icon"),
+        default=None,
+        help="pick the default model of this method / check the given model's method",
+    )
     p.add_argument("--modality", default=None, help="modality used to pick the default model (e.g. mri, lung-vessels)")
-    p.add_argument("--instance-optimization", type=int, default=None, metavar="N",
-                   help="Adam steps on this pair before predicting (default: the model's, e.g. 50 for ICON)")
-    p.add_argument("--refine-iterations", type=int, default=None, metavar="N",
-                   help="fine-grid symmetric velocity refinement iterations after the network "
-                        "(default: the model's; 0 = off)")
+    p.add_argument(
+        "--instance-optimization",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Adam steps on this pair before predicting (default: the model's, e.g. 50 for ICON)",
+    )
+    p.add_argument(
+        "--refine-iterations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fine-grid symmetric velocity refinement iterations after the network (default: the model's; 0 = off)",
+    )
     p.add_argument("--output-json", type=Path, help="write metrics and timings as JSON")
     # Library parameters named in errors, and the flags that set them.
     p.set_defaults(handler=_run_register, parameter_flags={"io_steps": "--instance-optimization"})
 
     t = train_commands.add_parser(
-        "deformable", parents=[common], help="train a deformable model (SITReg or ICON)",
-        description="Unsupervised training; run under torchrun for DDP (gloo on CPU).")
+        "deformable",
+        parents=[common],
+        help="train a deformable model (SITReg or ICON)",
+        description="Unsupervised training; run under torchrun for DDP (gloo on CPU).",
+    )
     t.add_argument("--method", choices=("sitreg", "icon"), default="sitreg")
-    t.add_argument("--pairs", required=True, nargs="+",
-                   help="folders of *_1/*_2 pairs, FIXED,MOVING items, or volumes (all ordered pairs)")
-    t.add_argument("--val-pairs", nargs="+", default=None,
-                   help="validation pairs (folders with case_XXX_landmarks_voxel.csv give TRE)")
+    t.add_argument(
+        "--pairs", required=True, nargs="+", help="folders of *_1/*_2 pairs, FIXED,MOVING items, or volumes (all ordered pairs)"
+    )
+    t.add_argument(
+        "--val-pairs", nargs="+", default=None, help="validation pairs (folders with case_XXX_landmarks_voxel.csv give TRE)"
+    )
     t.add_argument("--config", default="compact", help="preset name (compact, full, lung-icon, ...) or JSON")
-    t.add_argument("--modality", default=ANY_MODALITY, choices=MODALITIES,
-                   help="modality of the best model's Models.json entry (default any)")
+    t.add_argument(
+        "--modality",
+        default=ANY_MODALITY,
+        choices=MODALITIES,
+        help="modality of the best model's Models.json entry (default any)",
+    )
     add_run_arguments(t, val_every=250)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
@@ -60,8 +91,11 @@ def _run_train(args: argparse.Namespace, progress) -> int:
     from .training import TrainOptions, train
 
     cfg = with_overrides(get_config(args.config, args.method), seed=args.seed, lr=args.lr)
-    train(TrainOptions(pairs=args.pairs, config=cfg, val_pairs=args.val_pairs, modality=args.modality),
-          RunOptions.from_args(args), progress)
+    train(
+        TrainOptions(pairs=args.pairs, config=cfg, val_pairs=args.val_pairs, modality=args.modality),
+        RunOptions.from_args(args),
+        progress,
+    )
     return EXIT_OK
 
 
@@ -93,14 +127,20 @@ def _run_register(args: argparse.Namespace, progress) -> int:
             stage.update(message="moving")
             initial = read_transform(args.initial_transform) if args.initial_transform else None
             stage.update(message="initial transform")
-            model = load_model(args.model, device=resolve_device(args.device), method=args.method,
-                               modality=args.modality)
+            model = load_model(args.model, device=resolve_device(args.device), method=args.method, modality=args.modality)
             stage.update(message=f"model {model.name}")
         with progress.stage("register", total=1) as stage:
-            result = register_deformable(fixed, moving, model, initial, args.instance_optimization,
-                                         want_inverse=outputs.wants("--output-inverse-transform"),
-                                         want_jacobian=outputs.wants("--output-jacobian"), progress=progress,
-                                         refine_iterations=args.refine_iterations)
+            result = register_deformable(
+                fixed,
+                moving,
+                model,
+                initial,
+                args.instance_optimization,
+                want_inverse=outputs.wants("--output-inverse-transform"),
+                want_jacobian=outputs.wants("--output-jacobian"),
+                progress=progress,
+                refine_iterations=args.refine_iterations,
+            )
             stage.update()
         write_transform(result.forward, outputs.temporary("--output-transform"))
         if outputs.wants("--output-inverse-transform"):
@@ -114,10 +154,12 @@ def _run_register(args: argparse.Namespace, progress) -> int:
             outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2))
         outputs.commit()
     m = result.metrics
-    progress.log(f"deformable ({m['method']}, model {m['model']}, {m['instance_optimization_steps']} IO steps, "
-                 f"{m['refine_iterations']} refinement iterations): "
-                 f"folding {m['folding_percent']:.4f} %, NDV {m['ndv_percent']:.4f} %, "
-                 f"inverse consistency mean {m['ice_mean_mm']:.4f} mm (p95 {m['ice_p95_mm']:.4f}, "
-                 f"max {m['ice_max_mm']:.4f}), {m['seconds_total']:.1f} s")
+    progress.log(
+        f"deformable ({m['method']}, model {m['model']}, {m['instance_optimization_steps']} IO steps, "
+        f"{m['refine_iterations']} refinement iterations): "
+        f"folding {m['folding_percent']:.4f} %, NDV {m['ndv_percent']:.4f} %, "
+        f"inverse consistency mean {m['ice_mean_mm']:.4f} mm (p95 {m['ice_p95_mm']:.4f}, "
+        f"max {m['ice_max_mm']:.4f}), {m['seconds_total']:.1f} s"
+    )
     progress.log(f"wrote {args.output_transform}")
     return EXIT_OK

@@ -17,6 +17,7 @@ Presets (``get_config(name)``):
 * ``full-unleashing``: the two-step ICON network of Unleashing Registration (128x104x128
   at 2 mm, channels 8..64, lr 0.015, batch 8, 50 instance-optimisation steps at lr 0.005).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,12 +42,12 @@ class SITRegConfig:
     feature_channels: tuple[int, ...] = (8, 16, 32, 32)
     head_channels: tuple[int, ...] = (8, 32, 64, 64)
     convs_per_level: int = 2
-    norm_groups: int = 2                 # GroupNorm groups in the encoder (0 = none)
-    head_norm_groups: int = 2            # GroupNorm groups in the heads (0 = none, OASIS)
-    predict_affine: bool = False         # symmetric half-affine stage from the coarsest features
-    affine_hidden: int = 64              # MLP width of the affine stage (input is projected first)
-    affine_input_channels: int = 4       # 1x1 projection of the coarsest features before the MLP
-    invert_tolerance: float = 1e-2       # fixed-point stop, voxels (reference: 0.01)
+    norm_groups: int = 2  # GroupNorm groups in the encoder (0 = none)
+    head_norm_groups: int = 2  # GroupNorm groups in the heads (0 = none, OASIS)
+    predict_affine: bool = False  # symmetric half-affine stage from the coarsest features
+    affine_hidden: int = 64  # MLP width of the affine stage (input is projected first)
+    affine_input_channels: int = 4  # 1x1 projection of the coarsest features before the MLP
+    invert_tolerance: float = 1e-2  # fixed-point stop, voxels (reference: 0.01)
     invert_max_iterations: int = 50
     invert_backward_tolerance: float = 1e-2
     invert_backward_max_iterations: int = 50
@@ -62,11 +63,11 @@ class ICONConfig:
 
     channels: tuple[int, ...] = (8, 16, 32, 64, 64, 64)
     strides: tuple[int, ...] = (2, 2, 1, 2, 1)
-    output_bound: float = 0.35           # a = bound * tanh(U(.)), normalised units
-    smoothing_kernel: int = 7            # box-pool kernel of the velocity smoothing P
-    squarings: int = 12                  # scaling-and-squaring steps
-    steps: int = 2                       # 1 = single SVF, 2 = two-step (midpoint) network
-    exp_factor: int = 1                  # >1: scaling and squaring on a grid this much coarser
+    output_bound: float = 0.35  # a = bound * tanh(U(.)), normalised units
+    smoothing_kernel: int = 7  # box-pool kernel of the velocity smoothing P
+    squarings: int = 12  # scaling-and-squaring steps
+    steps: int = 2  # 1 = single SVF, 2 = two-step (midpoint) network
+    exp_factor: int = 1  # >1: scaling and squaring on a grid this much coarser
     # Every other argument of MONAI's UNet, recorded so the weights never depend on MONAI's defaults
     # (values: MONAI 1.3-1.6 defaults, with which the shipped lung-vessels model was trained).
     unet_kernel_size: int = 3
@@ -84,7 +85,7 @@ class DeformableInference:
     """Registration defaults of a model: what ``register_deformable``, ``diffusionreg deformable``
     and the Slicer panel use when not told otherwise (stored in the model's ``config.json``)."""
 
-    io_steps: int = 0                    # instance optimisation: Adam steps on the pair's weights
+    io_steps: int = 0  # instance optimisation: Adam steps on the pair's weights
     io_lr: float = 1e-4
     # fine-grid symmetric velocity refinement after the network (see field_refine)
     refine: FieldRefineConfig = field(default_factory=FieldRefineConfig)
@@ -98,27 +99,27 @@ class DeformableConfig:
     method: str = "sitreg"
     grid_shape: tuple[int, int, int] = (64, 64, 64)
     spacing_mm: float = 3.0
-    normalisation: str = "percentile"    # how raw intensities become network inputs
-    clip_range: tuple[float, float] = (0.0, 1.0)   # for 'clip': clip then scale to [0, 1]
+    normalisation: str = "percentile"  # how raw intensities become network inputs
+    clip_range: tuple[float, float] = (0.0, 1.0)  # for 'clip': clip then scale to [0, 1]
     sitreg: SITRegConfig = field(default_factory=SITRegConfig)
     icon: ICONConfig = field(default_factory=ICONConfig)
     # --- losses ------------------------------------------------------------------------
-    similarity: str = "ncc"              # 'ncc' (squared local NCC) | 'l1' | 'mse'
+    similarity: str = "ncc"  # 'ncc' (squared local NCC) | 'l1' | 'mse'
     ncc_window: int = 7
-    regularisation_weight: float = 1.0   # SITReg gradient loss lambda (ICON: 0.5)
-    ndv_weight: float = 0.0              # LUMIR fine-tune 1e-5
-    cycle_weight: float = 0.0            # group (3-cycle) consistency, LUMIR fine-tune 40
+    regularisation_weight: float = 1.0  # SITReg gradient loss lambda (ICON: 0.5)
+    ndv_weight: float = 0.0  # LUMIR fine-tune 1e-5
+    cycle_weight: float = 0.0  # group (3-cycle) consistency, LUMIR fine-tune 40
     # --- training ----------------------------------------------------------------------
     lr: float = 1e-4
     batch_size: int = 1
     seed: int = 0
     augment_rotation_deg: float = 5.0
-    augment_translation: float = 0.025   # std, normalised units (NLST)
+    augment_translation: float = 0.025  # std, normalised units (NLST)
     augment_log_scale: float = 0.05
     augment_log_shear: float = 0.025
     augment_affine_prob: float = 0.9
-    augment_elastic_mm: float = 4.0      # std of a smooth random deformation (0 = off)
-    augment_intensity: bool = True       # random gamma / scale (not for binary inputs)
+    augment_elastic_mm: float = 4.0  # std of a smooth random deformation (0 = off)
+    augment_intensity: bool = True  # random gamma / scale (not for binary inputs)
     # --- registration defaults -----------------------------------------------------------
     inference: DeformableInference = field(default_factory=DeformableInference)
 
@@ -162,61 +163,130 @@ def _presets() -> dict[str, DeformableConfig]:
     p: dict[str, DeformableConfig] = {}
     p["compact-sitreg"] = DeformableConfig()
     p["compact-icon"] = DeformableConfig(
-        name="compact-icon", method="icon", grid_shape=(64, 64, 64), spacing_mm=3.0,
-        icon=ICONConfig(channels=(8, 16, 32, 32, 32, 32), exp_factor=2), regularisation_weight=0.5,
-        lr=2e-3, inference=DeformableInference(io_steps=50, io_lr=5e-3))
+        name="compact-icon",
+        method="icon",
+        grid_shape=(64, 64, 64),
+        spacing_mm=3.0,
+        icon=ICONConfig(channels=(8, 16, 32, 32, 32, 32), exp_factor=2),
+        regularisation_weight=0.5,
+        lr=2e-3,
+        inference=DeformableInference(io_steps=50, io_lr=5e-3),
+    )
     p["lung-icon"] = DeformableConfig(
-        name="lung-icon", method="icon", grid_shape=(80, 64, 80), spacing_mm=3.6,
-        normalisation="binary", similarity="l1", regularisation_weight=0.5,
-        icon=ICONConfig(exp_factor=2), lr=2e-3, batch_size=1, augment_elastic_mm=3.0,
+        name="lung-icon",
+        method="icon",
+        grid_shape=(80, 64, 80),
+        spacing_mm=3.6,
+        normalisation="binary",
+        similarity="l1",
+        regularisation_weight=0.5,
+        icon=ICONConfig(exp_factor=2),
+        lr=2e-3,
+        batch_size=1,
+        augment_elastic_mm=3.0,
         augment_intensity=False,
         inference=DeformableInference(
-            io_steps=0, io_lr=5e-3,
-            refine=FieldRefineConfig(iterations=150, control_factor=8, coarse_levels=2, learning_rate=0.15,
-                                     smoothness_weight=0.1, squaring_upsample=4)))
+            io_steps=0,
+            io_lr=5e-3,
+            refine=FieldRefineConfig(
+                iterations=150, control_factor=8, coarse_levels=2, learning_rate=0.15, smoothness_weight=0.1, squaring_upsample=4
+            ),
+        ),
+    )
     p["lung-sitreg"] = DeformableConfig(
-        name="lung-sitreg", method="sitreg", grid_shape=(96, 80, 96), spacing_mm=3.0,
-        normalisation="binary", similarity="ncc", ncc_window=7,
+        name="lung-sitreg",
+        method="sitreg",
+        grid_shape=(96, 80, 96),
+        spacing_mm=3.0,
+        normalisation="binary",
+        similarity="ncc",
+        ncc_window=7,
         sitreg=SITRegConfig(feature_channels=(8, 16, 32, 32), head_channels=(8, 32, 48, 48)),
-        lr=1e-3, augment_intensity=False, inference=DeformableInference(io_steps=20, io_lr=1e-4))
+        lr=1e-3,
+        augment_intensity=False,
+        inference=DeformableInference(io_steps=20, io_lr=1e-4),
+    )
     p["brain-sitreg"] = DeformableConfig(
-        name="brain-sitreg", method="sitreg", grid_shape=(64, 80, 64), spacing_mm=2.5,
+        name="brain-sitreg",
+        method="sitreg",
+        grid_shape=(64, 80, 64),
+        spacing_mm=2.5,
         normalisation="percentile",
         sitreg=SITRegConfig(feature_channels=(8, 16, 32, 32), head_channels=(8, 32, 48, 48)),
         lr=5e-4,
         inference=DeformableInference(
-            io_steps=0, io_lr=1e-4,
-            refine=FieldRefineConfig(iterations=30, control_factor=4, coarse_levels=2, learning_rate=0.1,
-                                     smoothness_weight=1.0, squaring_upsample=4)))
+            io_steps=0,
+            io_lr=1e-4,
+            refine=FieldRefineConfig(
+                iterations=30, control_factor=4, coarse_levels=2, learning_rate=0.1, smoothness_weight=1.0, squaring_upsample=4
+            ),
+        ),
+    )
     # ---- reference-sized presets (GPU) -------------------------------------------------
     p["full-lumir"] = DeformableConfig(
-        name="full-lumir", method="sitreg", grid_shape=(160, 224, 192), spacing_mm=1.0,
+        name="full-lumir",
+        method="sitreg",
+        grid_shape=(160, 224, 192),
+        spacing_mm=1.0,
         normalisation="minmax",
-        sitreg=SITRegConfig(feature_channels=(12, 32, 64, 128, 128, 128),
-                            head_channels=(12, 64, 128, 256, 256, 256), norm_groups=4,
-                            head_norm_groups=4),
-        ncc_window=11, lr=4e-4, batch_size=4, augment_elastic_mm=0.0, augment_affine_prob=0.0,
-        augment_intensity=False)
+        sitreg=SITRegConfig(
+            feature_channels=(12, 32, 64, 128, 128, 128),
+            head_channels=(12, 64, 128, 256, 256, 256),
+            norm_groups=4,
+            head_norm_groups=4,
+        ),
+        ncc_window=11,
+        lr=4e-4,
+        batch_size=4,
+        augment_elastic_mm=0.0,
+        augment_affine_prob=0.0,
+        augment_intensity=False,
+    )
     p["full-oasis"] = DeformableConfig(
-        name="full-oasis", method="sitreg", grid_shape=(160, 144, 192), spacing_mm=1.0,
+        name="full-oasis",
+        method="sitreg",
+        grid_shape=(160, 144, 192),
+        spacing_mm=1.0,
         normalisation="none",
-        sitreg=SITRegConfig(feature_channels=(8, 40, 40, 40), head_channels=(16, 72, 72, 72),
-                            norm_groups=2, head_norm_groups=0),
-        ncc_window=7, lr=1e-4, augment_elastic_mm=0.0, augment_affine_prob=0.0,
-        augment_intensity=False)
+        sitreg=SITRegConfig(feature_channels=(8, 40, 40, 40), head_channels=(16, 72, 72, 72), norm_groups=2, head_norm_groups=0),
+        ncc_window=7,
+        lr=1e-4,
+        augment_elastic_mm=0.0,
+        augment_affine_prob=0.0,
+        augment_intensity=False,
+    )
     p["full-lung250m"] = DeformableConfig(
-        name="full-lung250m", method="sitreg", grid_shape=(160, 112, 160), spacing_mm=2.0,
-        normalisation="clip", clip_range=(0.0, 1024.0),
-        sitreg=SITRegConfig(feature_channels=(8, 36, 36, 36, 36, 36),
-                            head_channels=(16, 62, 62, 62, 62, 62), norm_groups=2,
-                            head_norm_groups=2),
-        ncc_window=7, lr=1e-4, augment_elastic_mm=0.0, augment_affine_prob=0.0,
-        augment_intensity=False)
+        name="full-lung250m",
+        method="sitreg",
+        grid_shape=(160, 112, 160),
+        spacing_mm=2.0,
+        normalisation="clip",
+        clip_range=(0.0, 1024.0),
+        sitreg=SITRegConfig(
+            feature_channels=(8, 36, 36, 36, 36, 36), head_channels=(16, 62, 62, 62, 62, 62), norm_groups=2, head_norm_groups=2
+        ),
+        ncc_window=7,
+        lr=1e-4,
+        augment_elastic_mm=0.0,
+        augment_affine_prob=0.0,
+        augment_intensity=False,
+    )
     p["full-unleashing"] = DeformableConfig(
-        name="full-unleashing", method="icon", grid_shape=(128, 104, 128), spacing_mm=2.0,
-        normalisation="binary", similarity="l1", regularisation_weight=0.5, icon=ICONConfig(),
-        lr=0.015, batch_size=8, augment_affine_prob=0.0, augment_elastic_mm=0.0,
-        augment_intensity=False, inference=DeformableInference(io_steps=50, io_lr=5e-3))
+        name="full-unleashing",
+        method="icon",
+        grid_shape=(128, 104, 128),
+        spacing_mm=2.0,
+        normalisation="binary",
+        similarity="l1",
+        regularisation_weight=0.5,
+        icon=ICONConfig(),
+        lr=0.015,
+        batch_size=8,
+        augment_affine_prob=0.0,
+        augment_elastic_mm=0.0,
+        augment_intensity=False,
+        inference=DeformableInference(io_steps=50, io_lr=5e-3),
+    )
     return p
 
 
@@ -228,15 +298,16 @@ def get_config(name_or_path: str, method: str | None = None) -> DeformableConfig
     presets = _presets()
     name = str(name_or_path)
     if name in ("compact", "full"):
-        name = {"compact": f"compact-{method or 'sitreg'}",
-                "full": "full-lumir" if (method or "sitreg") == "sitreg" else "full-unleashing"}[name]
+        name = {
+            "compact": f"compact-{method or 'sitreg'}",
+            "full": "full-lumir" if (method or "sitreg") == "sitreg" else "full-unleashing",
+        }[name]
     if name in presets:
         cfg = presets[name]
     else:
         path = Path(name)
         if not path.is_file():
-            raise InputError(f"unknown deformable config {name_or_path!r}: not one of "
-                             f"{', '.join(presets)} nor a JSON file")
+            raise InputError(f"unknown deformable config {name_or_path!r}: not one of {', '.join(presets)} nor a JSON file")
         try:
             cfg = DeformableConfig.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:

@@ -13,6 +13,7 @@ satisfies ``warp(A, Phi) ~ B`` and is inverse consistent by construction. Fields
 displacements on the network grid (:mod:`diffusionreg.fields` conventions); channel ``c`` of
 the UNet output is taken along array axis ``c``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,11 +29,21 @@ from .losses import from_normalised, icon_regulariser, similarity_loss
 def _unet(cfg: ICONConfig) -> nn.Module:
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=2, out_channels=3, channels=tuple(cfg.channels),
-                strides=tuple(cfg.strides), kernel_size=cfg.unet_kernel_size,
-                up_kernel_size=cfg.unet_up_kernel_size, num_res_units=cfg.unet_num_res_units,
-                act=cfg.unet_act, norm=cfg.unet_norm, dropout=cfg.unet_dropout, bias=cfg.unet_bias,
-                adn_ordering=cfg.unet_adn_ordering)
+    return UNet(
+        spatial_dims=3,
+        in_channels=2,
+        out_channels=3,
+        channels=tuple(cfg.channels),
+        strides=tuple(cfg.strides),
+        kernel_size=cfg.unet_kernel_size,
+        up_kernel_size=cfg.unet_up_kernel_size,
+        num_res_units=cfg.unet_num_res_units,
+        act=cfg.unet_act,
+        norm=cfg.unet_norm,
+        dropout=cfg.unet_dropout,
+        bias=cfg.unet_bias,
+        adn_ordering=cfg.unet_adn_ordering,
+    )
 
 
 class TwoStepICON(nn.Module):
@@ -66,7 +77,7 @@ class TwoStepICON(nn.Module):
             both = fields.resize_field(fields.exp_velocity(fields.resize_field(both, coarse), self.cfg.squarings), self.shape)
         else:
             both = fields.exp_velocity(both, self.cfg.squarings)
-        return both[: v.shape[0]], both[v.shape[0]:]
+        return both[: v.shape[0]], both[v.shape[0] :]
 
     def forward(self, image1: torch.Tensor, image2: torch.Tensor):
         v1 = self.velocity(0, image1, image2)
@@ -81,17 +92,20 @@ class TwoStepICON(nn.Module):
         phi_inv = fields.compose(fields.compose(h_inv, e_inv), h_inv)
         return phi, phi_inv
 
-    def step_losses(self, image1: torch.Tensor, image2: torch.Tensor, similarity: str, weight: float,
-                    window: int = 7) -> list[torch.Tensor]:
+    def step_losses(
+        self, image1: torch.Tensor, image2: torch.Tensor, similarity: str, weight: float, window: int = 7
+    ) -> list[torch.Tensor]:
         """Greedy per-step losses (the midpoint images are detached between steps)."""
         losses = []
         a, b = image1, image2
         for step in range(self.cfg.steps):
             v = self.velocity(step, a, b)
             fwd, bwd = self._exp_pair(v)
-            loss = (similarity_loss(fields.warp(a, fwd), b, similarity, window)
-                    + similarity_loss(fields.warp(b, bwd), a, similarity, window)
-                    + weight * (icon_regulariser(fwd) + icon_regulariser(bwd)))
+            loss = (
+                similarity_loss(fields.warp(a, fwd), b, similarity, window)
+                + similarity_loss(fields.warp(b, bwd), a, similarity, window)
+                + weight * (icon_regulariser(fwd) + icon_regulariser(bwd))
+            )
             losses.append(loss)
             if step + 1 < self.cfg.steps:
                 with torch.no_grad():

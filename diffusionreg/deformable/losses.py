@@ -9,6 +9,7 @@
 * :func:`ndv_loss`: total non-diffeomorphic volume (Liu et al. 10-stencil), voxels.
 * :func:`cycle_consistency_loss`: ``|phi12 o phi23 o phi31 - id|^2`` (group consistency).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,14 +33,15 @@ def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     return out
 
 
-def lncc_squared(a: torch.Tensor, b: torch.Tensor, window: int = 7, eps: float = 1e-5,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+def lncc_squared(
+    a: torch.Tensor, b: torch.Tensor, window: int = 7, eps: float = 1e-5, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over (masked) voxels of the squared local NCC of two ``(B, 1, ...)`` volumes: ``(B,)``."""
     if mask is not None:
         a, b = a * mask, b * mask
     stacked = torch.cat([a, b, a * a, b * b, a * b], dim=1)
     sums = _box_sum(stacked, window)
-    n = float(window ** 3)
+    n = float(window**3)
     sa, sb, saa, sbb, sab = sums.unbind(1)
     cross = sab - sa * sb / n
     var_a = (saa - sa * sa / n).clamp_min(0.0)
@@ -102,8 +104,9 @@ def ndv_loss(u: torch.Tensor) -> torch.Tensor:
     return fields.non_diffeomorphic_volume_map(u).flatten(1).sum(1).mean()
 
 
-def cycle_consistency_loss(u12: torch.Tensor, u23: torch.Tensor, u31: torch.Tensor,
-                           u21: torch.Tensor, u32: torch.Tensor, u13: torch.Tensor) -> torch.Tensor:
+def cycle_consistency_loss(
+    u12: torch.Tensor, u23: torch.Tensor, u31: torch.Tensor, u21: torch.Tensor, u32: torch.Tensor, u13: torch.Tensor
+) -> torch.Tensor:
     """Group consistency of a triplet: ``0.5 (mean|phi12 o phi23 o phi31 - id|^2 + reverse chain)``.
 
     Displacements are measured in normalised units (the reference measures them in its

@@ -1,15 +1,17 @@
 """The test-time Adam loop shared by instance optimisation (network weights) and the velocity
 refinement (:mod:`.field_refine`): both minimise a loss on the one pair being registered."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
-def adam_steps(optimiser: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], steps: int,
-               progress=None, label: str = "optimisation") -> list[float]:
+def adam_steps(
+    optimiser: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], steps: int, progress=None, label: str = "optimisation"
+) -> list[float]:
     """Take ``steps`` optimiser steps on ``loss_fn()``; returns the loss before each step.
 
     With a :class:`diffusionreg.progress.Progress`, each step is reported in stage ``label``.

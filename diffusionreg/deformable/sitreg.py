@@ -21,6 +21,7 @@ Fixed relative to the reference: the affine MLP feeds each hidden layer's output
 next (the reference feeds the original input to every Linear, so only the last hidden layer
 had an effect).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,7 @@ def bspline_bound(factor: int) -> float:
 
 def _cubic_bspline(r: torch.Tensor) -> torch.Tensor:
     a = r.abs()
-    return torch.where(a < 1, 2.0 / 3.0 - a * a + 0.5 * a ** 3,
-                       torch.where(a < 2, (2.0 - a) ** 3 / 6.0, torch.zeros_like(a)))
+    return torch.where(a < 1, 2.0 / 3.0 - a * a + 0.5 * a**3, torch.where(a < 2, (2.0 - a) ** 3 / 6.0, torch.zeros_like(a)))
 
 
 @lru_cache(maxsize=64)
@@ -159,8 +159,7 @@ class HalfAffine(nn.Module):
         self.project = nn.Conv3d(2 * features, p, 1)
         n = p * int(torch.tensor(coarse_shape).prod())
         h = cfg.affine_hidden
-        self.mlp = nn.Sequential(nn.Linear(n, h), nn.ReLU(inplace=True), nn.Linear(h, h), nn.ReLU(inplace=True),
-                                 nn.Linear(h, 12))
+        self.mlp = nn.Sequential(nn.Linear(n, h), nn.ReLU(inplace=True), nn.Linear(h, h), nn.ReLU(inplace=True), nn.Linear(h, 12))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
@@ -226,9 +225,12 @@ class SITReg(nn.Module):
         self.cfg = cfg
         self.shape = tuple(int(s) for s in shape)
         self.encoder = Encoder(cfg, in_channels)
-        self.heads = nn.ModuleList([
-            DenseHead(cfg.feature_channels[k], cfg.head_channels[k], cfg.convs_per_level, cfg.head_norm_groups)
-            for k in range(cfg.levels)])
+        self.heads = nn.ModuleList(
+            [
+                DenseHead(cfg.feature_channels[k], cfg.head_channels[k], cfg.convs_per_level, cfg.head_norm_groups)
+                for k in range(cfg.levels)
+            ]
+        )
         self.affine = None
         if cfg.predict_affine:
             coarse = tuple(-(-s // 2 ** (cfg.levels - 1)) for s in self.shape)
@@ -236,9 +238,13 @@ class SITReg(nn.Module):
 
     def _invert(self, u: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        return fields.invert(u, max_iterations=c.invert_max_iterations, tolerance=c.invert_tolerance,
-                             backward_max_iterations=c.invert_backward_max_iterations,
-                             backward_tolerance=c.invert_backward_tolerance)
+        return fields.invert(
+            u,
+            max_iterations=c.invert_max_iterations,
+            tolerance=c.invert_tolerance,
+            backward_max_iterations=c.invert_backward_max_iterations,
+            backward_tolerance=c.invert_backward_tolerance,
+        )
 
     def forward(self, image1: torch.Tensor, image2: torch.Tensor, return_dense: bool = False):
         """``(phi_fwd, phi_inv)`` voxel displacements on the full grid (see the module docstring).
@@ -272,11 +278,11 @@ class SITReg(nn.Module):
                 if a_vox is not None:
                     m1 = _affine_positions(a_vox, identity + left) - identity
                     m2 = _affine_positions(a_inv_vox, identity + right) - identity
-                both = _to_level(torch.cat([m1, m2], 0), level_shape, 2 ** k)
+                both = _to_level(torch.cat([m1, m2], 0), level_shape, 2**k)
                 warped = fields.warp(torch.cat([f1, f2], 0), both)
                 f1, f2 = warped[:b], warped[b:]
             z = torch.cat([torch.cat([f1 - f2, f1 + f2], 1), torch.cat([f2 - f1, f1 + f2], 1)], 0)
-            factor = 2 ** k
+            factor = 2**k
             control = bspline_bound(factor) * torch.tanh(self.heads[k](z))
             # control points are in level voxels; full-resolution voxels are factor times smaller
             ab = bspline_upsample(control, factor)[..., : self.shape[0], : self.shape[1], : self.shape[2]] * factor

@@ -12,6 +12,7 @@ Validation (zero-shot network, rank 0): landmark TRE in mm (when the pairs have
 ``case_XXX_landmarks_voxel.csv``), similarity, folding and inverse consistency; the best model
 has the lowest TRE (mean L1 similarity without landmarks).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,10 +91,10 @@ def list_pairs(items: list[str]) -> list[tuple[Path, Path, Path | None]]:
 
 @dataclass
 class LoadedPair:
-    fixed: torch.Tensor      # (1, 1, *grid)
+    fixed: torch.Tensor  # (1, 1, *grid)
     moving: torch.Tensor
     grid: object
-    landmarks: tuple[np.ndarray, np.ndarray] | None   # world mm (fixed, moving)
+    landmarks: tuple[np.ndarray, np.ndarray] | None  # world mm (fixed, moving)
     name: str
 
 
@@ -107,8 +108,7 @@ def load_pair(fixed_path: Path, moving_path: Path, landmarks: Path | None, cfg: 
 
         lm = read_landmarks(landmarks, fixed.grid, moving.grid)
         lms = (lm.fixed, lm.moving)
-    return LoadedPair(to_network(fixed, grid, cfg), to_network(moving, grid, cfg), grid, lms,
-                      fixed_path.name.split(".")[0])
+    return LoadedPair(to_network(fixed, grid, cfg), to_network(moving, grid, cfg), grid, lms, fixed_path.name.split(".")[0])
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -167,8 +167,7 @@ def validate(net: nn.Module, cfg: DeformableConfig, pairs: list[LoadedPair]) -> 
                 tre.extend(landmark_tre(u, pair.grid, *pair.landmarks).tolist())
                 tre0.extend(np.linalg.norm(pair.landmarks[0] - pair.landmarks[1], axis=1).tolist())
     net.train()
-    out = {"val_l1": float(np.mean(sims)), "val_folding_percent": float(np.mean(fold)),
-           "val_ice_mm": float(np.mean(ice))}
+    out = {"val_l1": float(np.mean(sims)), "val_folding_percent": float(np.mean(fold)), "val_ice_mm": float(np.mean(ice))}
     if tre:
         out.update(val_tre_mm=float(np.mean(tre)), val_tre_initial_mm=float(np.mean(tre0)))
     return out
@@ -196,7 +195,7 @@ class TrainOptions:
     pairs: list[str]
     config: DeformableConfig
     val_pairs: list[str] | None = None
-    modality: str = "any"     # registry modality of the best model
+    modality: str = "any"  # registry modality of the best model
 
 
 def _batch(data: list[LoadedPair], cfg: DeformableConfig, gen: torch.Generator) -> list[torch.Tensor]:
@@ -231,13 +230,21 @@ def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None)
     net = build_network(cfg)
     n_params = sum(p.numel() for p in net.parameters())
     task = TrainingTask(
-        name="deformable", network=net, config_json=cfg.to_json(), seed=cfg.seed,
+        name="deformable",
+        network=net,
+        config_json=cfg.to_json(),
+        seed=cfg.seed,
         modality=opts.modality,
         optimizer=torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999)),
-        train_module=_LossModule(net, cfg), step=lambda module, gen: module(*_batch(data, cfg, gen)),
+        train_module=_LossModule(net, cfg),
+        step=lambda module, gen: module(*_batch(data, cfg, gen)),
         validate=(lambda model: validate(model, cfg, val)) if opts.val_pairs else None,
         score=lambda m: m.get("val_tre_mm", m["val_l1"]),
-        description=(f"{cfg.method}, config {cfg.name}: {len(data)} pairs, {len(val_list)} validation pairs, "
-                     f"{n_params} parameters"),
-        data=list(opts.pairs), val_data=list(opts.val_pairs or []), weights_metadata={"method": cfg.method})
+        description=(
+            f"{cfg.method}, config {cfg.name}: {len(data)} pairs, {len(val_list)} validation pairs, {n_params} parameters"
+        ),
+        data=list(opts.pairs),
+        val_data=list(opts.val_pairs or []),
+        weights_metadata={"method": cfg.method},
+    )
     return run_training(task, run, progress)

@@ -54,24 +54,24 @@ Step = Callable[[nn.Module, torch.Generator], "tuple[torch.Tensor, dict]"]
 class TrainingTask:
     """What one training supplies to the engine (built after its data is loaded)."""
 
-    name: str                           # registry task and progress stage: "affine", "deformable", ...
-    network: nn.Module                  # the network whose weights are trained, saved and exported
-    config_json: str                    # the model config as written beside the weights (config.json)
+    name: str  # registry task and progress stage: "affine", "deformable", ...
+    network: nn.Module  # the network whose weights are trained, saved and exported
+    config_json: str  # the model config as written beside the weights (config.json)
     optimizer: torch.optim.Optimizer
-    step: Step                          # the iteration: batch from the generator -> (loss, stats)
-    seed: int                           # base seed of the per-rank generators
-    modality: str = "any"               # registry modality of the exported model
-    train_module: nn.Module | None = None   # what DDP wraps and ``step`` calls (default: network)
-    lr_factor: Callable[[int], float] | None = None   # factor of the configured rate at a step
-    ema: EMA | None = None              # averaged weights: validated and exported instead
+    step: Step  # the iteration: batch from the generator -> (loss, stats)
+    seed: int  # base seed of the per-rank generators
+    modality: str = "any"  # registry modality of the exported model
+    train_module: nn.Module | None = None  # what DDP wraps and ``step`` calls (default: network)
+    lr_factor: Callable[[int], float] | None = None  # factor of the configured rate at a step
+    ema: EMA | None = None  # averaged weights: validated and exported instead
     clip_grad_norm: float | None = None
-    validate: Callable[[nn.Module], dict] | None = None   # rank 0; metrics of the exported weights
-    score: Callable[[dict], float] | None = None          # lower is better; None: no best-model export
-    description: str = ""               # first log line (data, parameters, config)
-    data: list[str] = field(default_factory=list)         # training inputs, for the model card
-    val_data: list[str] = field(default_factory=list)     # validation inputs, for the model card
+    validate: Callable[[nn.Module], dict] | None = None  # rank 0; metrics of the exported weights
+    score: Callable[[dict], float] | None = None  # lower is better; None: no best-model export
+    description: str = ""  # first log line (data, parameters, config)
+    data: list[str] = field(default_factory=list)  # training inputs, for the model card
+    val_data: list[str] = field(default_factory=list)  # validation inputs, for the model card
     weights_metadata: dict = field(default_factory=dict)  # extra safetensors metadata (e.g. method)
-    handlers: Sequence[Handler] = ()    # extra handlers (rank 0)
+    handlers: Sequence[Handler] = ()  # extra handlers (rank 0)
 
     @property
     def exported(self) -> nn.Module:
@@ -84,8 +84,7 @@ def run_training(task: TrainingTask, run: RunOptions, progress: Progress | None 
     validation metrics with ``step``, ``loss_avg`` and ``elapsed_s``. Rank 0 writes ``run.output``."""
     if (run.output / CHECKPOINT_NAME).exists() and not run.resume:
         # nothing lost: a finished or interrupted run is continued on purpose or left alone
-        raise InputError(f"{run.output} holds a training checkpoint: pass --resume to continue it or "
-                         "choose another --output")
+        raise InputError(f"{run.output} holds a training checkpoint: pass --resume to continue it or choose another --output")
     rank, world = rank_and_world()
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -106,15 +105,17 @@ class _Engine:
         self.task, self.run_opts, self.progress, self.rank, self.world = task, run, progress, rank, world
         self.out = run.output
         self.generator = torch.Generator().manual_seed(task.seed + 1000 * rank)
-        self.schedule = (torch.optim.lr_scheduler.LambdaLR(task.optimizer, task.lr_factor)
-                         if task.lr_factor is not None else None)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(task.optimizer, task.lr_factor) if task.lr_factor is not None else None
         self.state = TrainingState()
         self.metrics: dict = {}
         self.handlers: list[Handler] = []
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.handlers = [HistoryWriter(self.out, run.history_every),
-                             ProgressReporter(progress, f"train {task.name}", run.steps), *task.handlers]
+            self.handlers = [
+                HistoryWriter(self.out, run.history_every),
+                ProgressReporter(progress, f"train {task.name}", run.steps),
+                *task.handlers,
+            ]
 
     # ------------------------------------------------------------------ checkpoint
     def _resume(self) -> None:
@@ -129,7 +130,7 @@ class _Engine:
         if self.task.ema is not None and payload.get("ema") is not None:
             self.task.ema.load_state_dict(payload["ema"])
         states = payload["rng"]
-        self.generator.set_state(states[self.rank % len(states)])   # a run may resume on fewer ranks
+        self.generator.set_state(states[self.rank % len(states)])  # a run may resume on fewer ranks
 
     def _save(self) -> None:
         """Every rank: gather the generators; rank 0 writes the checkpoint and the latest weights."""
@@ -137,12 +138,21 @@ class _Engine:
         if self.rank != 0:
             return
         task = self.task
-        tensors = {"model": task.network.state_dict(), "optim": task.optimizer.state_dict(), "rng": rng,
-                   "lr_schedule": self.schedule.state_dict() if self.schedule is not None else None,
-                   "ema": task.ema.state_dict() if task.ema is not None else None}
+        tensors = {
+            "model": task.network.state_dict(),
+            "optim": task.optimizer.state_dict(),
+            "rng": rng,
+            "lr_schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "ema": task.ema.state_dict() if task.ema is not None else None,
+        }
         save_checkpoint(self.out / CHECKPOINT_NAME, self.state, tensors, json.loads(task.config_json))
-        export_weights(task.exported, task.config_json, self.out, "model",
-                       {"task": task.name, "step": self.state.step, **task.weights_metadata})
+        export_weights(
+            task.exported,
+            task.config_json,
+            self.out,
+            "model",
+            {"task": task.name, "step": self.state.step, **task.weights_metadata},
+        )
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -161,13 +171,26 @@ class _Engine:
         if score < state.best:
             state.best, state.best_step = score, state.step
             run = self.run_opts
-            facts = CardFacts(name=run.name or self.out.resolve().name, task=task.name, modality=task.modality,
-                              command=run.command or shlex.join(sys.argv), data=list(task.data),
-                              val_data=list(task.val_data), seed=task.seed, step=state.step,
-                              total_steps=run.steps, metrics=metrics)
-            export_best(task.exported, task.config_json, self.out, run.registry or self.out / "Models.json",
-                        facts, {"task": task.name, "step": state.step, "val": json.dumps(metrics),
-                                **task.weights_metadata})
+            facts = CardFacts(
+                name=run.name or self.out.resolve().name,
+                task=task.name,
+                modality=task.modality,
+                command=run.command or shlex.join(sys.argv),
+                data=list(task.data),
+                val_data=list(task.val_data),
+                seed=task.seed,
+                step=state.step,
+                total_steps=run.steps,
+                metrics=metrics,
+            )
+            export_best(
+                task.exported,
+                task.config_json,
+                self.out,
+                run.registry or self.out / "Models.json",
+                facts,
+                {"task": task.name, "step": state.step, "val": json.dumps(metrics), **task.weights_metadata},
+            )
 
     # ------------------------------------------------------------------ loop
     def _iterate(self, module: nn.Module) -> None:
@@ -186,8 +209,11 @@ class _Engine:
             task.ema.update(task.network, state.step)
         state.loss = float(loss.detach())
         state.stats = {k: float(v) for k, v in stats.items()}
-        state.loss_avg = (state.loss if state.loss_avg is None
-                          else (1 - LOSS_AVERAGE_WEIGHT) * state.loss_avg + LOSS_AVERAGE_WEIGHT * state.loss)
+        state.loss_avg = (
+            state.loss
+            if state.loss_avg is None
+            else (1 - LOSS_AVERAGE_WEIGHT) * state.loss_avg + LOSS_AVERAGE_WEIGHT * state.loss
+        )
 
     def run(self) -> dict:
         self._resume()
@@ -196,8 +222,9 @@ class _Engine:
         if self.world > 1:
             module = nn.parallel.DistributedDataParallel(module)
         if self.rank == 0:
-            self.progress.log(f"{task.name} training: {task.description}; world {self.world}; "
-                              f"start step {state.step}/{run.steps}")
+            self.progress.log(
+                f"{task.name} training: {task.description}; world {self.world}; start step {state.step}/{run.steps}"
+            )
         for handler in self.handlers:
             handler.started(state)
         t0 = time.monotonic() - state.elapsed_s
@@ -210,13 +237,17 @@ class _Engine:
             for handler in self.handlers:
                 handler.iteration_completed(state, lr)
             done = state.step >= run.steps
-            out_of_time = any_rank(run.max_minutes is not None
-                                   and time.monotonic() - run_start > 60 * run.max_minutes, self.world)
+            out_of_time = any_rank(
+                run.max_minutes is not None and time.monotonic() - run_start > 60 * run.max_minutes, self.world
+            )
             if (run.val_every and state.step % run.val_every == 0) or done or out_of_time:
                 self._validate()
                 module.train()
-            tick = any_rank(time.monotonic() - last_checkpoint > 60 * run.checkpoint_minutes
-                            or (run.checkpoint_every > 0 and state.step % run.checkpoint_every == 0), self.world)
+            tick = any_rank(
+                time.monotonic() - last_checkpoint > 60 * run.checkpoint_minutes
+                or (run.checkpoint_every > 0 and state.step % run.checkpoint_every == 0),
+                self.world,
+            )
             if tick or done or out_of_time:
                 self._save()
                 last_checkpoint = time.monotonic()

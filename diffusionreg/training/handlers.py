@@ -49,8 +49,16 @@ class HistoryWriter(Handler):
 
     def iteration_completed(self, state: TrainingState, lr: float) -> None:
         if state.step == 1 or (self.every and state.step % self.every == 0):
-            self._write({"step": state.step, "loss": state.loss, "loss_avg": state.loss_avg, "lr": lr,
-                         **state.stats, "elapsed_s": round(state.elapsed_s, 1)})
+            self._write(
+                {
+                    "step": state.step,
+                    "loss": state.loss,
+                    "loss_avg": state.loss_avg,
+                    "lr": lr,
+                    **state.stats,
+                    "elapsed_s": round(state.elapsed_s, 1),
+                }
+            )
 
     def validated(self, state: TrainingState, metrics: dict) -> None:
         self._write({"validation": metrics})
