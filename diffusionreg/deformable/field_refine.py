@@ -18,6 +18,7 @@ that large residual motion is reached in few steps); ``exp(+-v/2)`` is computed 
 both directions plus ``smoothness_weight`` times the squared gradient of ``v``.
 Fields are voxel displacements of the grid they live on (:mod:`diffusionreg.fields`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,24 +33,35 @@ from .pair_optimisation import adam_steps
 
 @dataclass
 class FieldRefineConfig:
-    """Fine-grid refinement settings (``iterations`` 0 = off)."""
+    """Fine-grid refinement settings (``iterations`` 0 = off) and the output inverse's solve."""
 
     iterations: int = 0
-    upsample: float = 1.0            # fine grid shape = network grid shape x upsample
-    control_factor: int = 2          # velocity parameters on a grid this much coarser than the fine one
-    coarse_levels: int = 0           # extra parameter grids, each 2x coarser, summed into v (large motion)
-    learning_rate: float = 0.05      # Adam, fine-grid voxels per step
-    smoothness_weight: float = 0.1   # x mean squared forward difference of v (dimensionless)
-    squarings: int = 5               # scaling-and-squaring steps of exp(+-v/2)
-    squaring_upsample: int = 2       # exp(+-v/2) is squared on the control grid x this (<= fine)
+    upsample: float = 1.0  # fine grid shape = network grid shape x upsample
+    control_factor: int = 2  # velocity parameters on a grid this much coarser than the fine one
+    coarse_levels: int = 0  # extra parameter grids, each 2x coarser, summed into v (large motion)
+    learning_rate: float = 0.05  # Adam, fine-grid voxels per step
+    smoothness_weight: float = 0.1  # x mean squared forward difference of v (dimensionless)
+    squarings: int = 5  # scaling-and-squaring steps of exp(+-v/2)
+    squaring_upsample: int = 2  # exp(+-v/2) is squared on the control grid x this (<= fine)
+    # The written inverse solved against the written forward field (.inverse_field; 0 = off).
+    # Not part of the velocity refinement: it runs whether or not ``iterations`` is 0.
+    inverse_iterations: int = 10  # Newton steps per moving voxel at most
+    inverse_tolerance_mm: float = 1e-3
 
     def fine_shape(self, shape) -> tuple[int, int, int]:
         return tuple(max(4, int(round(s * self.upsample))) for s in shape)
 
 
-def refine_pair(u: torch.Tensor, w: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
-                cfg: FieldRefineConfig, similarity: str, window: int = 7, progress=None
-                ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def refine_pair(
+    u: torch.Tensor,
+    w: torch.Tensor,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    cfg: FieldRefineConfig,
+    similarity: str,
+    window: int = 7,
+    progress=None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """``(u', w', losses)`` on the grid of ``moving``/``fixed`` ``(1, 1, *fine)``.
 
     ``u``, ``w``: the network pair (``warp(moving, u) ~ fixed``, ``w = u^-1``) on any grid
@@ -59,8 +71,7 @@ def refine_pair(u: torch.Tensor, w: torch.Tensor, moving: torch.Tensor, fixed: t
     u = fields.resize_field(u.to(fixed), fine).detach()
     w = fields.resize_field(w.to(fixed), fine).detach()
     pair = torch.cat([u, w], 0)
-    grids = [tuple(max(2, -(-s // (cfg.control_factor * 2 ** level))) for s in fine)
-             for level in range(cfg.coarse_levels + 1)]
+    grids = [tuple(max(2, -(-s // (cfg.control_factor * 2**level))) for s in fine) for level in range(cfg.coarse_levels + 1)]
     control = grids[0]
     squaring = tuple(min(f, c * cfg.squaring_upsample) for f, c in zip(fine, control))
     params = [torch.zeros((1, 3) + g, dtype=fixed.dtype, device=fixed.device, requires_grad=True) for g in grids]
@@ -73,6 +84,7 @@ def refine_pair(u: torch.Tensor, w: torch.Tensor, moving: torch.Tensor, fixed: t
         for p in params[1:]:
             v = v + fields.resize_field(p, control)
         return v
+
     images = torch.cat([moving, fixed], 0)
     targets = torch.cat([fixed, moving], 0)
 
@@ -88,9 +100,11 @@ def refine_pair(u: torch.Tensor, w: torch.Tensor, moving: torch.Tensor, fixed: t
     def loss_fn() -> torch.Tensor:
         velocity = velocity_field()
         warped = fields.warp(images, refined(velocity))
-        return (similarity_loss(warped[:1], targets[:1], similarity, window)
-                + similarity_loss(warped[1:], targets[1:], similarity, window)
-                + cfg.smoothness_weight * gradient_loss(fields.resize_field(velocity, fine)))
+        return (
+            similarity_loss(warped[:1], targets[:1], similarity, window)
+            + similarity_loss(warped[1:], targets[1:], similarity, window)
+            + cfg.smoothness_weight * gradient_loss(fields.resize_field(velocity, fine))
+        )
 
     losses = adam_steps(opt, loss_fn, cfg.iterations, progress, "velocity refinement")
     with torch.no_grad():
