@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from diffusionreg.reporting import add_report_options, check_report_options
 from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
 from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, MODALITIES
 
@@ -56,7 +57,8 @@ def add_commands(commands, train_commands, common) -> None:
         metavar="N",
         help="fine-grid symmetric velocity refinement iterations after the network (default: the model's; 0 = off)",
     )
-    p.add_argument("--output-json", type=Path, help="write metrics and timings as JSON")
+    p.add_argument("--output-json", type=Path, help="write metrics and timings as JSON (with Dice when label maps are given)")
+    add_report_options(p)
     # Library parameters named in errors, and the flags that set them.
     p.set_defaults(handler=_run_register, parameter_flags={"io_steps": "--instance-optimization"})
 
@@ -108,23 +110,28 @@ def _run_register(args: argparse.Namespace, progress) -> int:
         write_image,
     )
     from diffusionreg.outputs import OutputSet
+    from diffusionreg.reporting import REPORT_INPUT_FLAGS, add_report_outputs, read_report_labels, report
     from diffusionreg.transforms import read_transform, write_transform
 
     from .register import load_model, register_deformable
 
-    outputs = OutputSet.from_args(args, ("--fixed", "--moving", "--initial-transform"), progress)
+    outputs = OutputSet.from_args(args, ("--fixed", "--moving", "--initial-transform", *REPORT_INPUT_FLAGS), progress)
     field_suffixes = (*OUTPUT_IMAGE_SUFFIXES, ".h5", ".hdf5")
     outputs.add("--output-transform", args.output_transform, field_suffixes)
     outputs.add("--output-inverse-transform", args.output_inverse_transform, field_suffixes)
     outputs.add("--output-volume", args.output_volume, OUTPUT_IMAGE_SUFFIXES)
     outputs.add("--output-jacobian", args.output_jacobian, OUTPUT_IMAGE_SUFFIXES)
     outputs.add("--output-json", args.output_json, (".json",))
+    add_report_outputs(args, outputs)
+    check_report_options(args)
     with outputs:
-        with progress.stage("read", total=4) as stage:
+        with progress.stage("read", total=5) as stage:
             fixed = read_image(args.fixed, what="fixed image")
             stage.update(message="fixed")
             moving = read_image(args.moving, what="moving image")
             stage.update(message="moving")
+            labels = read_report_labels(args)
+            stage.update(message="labels")
             initial = read_transform(args.initial_transform) if args.initial_transform else None
             stage.update(message="initial transform")
             model = load_model(args.model, device=resolve_device(args.device), method=args.method, modality=args.modality)
@@ -150,9 +157,15 @@ def _run_register(args: argparse.Namespace, progress) -> int:
         if outputs.wants("--output-volume"):
             warped = resample(moving, fixed.grid, result.forward, "linear", default=0.0)
             write_image(warped, outputs.temporary("--output-volume"))
+        overlay = outputs.temporary("--output-overlay") if outputs.wants("--output-overlay") else None
+        numbers = report(labels, overlay, fixed, moving, result.forward, progress, initial_transform=initial)
         if outputs.wants("--output-json"):
-            outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2))
+            outputs.temporary("--output-json").write_text(json.dumps({**result.to_dict(), **numbers}, indent=2))
         outputs.commit()
+    if numbers.get("absent_labels"):
+        from diffusionreg.cli import warn_absent_labels
+
+        warn_absent_labels(numbers)
     m = result.metrics
     progress.log(
         f"deformable ({m['method']}, model {m['model']}, {m['instance_optimization_steps']} IO steps, "
