@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusionreg.errors import InputError
 from diffusionreg.image import read_image
 from diffusionreg.progress import Progress
+from diffusionreg.spaces import coordinates, sample_affine, torch_space
 from diffusionreg.training.ema import EMA
 from diffusionreg.training.engine import TrainingTask, run_training
 from diffusionreg.training.export import export_weights as _export_weights
@@ -109,8 +110,7 @@ def make_batch(
     for _ in range(b):
         vol = subjects[int(torch.randint(len(subjects), (), generator=gen))]
         theta = _global_theta(cfg, gen).float()[None]
-        grid = F.affine_grid(theta, [1, 1, s, s, s], align_corners=False)
-        base = F.grid_sample((vol[None] + 1) / 2, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        base = sample_affine((vol[None] + 1) / 2, theta, torch_space((s, s, s)))[0]
         g_lo, g_hi = cfg.gamma_range
         gamma = g_lo + (g_hi - g_lo) * float(torch.rand((), generator=gen))
         base = base.clamp(0, 1) ** gamma * 2 - 1
@@ -151,9 +151,9 @@ def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4, ste
         comp, _ = reverse_process(net, base, moving, sched, steps)
         truth = torch.linalg.inv(mat)
         # displacement error over brain voxels of the fixed grid
-        pts = F.affine_grid(torch.eye(3, 4)[None], [1, 1, s, s, s], align_corners=False)
+        pts = coordinates(torch_space((s, s, s)), dtype=torch.float64).movedim(1, -1)
         mask = base[0, 0] > -0.8
-        p = pts[0][mask].double()
+        p = pts[0][mask]
         ph = torch.cat([p, torch.ones(len(p), 1, dtype=torch.float64)], 1)
         d = (ph @ (comp[0] - truth[0])[:3].T).norm(dim=1) * half_mm
         errs.append(float(d.mean()))

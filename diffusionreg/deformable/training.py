@@ -30,7 +30,7 @@ from diffusionreg.distributed import rank_and_world
 from diffusionreg.errors import InputError
 from diffusionreg.image import IMAGE_SUFFIXES, read_image
 from diffusionreg.progress import Progress
-from diffusionreg.spaces import apply_affine
+from diffusionreg.spaces import apply_affine, coordinates, rescale_displacement, sample, torch_space, voxel_space
 from diffusionreg.training.engine import TrainingTask, run_training
 from diffusionreg.training.options import RunOptions
 
@@ -130,14 +130,13 @@ def augment(image: torch.Tensor, cfg: DeformableConfig, gen: torch.Generator) ->
     """Random affine + smooth deformation (+ intensity) of a ``(1, 1, *grid)`` volume."""
     shape = image.shape[2:]
     theta = _random_affine(cfg, gen)[None]
-    grid = F.affine_grid(theta, (1, 1, *shape), align_corners=False)
+    net_space = torch_space(shape)  # the augmentation matrix acts on align_corners=False coordinates
+    positions = torch.einsum("bij,bj...->bi...", theta[:, :, :3], coordinates(net_space)) + theta[:, :, 3].view(1, 3, 1, 1, 1)
     if cfg.augment_elastic_mm > 0:
         coarse = torch.randn(1, 3, 5, 5, 5, generator=gen) * (cfg.augment_elastic_mm / cfg.spacing_mm)
-        disp = F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
-        # voxels along array axis c -> normalised grid_sample component (x, y, z) = axes (2, 1, 0)
-        scale = torch.tensor([2.0 / s for s in shape]).view(1, 3, 1, 1, 1)
-        grid = grid + (disp * scale).flip(1).permute(0, 2, 3, 4, 1)
-    out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        disp = F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)  # voxels
+        positions = positions + rescale_displacement(disp, voxel_space(shape), net_space)
+    out = sample(image, positions, net_space, padding_mode="zeros")
     if cfg.augment_intensity and cfg.normalisation != "binary":
         gamma = float(torch.exp(torch.randn((), generator=gen) * 0.2))
         scale = float(1.0 + 0.1 * torch.randn((), generator=gen))
