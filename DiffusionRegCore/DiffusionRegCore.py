@@ -46,7 +46,7 @@ from DiffusionRegCoreLib import device as deviceProbe
 from DiffusionRegCoreLib import install as dependencyInstall
 from DiffusionRegCoreLib import model_choice, mrml_io, paths
 from DiffusionRegCoreLib import models as modelRegistry
-from DiffusionRegCoreLib.job import JobOutcome, PreparedJob, finishJob
+from DiffusionRegCoreLib.job import JobOutcome, PreparedJob, finishJob, nextJob, prefixedProgress
 from DiffusionRegCoreLib.process import BackendProcess, WorkFolder
 from DiffusionRegCoreLib.progress import OverallProgress, ProgressEvent
 
@@ -153,6 +153,7 @@ class BackendTask:
         return self.outcome.processResult if self.outcome else None
 
     def start(self) -> BackendTask:
+        """Start the job's process; a chained job's next steps start when the previous one completed."""
         self._log(f"Running: {backendCommand.quoteCommand(self.job.command)}")
         for note in self.job.notes:
             self._log(note)
@@ -160,7 +161,7 @@ class BackendTask:
             self.job.command,
             env=self.job.env,
             cwd=str(self.job.workFolder.path),
-            onProgress=self.onProgress,
+            onProgress=prefixedProgress(self.onProgress, self.job.stagePrefix),
             onLog=lambda line, stream: self._log(line),
             onFinished=self._processFinished,
         )
@@ -214,7 +215,16 @@ class BackendTask:
     def _processFinished(self, process) -> None:
         if self._timer is not None:
             self._timer.stop()
-        self.outcome = finishJob(self.job, process.result(), self.keepTemporaryFiles, self._log)
+        outcome = finishJob(self.job, process.result(), self.keepTemporaryFiles, self._log)
+        following, outcome = nextJob(self.job, outcome, self._log)
+        if following is not None:
+            self.job = following
+            try:
+                self.start()
+                return
+            except RuntimeError as error:
+                outcome = JobOutcome("failed", outcome.outputs, str(error), outcome.processResult)
+        self.outcome = outcome
         self.state = self.outcome.state
         _ACTIVE_TASKS.discard(self)
         if self.onFinished:

@@ -20,7 +20,7 @@ No Qt here; the MRML tier runs these functions with slicer-core exactly as the m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,12 @@ class PreparedJob:
     stageWeights: Mapping[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # said in the log before the run starts
     env: dict[str, str] | None = None
+    #: Prepended to the stage of each progress event, so a job run as one step of a chain keeps
+    #: its stages apart from the next step's (both backends report e.g. "read").
+    stagePrefix: str = ""
+    #: A chained run: the next job, prepared from this job's imported outputs once it completed
+    #: (None: this is the last step). Runners run it at once; its outcome is the chain's.
+    then: Callable[[Any], PreparedJob | None] | None = None
 
 
 @dataclass
@@ -98,6 +104,39 @@ def finishJob(
     return outcome
 
 
+def stageWeightsOfStep(weights: Mapping[str, float], prefix: str, share: float) -> dict[str, float]:
+    """The weights of one step of a chained run: stages renamed ``prefix + stage``, summing to ``share``.
+
+    A chain's first job carries the weights of all its steps (each step's from this function,
+    in the order they run), so one progress bar covers the whole chain.
+    """
+    total = float(sum(weights.values()))
+    if total <= 0 or share <= 0:
+        raise ValueError("stage weights and the step's share must be more than 0")
+    return {f"{prefix}{stage}": share * float(weight) / total for stage, weight in weights.items()}
+
+
+def prefixedProgress(onProgress: Callable[[ProgressEvent], None] | None, prefix: str) -> Callable[[ProgressEvent], None] | None:
+    """``onProgress`` seeing each event's stage as ``prefix + stage`` (see :attr:`PreparedJob.stagePrefix`)."""
+    if onProgress is None or not prefix:
+        return onProgress
+    return lambda event: onProgress(replace(event, stage=f"{prefix}{event.stage}"))
+
+
+def nextJob(job: PreparedJob, outcome: JobOutcome, log: Callable[[str], None]) -> tuple[PreparedJob | None, JobOutcome]:
+    """After ``job`` ended with ``outcome``: ``(the chain's next job, outcome)``; ``(None, outcome)``
+    when the chain ends here. A next step that cannot be prepared fails the chain with its reason."""
+    if outcome.state != "completed" or job.then is None:
+        return None, outcome
+    try:
+        following = job.then(outcome.outputs)
+    except Exception as error:  # reported to the user like a failed run
+        failed = JobOutcome("failed", outcome.outputs, f"could not start the next step: {error}", outcome.processResult)
+        log(failed.error)
+        return None, failed
+    return following, outcome
+
+
 def runJob(
     job: PreparedJob,
     processFactory: ProcessFactory = BackendProcess,
@@ -107,15 +146,28 @@ def runJob(
     onLog: Callable[[str], None] | None = None,
     idle: Callable[[], None] | None = None,
 ) -> JobOutcome:
-    """Run ``job`` to the end (blocking; ``idle`` runs between polls) and return its outcome.
+    """Run ``job`` (and the jobs chained after it) to the end and return the last outcome.
 
-    A run past ``timeout`` seconds is cancelled and ends as ``cancelled``.
+    Blocking; ``idle`` runs between polls. A step running past ``timeout`` seconds is cancelled
+    and the run ends as ``cancelled``.
     """
     log = onLog or (lambda text: None)
+    while True:
+        outcome = _runOne(job, processFactory, timeout, keepTemporaryFiles, onProgress, log, idle)
+        job, outcome = nextJob(job, outcome, log)
+        if job is None:
+            return outcome
+
+
+def _runOne(job, processFactory, timeout, keepTemporaryFiles, onProgress, log, idle) -> JobOutcome:
     for note in job.notes:
         log(note)
     process = processFactory(
-        job.command, env=job.env, cwd=str(job.workFolder.path), onProgress=onProgress, onLog=lambda line, stream: log(line)
+        job.command,
+        env=job.env,
+        cwd=str(job.workFolder.path),
+        onProgress=prefixedProgress(onProgress, job.stagePrefix),
+        onLog=lambda line, stream: log(line),
     )
     try:
         process.start()

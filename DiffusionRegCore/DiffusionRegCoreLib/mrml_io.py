@@ -185,6 +185,41 @@ def movingVolumeFrame(volumeNode, stopAt=None) -> tuple[bool, str]:
         )
 
 
+def registrationInputsReason(fixed, moving, outputVolume=None, outputTransform=None) -> str:
+    """Why a fixed/moving pair (and its outputs) cannot be registered, for the user; "" when it can.
+
+    Checks what every registration module needs: both volumes chosen, different, 3D with one
+    component; the output volume is neither input; the fixed volume is not under the output
+    transform (it never moves) and can be written with the geometry it is displayed with.
+    """
+    if fixed is None and moving is None:
+        return "Select the fixed and moving volumes"
+    if fixed is None:
+        return "Select the fixed volume"
+    if moving is None:
+        return "Select the moving volume"
+    if sameNode(fixed, moving):
+        return "Fixed and moving volumes must be different volumes"
+    for node, what in ((fixed, "fixed"), (moving, "moving")):
+        image = node.GetImageData()
+        if image is None:
+            return f"The {what} volume has no image data"
+        dims = image.GetDimensions()
+        if min(dims) < 2:
+            return f"The {what} volume is not 3D (size {'x'.join(map(str, dims))})"
+        if image.GetNumberOfScalarComponents() != 1:
+            return f"The {what} volume must have one component per voxel"
+    if outputVolume is not None and (sameNode(outputVolume, fixed) or sameNode(outputVolume, moving)):
+        return "The output volume must not be the fixed or moving volume"
+    if outputTransform is not None and chainIncludes(fixed, outputTransform):
+        return "The fixed volume must not be under the output transform"
+    try:
+        exportableIjkToRas(fixed)
+    except GeometryError as error:
+        return f"The fixed volume cannot be used as it is: {error}"
+    return ""
+
+
 def exportVolume(volumeNode, path: str | os.PathLike, world: bool = True, stopAt=None, compress: bool = False) -> Path:
     """Write ``volumeNode`` to ``path`` with Slicer's volume storage node (LPS on disk).
 

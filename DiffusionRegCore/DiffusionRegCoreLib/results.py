@@ -32,12 +32,16 @@ from slicer import (
 from . import mrml_io
 
 #: Jacobian determinant display: values mapped over this range, 1 (no volume change) white in
-#: the middle, shrinking (< 1) blue, growing (> 1) red; 0 and below (folding) saturate blue.
+#: the middle, shrinking (< 1) blue, growing (> 1) red; 0 and below (folding) in FOLDING_RGB.
 JACOBIAN_RANGE = (0.0, 2.0)
 #: Name of the shared colour node (one per scene, reused by every Jacobian map).
-JACOBIAN_COLOR_NAME = "DiffusionReg Jacobian (blue < 1 < red)"
+JACOBIAN_COLOR_NAME = "DiffusionReg Jacobian (blue < 1 < red, folding yellow)"
 #: RGB control points of the diverging map at the low end, the centre and the high end.
 DIVERGING_RGB = ((0.23, 0.30, 0.75), (1.0, 1.0, 1.0), (0.71, 0.02, 0.15))
+#: Folding (determinant <= 0: the map turns space inside out) in a colour the diverging map never
+#: takes; the blue end starts one step of Slicer's 256-entry colour table above 0.
+FOLDING_RGB = (1.0, 0.85, 0.0)
+FOLDING_EDGE = (JACOBIAN_RANGE[1] - JACOBIAN_RANGE[0]) / 255.0
 
 
 # --- transforms ------------------------------------------------------------------------------
@@ -79,7 +83,8 @@ def jacobianColorNode(scene):
     low, high = JACOBIAN_RANGE
     function = node.GetColorTransferFunction()
     function.RemoveAllPoints()
-    for value, rgb in zip((low, (low + high) / 2.0, high), DIVERGING_RGB):
+    function.AddRGBPoint(low, *FOLDING_RGB)
+    for value, rgb in zip((low + FOLDING_EDGE, (low + high) / 2.0, high), DIVERGING_RGB):
         function.AddRGBPoint(value, *rgb)
     node.SetSaveWithScene(True)
     scene.AddNode(node)

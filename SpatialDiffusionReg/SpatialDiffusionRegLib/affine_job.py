@@ -69,30 +69,9 @@ class AffineOptions(JobOptions):
         return (not reason, reason)
 
     def _reason(self) -> str:
-        fixed, moving = self.fixedVolume, self.movingVolume
-        if fixed is None and moving is None:
-            return "Select the fixed and moving volumes"
-        if fixed is None:
-            return "Select the fixed volume"
-        if moving is None:
-            return "Select the moving volume"
-        if mrml_io.sameNode(fixed, moving):
-            return "Fixed and moving volumes must be different volumes"
-        for node, what in ((fixed, "fixed"), (moving, "moving")):
-            image = node.GetImageData()
-            if image is None:
-                return f"The {what} volume has no image data"
-            dims = image.GetDimensions()
-            if min(dims) < 2:
-                return f"The {what} volume is not 3D (size {'x'.join(map(str, dims))})"
-            if image.GetNumberOfScalarComponents() != 1:
-                return f"The {what} volume must have one component per voxel"
-        if self.outputVolume is not None and (
-            mrml_io.sameNode(self.outputVolume, fixed) or mrml_io.sameNode(self.outputVolume, moving)
-        ):
-            return "The output volume must not be the fixed or moving volume"
-        if self.outputTransform is not None and mrml_io.chainIncludes(fixed, self.outputTransform):
-            return "The fixed volume must not be under the output transform"
+        reason = mrml_io.registrationInputsReason(self.fixedVolume, self.movingVolume, self.outputVolume, self.outputTransform)
+        if reason:
+            return reason
         if self.modality not in command.MODALITIES:
             return f"Unknown modality '{self.modality}'"
         if self.initialize not in INITIALIZE_CHOICES:
@@ -103,10 +82,6 @@ class AffineOptions(JobOptions):
             command.checkDevice(self.device)
         except ValueError as error:
             return str(error)
-        try:
-            mrml_io.exportableIjkToRas(fixed)
-        except mrml_io.GeometryError as error:
-            return f"The fixed volume cannot be used as it is: {error}"
         return ""
 
     def asArgList(self, files: Mapping[str, Path]) -> list[str]:
