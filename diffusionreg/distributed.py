@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,15 +42,17 @@ def gather_to_all(tensor: torch.Tensor, world_size: int) -> list[torch.Tensor]:
     return gathered
 
 
-def start_process_group(world_size: int) -> bool:
-    """Join the ``torchrun`` process group (gloo: it runs on CPU and GPU alike).
+def start_process_group(world_size: int, backend: str = "gloo", timeout: timedelta | None = None) -> bool:
+    """Join the ``torchrun`` process group (default gloo: it runs on CPU and GPU alike; ``nccl``
+    needs ``torch.cuda.set_device`` first). ``timeout`` bounds each collective (torch's default
+    when None): a barrier waiting for slower ranks needs more.
 
     Returns True when this call created the group, so the caller must end it with
     :func:`end_process_group`; an undestroyed gloo group can abort the process at exit.
     """
     if world_size <= 1 or dist.is_initialized():
         return False
-    dist.init_process_group("gloo")
+    dist.init_process_group(backend, **({} if timeout is None else {"timeout": timeout}))
     return True
 
 
@@ -61,3 +64,12 @@ def end_process_group(owns_group: bool, wait: bool = True) -> None:
             dist.barrier()
         if owns_group:
             dist.destroy_process_group()
+
+
+def share_from_rank0(value, world_size: int):
+    """Rank 0's ``value`` (any picklable object) on every rank; with a single process just ``value``."""
+    if world_size <= 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffusionreg.errors import InputError
@@ -100,22 +101,31 @@ def _run_train(args: argparse.Namespace, progress) -> int:
 
 def _run_affine(args: argparse.Namespace, progress) -> int:
     from diffusionreg.devices import resolve_device
-    from diffusionreg.image import (
-        OUTPUT_IMAGE_SUFFIXES,
-        read_image,
-        resample,
-        write_image,
-    )
-    from diffusionreg.outputs import OutputSet
-    from diffusionreg.reporting import (
-        REPORT_INPUT_FLAGS,
-        add_report_outputs,
-        read_report_labels,
-        report,
-    )
-    from diffusionreg.transforms import write_transform
 
-    from .register import load_model, register_affine
+    outputs = prepare_affine(args, progress)
+    with outputs:
+        with progress.stage("read", total=4) as stage:
+            inputs = read_affine_inputs(args, stage)
+            model = load_affine_model(args, resolve_device(args.device))
+            stage.update(message="model")
+        result, numbers = finish_affine(args, outputs, inputs, model, progress)
+    if numbers.get("absent_labels"):
+        from diffusionreg.cli import warn_absent_labels
+
+        warn_absent_labels(numbers)
+    progress.log(f"wrote {args.output_transform} ({result.seconds:.1f} s, model {model.name})")
+    return EXIT_OK
+
+
+# The command in steps, so that ``diffusionreg batch`` can check a row without running it, read a
+# case's inputs ahead on a worker thread and run many cases through one loaded model.
+
+
+def prepare_affine(args: argparse.Namespace, progress):
+    """Declare and check the outputs and options of one run (before any reading); an OutputSet."""
+    from diffusionreg.image import OUTPUT_IMAGE_SUFFIXES
+    from diffusionreg.outputs import OutputSet
+    from diffusionreg.reporting import REPORT_INPUT_FLAGS, add_report_outputs
 
     outputs = OutputSet.from_args(args, ("--fixed", "--moving", *REPORT_INPUT_FLAGS), progress)
     outputs.add("--output-transform", args.output_transform, (".h5", ".hdf5", ".tfm", ".txt"))
@@ -127,46 +137,80 @@ def _run_affine(args: argparse.Namespace, progress) -> int:
     if args.refine_iterations is not None and args.refine_iterations < 0:
         raise InputError("--refine-iterations must be >= 0")
     check_report_options(args)
-    with outputs:
-        with progress.stage("read", total=4) as stage:
-            fixed = read_image(args.fixed, what="fixed image")
-            stage.update(message="fixed")
-            moving = read_image(args.moving, what="moving image")
-            stage.update(message="moving")
-            labels = read_report_labels(args)
-            stage.update(message="labels")
-            model = load_model(args.model, args.modality, device=resolve_device(args.device))
-            check_modality(model, args.modality)
-            stage.update(message="model")
-        result = register_affine(
-            fixed,
-            moving,
-            model,
-            modality=args.modality,
-            steps=args.steps,
-            bidirectional=args.bidirectional,
-            initialize=args.initialize,
-            seed=args.seed,
-            progress=progress,
-            refine_iterations=args.refine_iterations,
-        )
-        write_transform(result.transform, outputs.temporary("--output-transform"))
-        if outputs.wants("--output-volume"):
-            with progress.stage("resample", total=1) as stage:
-                warped = resample(moving, fixed.grid, result.transform, "linear", default=0.0)
-                stage.update()
-            write_image(warped, outputs.temporary("--output-volume"))
-        overlay = outputs.temporary("--output-overlay") if outputs.wants("--output-overlay") else None
-        numbers = report(labels, overlay, fixed, moving, result.transform, progress)
-        if outputs.wants("--output-json"):
-            outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2))
-        outputs.commit()
-    if numbers.get("absent_labels"):
-        from diffusionreg.cli import warn_absent_labels
+    return outputs
 
-        warn_absent_labels(numbers)
-    progress.log(f"wrote {args.output_transform} ({result.seconds:.1f} s, model {model.name})")
-    return EXIT_OK
+
+@dataclass
+class AffineInputs:
+    """The images one affine run reads (labels only with the report options)."""
+
+    fixed: object  # diffusionreg.image.Image
+    moving: object
+    labels: object  # diffusionreg.reporting.ReportLabels | None
+
+
+def read_affine_inputs(args: argparse.Namespace, stage=None) -> AffineInputs:
+    """Read the fixed and moving images and the report labels; ``stage`` (a progress stage) advances by 3."""
+    from diffusionreg.image import read_image
+    from diffusionreg.reporting import read_report_labels
+
+    fixed = read_image(args.fixed, what="fixed image")
+    if stage is not None:
+        stage.update(message="fixed")
+    moving = read_image(args.moving, what="moving image")
+    if stage is not None:
+        stage.update(message="moving")
+    labels = read_report_labels(args)
+    if stage is not None:
+        stage.update(message="labels")
+    return AffineInputs(fixed, moving, labels)
+
+
+def load_affine_model(args: argparse.Namespace, device):
+    """The model ``--model``/``--modality`` name on ``device`` (sha256 checked), refused for a modality it lacks."""
+    from .register import load_model
+
+    model = load_model(args.model, args.modality, device=device)
+    check_modality(model, args.modality)
+    return model
+
+
+def finish_affine(args: argparse.Namespace, outputs, inputs: AffineInputs, model, progress):
+    """Register with a loaded ``model``, write every declared output and commit them.
+
+    Returns the :class:`~.register.AffineResult` and the report numbers (Dice with labels).
+    """
+    from diffusionreg.image import resample, write_image
+    from diffusionreg.reporting import report
+    from diffusionreg.transforms import write_transform
+
+    from .register import register_affine
+
+    fixed, moving = inputs.fixed, inputs.moving
+    result = register_affine(
+        fixed,
+        moving,
+        model,
+        modality=args.modality,
+        steps=args.steps,
+        bidirectional=args.bidirectional,
+        initialize=args.initialize,
+        seed=args.seed,
+        progress=progress,
+        refine_iterations=args.refine_iterations,
+    )
+    write_transform(result.transform, outputs.temporary("--output-transform"))
+    if outputs.wants("--output-volume"):
+        with progress.stage("resample", total=1) as stage:
+            warped = resample(moving, fixed.grid, result.transform, "linear", default=0.0)
+            stage.update()
+        write_image(warped, outputs.temporary("--output-volume"))
+    overlay = outputs.temporary("--output-overlay") if outputs.wants("--output-overlay") else None
+    numbers = report(inputs.labels, overlay, fixed, moving, result.transform, progress)
+    if outputs.wants("--output-json"):
+        outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2))
+    outputs.commit()
+    return result, numbers
 
 
 def check_modality(model, modality: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffusionreg.reporting import add_report_options, check_report_options
@@ -103,65 +104,14 @@ def _run_train(args: argparse.Namespace, progress) -> int:
 
 def _run_register(args: argparse.Namespace, progress) -> int:
     from diffusionreg.devices import resolve_device
-    from diffusionreg.image import (
-        OUTPUT_IMAGE_SUFFIXES,
-        read_image,
-        resample,
-        write_image,
-    )
-    from diffusionreg.outputs import OutputSet
-    from diffusionreg.reporting import REPORT_INPUT_FLAGS, add_report_outputs, read_report_labels, report
-    from diffusionreg.transforms import read_transform, write_transform
 
-    from .register import load_model, register_deformable
-
-    outputs = OutputSet.from_args(args, ("--fixed", "--moving", "--initial-transform", *REPORT_INPUT_FLAGS), progress)
-    field_suffixes = (*OUTPUT_IMAGE_SUFFIXES, ".h5", ".hdf5")
-    outputs.add("--output-transform", args.output_transform, field_suffixes)
-    outputs.add("--output-inverse-transform", args.output_inverse_transform, field_suffixes)
-    outputs.add("--output-volume", args.output_volume, OUTPUT_IMAGE_SUFFIXES)
-    outputs.add("--output-jacobian", args.output_jacobian, OUTPUT_IMAGE_SUFFIXES)
-    outputs.add("--output-json", args.output_json, (".json",))
-    add_report_outputs(args, outputs)
-    check_report_options(args)
+    outputs = prepare_deformable(args, progress)
     with outputs:
         with progress.stage("read", total=5) as stage:
-            fixed = read_image(args.fixed, what="fixed image")
-            stage.update(message="fixed")
-            moving = read_image(args.moving, what="moving image")
-            stage.update(message="moving")
-            labels = read_report_labels(args)
-            stage.update(message="labels")
-            initial = read_transform(args.initial_transform) if args.initial_transform else None
-            stage.update(message="initial transform")
-            model = load_model(args.model, device=resolve_device(args.device), method=args.method, modality=args.modality)
+            inputs = read_deformable_inputs(args, stage)
+            model = load_deformable_model(args, resolve_device(args.device))
             stage.update(message=f"model {model.name}")
-        with progress.stage("register", total=1) as stage:
-            result = register_deformable(
-                fixed,
-                moving,
-                model,
-                initial,
-                args.instance_optimization,
-                want_inverse=outputs.wants("--output-inverse-transform"),
-                want_jacobian=outputs.wants("--output-jacobian"),
-                progress=progress,
-                refine_iterations=args.refine_iterations,
-            )
-            stage.update()
-        write_transform(result.forward, outputs.temporary("--output-transform"))
-        if outputs.wants("--output-inverse-transform"):
-            write_transform(result.inverse, outputs.temporary("--output-inverse-transform"))
-        if outputs.wants("--output-jacobian"):
-            write_image(result.jacobian, outputs.temporary("--output-jacobian"))
-        if outputs.wants("--output-volume"):
-            warped = resample(moving, fixed.grid, result.forward, "linear", default=0.0)
-            write_image(warped, outputs.temporary("--output-volume"))
-        overlay = outputs.temporary("--output-overlay") if outputs.wants("--output-overlay") else None
-        numbers = report(labels, overlay, fixed, moving, result.forward, progress, initial_transform=initial)
-        if outputs.wants("--output-json"):
-            outputs.temporary("--output-json").write_text(json.dumps({**result.to_dict(), **numbers}, indent=2))
-        outputs.commit()
+        result, numbers = finish_deformable(args, outputs, inputs, model, progress)
     if numbers.get("absent_labels"):
         from diffusionreg.cli import warn_absent_labels
 
@@ -176,3 +126,104 @@ def _run_register(args: argparse.Namespace, progress) -> int:
     )
     progress.log(f"wrote {args.output_transform}")
     return EXIT_OK
+
+
+# The command in steps, so that ``diffusionreg batch`` can check a row without running it, read a
+# case's inputs ahead on a worker thread and run many cases through one loaded model.
+
+
+def prepare_deformable(args: argparse.Namespace, progress):
+    """Declare and check the outputs and options of one run (before any reading); an OutputSet."""
+    from diffusionreg.image import OUTPUT_IMAGE_SUFFIXES
+    from diffusionreg.outputs import OutputSet
+    from diffusionreg.reporting import REPORT_INPUT_FLAGS, add_report_outputs
+
+    outputs = OutputSet.from_args(args, ("--fixed", "--moving", "--initial-transform", *REPORT_INPUT_FLAGS), progress)
+    field_suffixes = (*OUTPUT_IMAGE_SUFFIXES, ".h5", ".hdf5")
+    outputs.add("--output-transform", args.output_transform, field_suffixes)
+    outputs.add("--output-inverse-transform", args.output_inverse_transform, field_suffixes)
+    outputs.add("--output-volume", args.output_volume, OUTPUT_IMAGE_SUFFIXES)
+    outputs.add("--output-jacobian", args.output_jacobian, OUTPUT_IMAGE_SUFFIXES)
+    outputs.add("--output-json", args.output_json, (".json",))
+    add_report_outputs(args, outputs)
+    check_report_options(args)
+    return outputs
+
+
+@dataclass
+class DeformableInputs:
+    """What one deformable run reads (labels only with the report options)."""
+
+    fixed: object  # diffusionreg.image.Image
+    moving: object
+    labels: object  # diffusionreg.reporting.ReportLabels | None
+    initial: object  # diffusionreg.transforms.Transform | None
+
+
+def read_deformable_inputs(args: argparse.Namespace, stage=None) -> DeformableInputs:
+    """Read the images, the report labels and the initial transform; ``stage`` (a progress stage) advances by 4."""
+    from diffusionreg.image import read_image
+    from diffusionreg.reporting import read_report_labels
+    from diffusionreg.transforms import read_transform
+
+    fixed = read_image(args.fixed, what="fixed image")
+    if stage is not None:
+        stage.update(message="fixed")
+    moving = read_image(args.moving, what="moving image")
+    if stage is not None:
+        stage.update(message="moving")
+    labels = read_report_labels(args)
+    if stage is not None:
+        stage.update(message="labels")
+    initial = read_transform(args.initial_transform) if args.initial_transform else None
+    if stage is not None:
+        stage.update(message="initial transform")
+    return DeformableInputs(fixed, moving, labels, initial)
+
+
+def load_deformable_model(args: argparse.Namespace, device):
+    """The model ``--model``/``--method``/``--modality`` pick, on ``device`` (sha256 checked)."""
+    from .register import load_model
+
+    return load_model(args.model, device=device, method=args.method, modality=args.modality)
+
+
+def finish_deformable(args: argparse.Namespace, outputs, inputs: DeformableInputs, model, progress):
+    """Register with a loaded ``model``, write every declared output and commit them.
+
+    Returns the registration result and the report numbers (Dice with labels).
+    """
+    from diffusionreg.image import resample, write_image
+    from diffusionreg.reporting import report
+    from diffusionreg.transforms import write_transform
+
+    from .register import register_deformable
+
+    fixed, moving, initial = inputs.fixed, inputs.moving, inputs.initial
+    with progress.stage("register", total=1) as stage:
+        result = register_deformable(
+            fixed,
+            moving,
+            model,
+            initial,
+            args.instance_optimization,
+            want_inverse=outputs.wants("--output-inverse-transform"),
+            want_jacobian=outputs.wants("--output-jacobian"),
+            progress=progress,
+            refine_iterations=args.refine_iterations,
+        )
+        stage.update()
+    write_transform(result.forward, outputs.temporary("--output-transform"))
+    if outputs.wants("--output-inverse-transform"):
+        write_transform(result.inverse, outputs.temporary("--output-inverse-transform"))
+    if outputs.wants("--output-jacobian"):
+        write_image(result.jacobian, outputs.temporary("--output-jacobian"))
+    if outputs.wants("--output-volume"):
+        warped = resample(moving, fixed.grid, result.forward, "linear", default=0.0)
+        write_image(warped, outputs.temporary("--output-volume"))
+    overlay = outputs.temporary("--output-overlay") if outputs.wants("--output-overlay") else None
+    numbers = report(inputs.labels, overlay, fixed, moving, result.forward, progress, initial_transform=initial)
+    if outputs.wants("--output-json"):
+        outputs.temporary("--output-json").write_text(json.dumps({**result.to_dict(), **numbers}, indent=2))
+    outputs.commit()
+    return result, numbers
