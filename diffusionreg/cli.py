@@ -32,7 +32,12 @@ from diffusionreg.vocabulary import (
 )
 
 # Modules that contribute commands: each has add_commands(commands, train_commands, common).
-_COMMAND_MODULES = ("diffusionreg.affine.commands", "diffusionreg.deformable.commands", "diffusionreg.model_commands")
+_COMMAND_MODULES = (
+    "diffusionreg.affine.commands",
+    "diffusionreg.deformable.commands",
+    "diffusionreg.model_commands",
+    "diffusionreg.batch.command",
+)
 
 
 def _input_rules() -> str:
