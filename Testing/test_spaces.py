@@ -96,6 +96,15 @@ def test_torch_spaces_are_what_affine_grid_produces(align_corners) -> None:
 
 
 @pytest.mark.parametrize("kind", list(FACTORIES))
+def test_coordinates_of_every_voxel_in_any_space(kind) -> None:
+    """``coordinates`` gives each voxel centre of a grid in any space (here of the same grid)."""
+    index = fields.identity_grid(GRID_A.shape, dtype=torch.float64)[0].reshape(3, -1).T.numpy()
+    ours = coordinates(voxel_space(GRID_A.shape, GRID_A.affine), FACTORIES[kind](GRID_A), dtype=torch.float64)
+    expected = CLOSED_FORMS[kind](index, GRID_A.shape, GRID_A.affine)
+    np.testing.assert_allclose(ours[0].reshape(3, -1).T.numpy(), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", list(FACTORIES))
 def test_sample_reads_positions_in_any_space_of_the_volume_grid(kind) -> None:
     """A linear volume sampled at positions given in any space returns the linear function there."""
     grid = GRID_A

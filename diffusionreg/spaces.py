@@ -294,7 +294,7 @@ def _points_between(positions, source: Space, target: Space):
     import torch
 
     view = (1, 3) + (1,) * (positions.dim() - 2)
-    if source.same_grid(target) and source.kind == "voxel":
+    if source.same_grid(target) and source.kind == "voxel" and target.kind != "world":
         # The common case, written as one scale and offset per component so that it matches
         # grid_sample's own arithmetic term by term.
         scale, offset = target.axis_scale_offset()  # type: ignore[misc]
