@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import qt
@@ -103,6 +104,70 @@ class DiffusionRegCore(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "DiffusionReg builds on 3D Slicer, PyTorch (through the SlicerPyTorch extension) and SimpleITK."
         )
+
+
+#
+# Sample data: a fixed/moving pair shipped in Resources/Sample, offered in the Sample Data module
+#
+
+
+@dataclass(frozen=True)
+class SamplePair:
+    """A sample pair of the extension (``Resources/Sample``), listed in the Sample Data module.
+
+    ``sha256``: file name -> sha256, fixed first. Module files keep them as constants: Sample Data
+    checks the files against them (a checksum computed from the file it checks would check nothing).
+    """
+
+    name: str
+    sha256: Mapping[str, str]
+    nodeNames: tuple[str, str]
+    thumbnail: Path
+    category: str = "DiffusionReg"
+
+    def files(self) -> list[Path]:
+        return [paths.extensionResourcePath("Sample", name) for name in self.sha256]
+
+    def available(self) -> bool:
+        return all(f.is_file() for f in self.files())
+
+    def register(self) -> None:
+        """Add the pair to the Sample Data module (local files, sha256-checked)."""
+        try:
+            import SampleData
+        except ImportError:
+            return
+        if not self.available():
+            logging.info(f"{self.name}: sample data not found; not registered in Sample Data")
+            return
+        files = self.files()
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category=self.category,
+            sampleName=self.name,
+            thumbnailFileName=str(self.thumbnail),
+            uris=[f.as_uri() for f in files],
+            fileNames=[f"DiffusionReg_{f.name}" for f in files],
+            nodeNames=list(self.nodeNames),
+            checksums=[f"SHA256:{self.sha256[f.name]}" for f in files],
+        )
+
+    def load(self) -> tuple:
+        """Load the pair (through Sample Data, else directly from the files); ``(fixed, moving)`` nodes."""
+        self.register()
+        nodes = []
+        try:
+            import SampleData
+
+            nodes = SampleData.SampleDataLogic().downloadSamples(self.name)
+        except Exception as error:  # fall back to loading the files directly
+            logging.warning(f"Sample Data could not load {self.name} ({error}); loading the files directly")
+        if len(nodes) != 2 or not all(hasattr(n, "GetImageData") for n in nodes):
+            files = self.files()
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError("sample data not found: " + ", ".join(missing))
+            nodes = [slicer.util.loadVolume(str(f), {"name": name}) for f, name in zip(files, self.nodeNames)]
+        return nodes[0], nodes[1]
 
 
 #

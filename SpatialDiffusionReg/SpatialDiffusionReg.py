@@ -13,7 +13,6 @@ kit. Scripting::
     result.transformNode                                         # moving is shown through it
 """
 
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -55,8 +54,8 @@ def _makeCoreImportable() -> None:
 
 _makeCoreImportable()
 
-from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, reloadLib
-from DiffusionRegCoreLib import model_choice, paths
+from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, SamplePair, reloadLib
+from DiffusionRegCoreLib import model_choice
 from DiffusionRegCoreLib.job import runJob
 from DiffusionRegCoreLib.process import BackendProcess
 from SpatialDiffusionRegLib.affine_job import (
@@ -114,30 +113,22 @@ class SpatialDiffusionReg(ScriptedLoadableModule):
 #
 
 
+SAMPLE = SamplePair(
+    SAMPLE_NAME,
+    SAMPLE_SHA256,
+    SAMPLE_NODE_NAMES,
+    Path(__file__).resolve().parent / "Resources" / "Icons" / f"{SAMPLE_NAME}.png",
+    SAMPLE_CATEGORY,
+)
+
+
 def sampleFiles() -> list[Path]:
-    return [paths.extensionResourcePath("Sample", name) for name in SAMPLE_SHA256]
+    return SAMPLE.files()
 
 
 def registerSampleData():
-    """Add the extension's brain pair to the Sample Data module (local files, sha256-checked)."""
-    try:
-        import SampleData
-    except ImportError:
-        return
-    files = sampleFiles()
-    if not all(f.is_file() for f in files):
-        logging.info("DiffusionReg sample data not found; not registered in Sample Data")
-        return
-    iconPath = Path(__file__).resolve().parent / "Resources" / "Icons"
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category=SAMPLE_CATEGORY,
-        sampleName=SAMPLE_NAME,
-        thumbnailFileName=str(iconPath / f"{SAMPLE_NAME}.png"),
-        uris=[f.as_uri() for f in files],
-        fileNames=[f"DiffusionReg_{f.name}" for f in files],
-        nodeNames=list(SAMPLE_NODE_NAMES),
-        checksums=[f"SHA256:{SAMPLE_SHA256[f.name]}" for f in files],
-    )
+    """Add the extension's brain pair to the Sample Data module (local files, checked against SAMPLE_SHA256)."""
+    SAMPLE.register()
 
 
 #
@@ -471,21 +462,7 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def loadSampleData():
         """Load the extension's brain MRI pair; returns ``(fixed, moving)`` volume nodes."""
-        registerSampleData()
-        nodes = []
-        try:
-            import SampleData
-
-            nodes = SampleData.SampleDataLogic().downloadSamples(SAMPLE_NAME)
-        except Exception as error:
-            logging.warning(f"Sample Data could not load {SAMPLE_NAME} ({error}); loading the files directly")
-        if len(nodes) != 2 or not all(hasattr(n, "GetImageData") for n in nodes):
-            files = sampleFiles()
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise FileNotFoundError("sample data not found: " + ", ".join(missing))
-            nodes = [slicer.util.loadVolume(str(f), {"name": name}) for f, name in zip(files, SAMPLE_NODE_NAMES)]
-        return nodes[0], nodes[1]
+        return SAMPLE.load()
 
 
 #

@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ("DiffusionRegCore", "SpatialDiffusionReg")
+MODULES = ("DiffusionRegCore", "SpatialDiffusionReg", "SynthPairs")
+#: Modules that ship a sample pair (``SAMPLE = SamplePair(...)`` with ``SAMPLE_SHA256`` constants).
+SAMPLE_MODULES = ("SpatialDiffusionReg", "SynthPairs")
 CORE = REPO / "DiffusionRegCore"
 if str(CORE) not in sys.path:
     sys.path.insert(0, str(CORE))
@@ -275,7 +277,12 @@ def test_backend_and_extension_resources_are_installed_with_the_extension() -> N
             globbed |= {p.relative_to(REPO).as_posix() for p in REPO.glob(pattern.replace("*.py", "**/*.py")) if p.is_file()}
     backend = {p.relative_to(REPO).as_posix() for p in (REPO / "diffusionreg").rglob("*.py")}
     assert backend and backend <= globbed, f"backend files not installed: {sorted(backend - globbed)[:5]}"
-    for needed in ("Resources/Sample/sample_fixed.nii.gz", "Resources/Sample/sample_moving.nii.gz"):
+    for needed in (
+        "Resources/Sample/sample_fixed.nii.gz",
+        "Resources/Sample/sample_moving.nii.gz",
+        "Resources/Sample/lung_vessels_fixed.nii.gz",
+        "Resources/Sample/lung_vessels_moving.nii.gz",
+    ):
         if (REPO / needed).exists():
             assert needed in globbed
     assert "Resources/Models.json" in text
@@ -1010,9 +1017,10 @@ SLICER_OTHER_SIGNATURES = {
 
 
 def test_sample_data_registration_uses_parameters_slicer_has() -> None:
+    """The modules' sample pairs register through the kit's ``SamplePair.register``."""
     calls = [
         node
-        for path in _module_python_files("SpatialDiffusionReg")
+        for path in _module_python_files("DiffusionRegCore")
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
         if isinstance(node, ast.Call) and ast.unparse(node.func) in SLICER_OTHER_SIGNATURES
     ]
@@ -1065,25 +1073,37 @@ def test_each_output_selector_offers_one_way_to_create_a_node(module: str) -> No
             assert creators <= 1, f"{widget.get('name')}: {creators} 'create new' entries"
 
 
-def test_no_random_seed_control_on_a_deterministic_method() -> None:
-    ui = (REPO / "SpatialDiffusionReg" / "Resources" / "UI" / "SpatialDiffusionReg.ui").read_text(encoding="utf-8")
+@pytest.mark.parametrize("module", ["SpatialDiffusionReg", "SynthPairs"])
+def test_no_random_seed_control_on_a_deterministic_method(module: str) -> None:
+    ui = (REPO / module / "Resources" / "UI" / f"{module}.ui").read_text(encoding="utf-8")
     assert "seed" not in ui.lower()
-    assert "seed" not in _parameter_fields(REPO / "SpatialDiffusionReg" / "SpatialDiffusionReg.py")
+    assert "seed" not in _parameter_fields(REPO / module / f"{module}.py")
 
 
-def test_sample_data_checksums_are_constants_that_match_the_files() -> None:
+@pytest.mark.parametrize("module", SAMPLE_MODULES)
+def test_sample_data_checksums_are_constants_that_match_the_files(module: str) -> None:
     """Issue 10 item 6: a checksum computed from the file it checks would check nothing."""
-    path = REPO / "SpatialDiffusionReg" / "SpatialDiffusionReg.py"
+    path = REPO / module / f"{module}.py"
     tree = ast.parse(path.read_text(encoding="utf-8"))
     constants = next(
         ast.literal_eval(n.value)
         for n in tree.body
-        if isinstance(n, ast.AnnAssign | ast.Assign) and "SAMPLE_SHA256" in ast.unparse(n)
+        if isinstance(n, ast.AnnAssign | ast.Assign) and ast.unparse(n).startswith("SAMPLE_SHA256")
     )
     for name, digest in constants.items():
         assert models.sha256File(REPO / "Resources" / "Sample" / name) == digest
-    register = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "registerSampleData")
-    assert "sha256File" not in ast.unparse(register) and "SAMPLE_SHA256" in ast.unparse(register)
+    sample = next(n for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "SAMPLE")
+    assert ast.unparse(sample.value.func) == "SamplePair" and ast.unparse(sample.value.args[1]) == "SAMPLE_SHA256"
+    kit = ast.parse((CORE / "DiffusionRegCore.py").read_text(encoding="utf-8"))
+    samplePair = next(n for n in kit.body if isinstance(n, ast.ClassDef) and n.name == "SamplePair")
+    assert "sha256File" not in ast.unparse(samplePair) and "self.sha256[" in ast.unparse(samplePair)
+    assert ast.unparse(sample.value.args[0]) == "SAMPLE_NAME"
+    assert (REPO / module / "Resources" / "Icons" / f"{constant(tree, 'SAMPLE_NAME')}.png").is_file(), "Sample Data thumbnail"
+
+
+def constant(tree: ast.Module, name: str):
+    """The value of a module-level constant ``name = <literal>``."""
+    return next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == name)
 
 
 KIT_WIDGETS = (

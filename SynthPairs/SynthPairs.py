@@ -1,0 +1,631 @@
+"""SynthPairs: deformable, inverse-consistent registration of two volumes in a panel.
+
+The module is thin. Its own parts are the inputs/outputs/options panel (``Resources/UI``), the
+parameter node, and :class:`SynthPairsLogic`, which turns them into a ``DeformableOptions`` job
+(``SynthPairsLib/deformable_job.py``: export, command line, result import, "register as
+displayed", the chained affine run) and shows the result. Everything else (model and device
+selectors, dependency install, Register <-> Cancel, progress, log) is DiffusionRegCore's panel
+kit. Scripting::
+
+    from SynthPairs import SynthPairsLogic
+    logic = SynthPairsLogic()
+    result = logic.register(fixedNode, movingNode, modality="lung-vessels")
+    result.transformNode, result.inverseTransformNode, result.jacobianNode, result.summary()
+
+The "Generate pairs" half of the module (issue 14) needs the pair generator backend
+(``diffusionreg synth``, issue 12) and is not here yet.
+"""
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import slicer
+import vtk
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer < 5.4
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+
+def _addSiblingModulesToPath() -> None:
+    """From a source checkout the kit and SpatialDiffusionReg (the chained affine job) are sibling
+    folders that Slicer may not have put on sys.path yet when this file loads; installed, all
+    modules share one folder."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("DiffusionRegCore", "SpatialDiffusionReg"):
+        folder = os.path.join(root, name)
+        if os.path.isfile(os.path.join(folder, f"{name}.py")) and folder not in sys.path:
+            sys.path.append(folder)
+
+
+_addSiblingModulesToPath()
+
+from SynthPairsLib.deformable_job import (
+    MODEL_DEFAULT,
+    TASK,
+    DeformableOptions,
+    DeformableResult,
+    prepareRegistration,
+)
+
+from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, SamplePair, reloadLib
+from DiffusionRegCoreLib import model_choice
+from DiffusionRegCoreLib.job import runJob
+from DiffusionRegCoreLib.process import BackendProcess
+
+#: The affine task whose installed models "run the affine first" can use.
+AFFINE_TASK = "affine"
+#: Sample Data entry of the extension's lung vessel pair (inspiration fixed, expiration moving).
+SAMPLE_NAME = "DiffusionRegLungPair"
+SAMPLE_CATEGORY = "DiffusionReg"
+SAMPLE_NODE_NAMES = ("DiffusionRegLungFixed", "DiffusionRegLungMoving")
+#: The sample files and their sha256, fixed here: Sample Data checks the files against these
+#: (a checksum computed from the file it checks would check nothing).
+SAMPLE_SHA256 = {
+    "lung_vessels_fixed.nii.gz": "11dad3ce135ac2353717cc953ca84356f5e5858a8eaeea4c5390b0e5cfc2dc0e",
+    "lung_vessels_moving.nii.gz": "8b0b3a5d8bc57dddb1509d63b9bc395b0ae1a1e5c50f2f16b0cd6e26df7a039a",
+}
+#: The sample pair is binary lung vessel maps, the shipped lung-vessels model's modality.
+SAMPLE_MODALITY = "lung-vessels"
+SAMPLE = SamplePair(
+    SAMPLE_NAME,
+    SAMPLE_SHA256,
+    SAMPLE_NODE_NAMES,
+    Path(__file__).resolve().parent / "Resources" / "Icons" / f"{SAMPLE_NAME}.png",
+    SAMPLE_CATEGORY,
+)
+
+
+#
+# SynthPairs
+#
+
+
+class SynthPairs(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SynthPairs")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
+        self.parent.dependencies = ["DiffusionRegCore", "SpatialDiffusionReg"]
+        self.parent.contributors = ["DiffusionReg developers (DiffusionReg project)"]
+        self.parent.helpText = _(
+            "Deformable, inverse-consistent registration of a moving volume to a fixed volume (SITReg brain MRI, "
+            "ICON lung vessels, and any installed deformable model that fits). The result is a grid transform "
+            "(the moving volume is shown through it; the fixed volume never moves), its inverse as a second grid "
+            "transform, and the Jacobian determinant map (1 white, shrinking blue, growing red, folding yellow). "
+            "'Run the affine first' starts from a Spatial Diffusion Registration result. The computation runs in a "
+            "separate process; Cancel stops it. See docs/slicer.md of the DiffusionReg repository."
+        )
+        self.parent.acknowledgementText = _(
+            "Deformable registration in the DiffusionReg extension (SITReg; two-step ICON as in 'Unleashing "
+            "Registration'). Uses 3D Slicer, PyTorch (SlicerPyTorch), MONAI and SimpleITK."
+        )
+        slicer.app.connect("startupCompleted()", SAMPLE.register)
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class SynthPairsParameterNode:
+    """The Register panel's state, saved with the scene.
+
+    fixedVolume, movingVolume - the volumes to register (moving is aligned to fixed).
+    initialTransform - optional linear start (fixed -> the moving volume's own coordinates).
+    runAffineFirst, affineModality - chain Spatial Diffusion Registration (that modality's affine model) first.
+    fixedLabels, movingLabels - optional label maps: Dice before/after in the result.
+    outputTransform, outputInverseTransform, outputJacobian - results (created when None).
+    outputVolume - optional: moving resampled onto the fixed grid.
+    modality, model - deformable model choice ("" model: the modality's default).
+    instanceOptimization, refineIterations - -1 for the model's default, 0 to switch off.
+    showResult - put moving under the transform and show the overlay when done.
+    """
+
+    fixedVolume: vtkMRMLScalarVolumeNode
+    movingVolume: vtkMRMLScalarVolumeNode
+    initialTransform: vtkMRMLTransformNode
+    runAffineFirst: bool = False
+    affineModality: str = "mri"
+    fixedLabels: vtkMRMLLabelMapVolumeNode
+    movingLabels: vtkMRMLLabelMapVolumeNode
+    outputTransform: vtkMRMLTransformNode
+    outputInverseTransform: vtkMRMLTransformNode
+    outputJacobian: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    modality: str = SAMPLE_MODALITY
+    model: str = ""
+    instanceOptimization: Annotated[int, WithinRange(MODEL_DEFAULT, 100000)] = MODEL_DEFAULT
+    refineIterations: Annotated[int, WithinRange(MODEL_DEFAULT, 100000)] = MODEL_DEFAULT
+    showResult: bool = True
+
+
+#
+# Widget: the module's own inputs; the rest is DiffusionRegCore's JobPanel
+#
+
+
+class SynthPairsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.panel: JobPanel | None = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynthPairs.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SynthPairsLogic()
+        self.panel = JobPanel(
+            self.layout,
+            TASK,
+            self.reasonNotToRun,
+            self.startRegistration,
+            self.logic.requirementFiles(),
+            _("SynthPairs"),
+            _("Register"),
+            onResult=self.onResult,
+            logic=self.logic.coreLogic,
+            onModelChanged=self.onModelSelection,
+        )
+        self.layout.addStretch(1)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
+        self.ui.loadSampleDataButton.enabled = SAMPLE.available()
+        self.ui.affineModalityComboBox.connect("currentIndexChanged(int)", self.onAffineModalityChanged)
+        self.populateAffineModalities()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self.panel is not None:
+            self.panel.cancelRunning()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.panel.populateModels()
+        self.populateAffineModalities()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.panel.cancelRunning()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        reloadLib(["SpatialDiffusionRegLib.affine_job", "SynthPairsLib.deformable_job"])
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    # --- parameter node ---------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.fixedVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.fixedVolume = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
+            self.panel.selectModality(self._parameterNode.modality)
+            self.panel.selectModel(self._parameterNode.model)
+            self.onModelSelection()  # a saved modality no installed model supports is not kept
+            index = self.ui.affineModalityComboBox.findData(self._parameterNode.affineModality)
+            if index >= 0:
+                self.ui.affineModalityComboBox.currentIndex = index
+        self._onParameterChanged()
+
+    def _onParameterChanged(self, caller=None, event=None) -> None:
+        if self._parameterNode:
+            self.ui.affineModalityComboBox.enabled = self._parameterNode.runAffineFirst
+        self.panel.updateRunButton()
+
+    def onModelSelection(self) -> None:
+        """Modality and model are chosen in the kit's selectors; the parameter node keeps them, and
+        the iteration boxes show the chosen model's defaults."""
+        if self._parameterNode and self.panel.modality:
+            self._parameterNode.modality = self.panel.modality
+            self._parameterNode.model = self.panel.model
+        defaults = self.logic.inferenceDefaults(self.panel.modality, self.panel.model) if self.panel.modality else {}
+        io = defaults.get("io_steps")
+        refine = (defaults.get("refine") or {}).get("iterations")
+        for box, value in ((self.ui.instanceOptimizationSpinBox, io), (self.ui.refineIterationsSpinBox, refine)):
+            box.specialValueText = _("model default ({value})").format(value=value) if value is not None else _("model default")
+
+    def populateAffineModalities(self) -> None:
+        """'Run the affine first' offers the modalities an installed affine model supports."""
+        combo = self.ui.affineModalityComboBox
+        previous = combo.currentData
+        combo.blockSignals(True)
+        try:
+            combo.clear()
+            for modality in self.logic.affineModalities():
+                combo.addItem(model_choice.modalityLabel(modality), modality)
+            index = combo.findData(previous)
+            combo.currentIndex = index if index >= 0 else 0
+        finally:
+            combo.blockSignals(False)
+
+    def onAffineModalityChanged(self, index: int) -> None:
+        if self._parameterNode and self.ui.affineModalityComboBox.currentData:
+            self._parameterNode.affineModality = self.ui.affineModalityComboBox.currentData
+
+    # --- what the kit asks ---------------------------------------------------------------
+    def options(self) -> DeformableOptions:
+        """The job as the panel shows it (modality and model are what the kit's selectors show)."""
+        options = self.logic.optionsFromParameterNode(self._parameterNode, device=self.panel.device)
+        if self.panel.modality:  # none when no model is installed: the kit says so beside Register
+            options.modality, options.model = self.panel.modality, self.panel.model
+        return options
+
+    def reasonNotToRun(self) -> str:
+        if self._parameterNode is None:
+            return _("No parameter node")
+        options = self.options()
+        return options.isValid()[1] or self.logic.affineReason(options)
+
+    def startRegistration(self, panel: JobPanel) -> BackendTask:
+        self.ui.resultLabel.text = _("Running...")
+        return self.logic.start(
+            self.options(),
+            keepTemporaryFiles=panel.keepTemporaryFiles,
+            showResult=self._parameterNode.showResult,
+            onProgress=panel.onProgress,
+            onLog=panel.log,
+            onFinished=self.onFinished,
+        )
+
+    def onFinished(self, task: BackendTask) -> None:
+        if task.state != "completed":
+            self.ui.resultLabel.text = _("No result ({state}).").format(state=task.state)
+        self.panel.onFinished(task)
+
+    def onResult(self, result: DeformableResult) -> None:
+        for note in result.notes:
+            self.panel.log(note)
+        self.ui.resultLabel.text = result.summary()
+        self.panel.log(result.summary())
+        if self._parameterNode:
+            self._parameterNode.outputTransform = result.transformNode
+            self._parameterNode.outputInverseTransform = result.inverseTransformNode
+            self._parameterNode.outputJacobian = result.jacobianNode
+
+    def onLoadSampleData(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
+            fixed, moving = self.logic.loadSampleData()
+            self._parameterNode.fixedVolume = fixed
+            self._parameterNode.movingVolume = moving
+            self.panel.selectModality(SAMPLE_MODALITY)
+            slicer.util.setSliceViewerLayers(background=fixed, foreground=moving, foregroundOpacity=0.5, fit=True)
+
+
+#
+# Logic
+#
+
+
+class SynthPairsLogic(ScriptedLoadableModuleLogic):
+    """Deformable registration, callable without the panel.
+
+    ``processFactory`` (default: the real process runner) is injectable for tests.
+    ``register(fixed, moving, ...)`` blocks and returns a ``DeformableResult``; ``start(options)``
+    returns the running :class:`DiffusionRegCore.BackendTask` (the panel uses it).
+    """
+
+    def __init__(self, processFactory=BackendProcess) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.coreLogic = DiffusionRegCoreLogic(processFactory)
+
+    def getParameterNode(self):
+        return SynthPairsParameterNode(super().getParameterNode())
+
+    def requirementFiles(self) -> list:
+        """The deformable backend needs MONAI besides the common requirements."""
+        return self.coreLogic.requirementFiles("requirements-deformable.txt")
+
+    @staticmethod
+    def optionsFromParameterNode(p, device: str = "auto") -> DeformableOptions:
+        return DeformableOptions(
+            p.fixedVolume,
+            p.movingVolume,
+            p.outputTransform,
+            p.outputInverseTransform,
+            p.outputJacobian,
+            p.outputVolume,
+            initialTransform=p.initialTransform,
+            runAffineFirst=p.runAffineFirst,
+            affineModality=p.affineModality,
+            fixedLabels=p.fixedLabels,
+            movingLabels=p.movingLabels,
+            modality=p.modality,
+            model=p.model,
+            instanceOptimization=p.instanceOptimization,
+            refineIterations=p.refineIterations,
+            device=device,
+        )
+
+    # --- models -------------------------------------------------------------------------
+    def affineModalities(self) -> list[str]:
+        return model_choice.installedModalities(self.coreLogic.modelManager().models(AFFINE_TASK), AFFINE_TASK)
+
+    def modelReason(self, options: DeformableOptions) -> str:
+        entries = self.coreLogic.modelManager().models(TASK)
+        return model_choice.modelToRun(entries, TASK, options.modality, options.model)[1]
+
+    def affineReason(self, options: DeformableOptions) -> str:
+        """Why the chained affine run cannot run ("" when it is not asked for or can)."""
+        if not options.runAffineFirst:
+            return ""
+        entries = self.coreLogic.modelManager().models(AFFINE_TASK)
+        reason = model_choice.modelToRun(entries, AFFINE_TASK, options.affineModality, options.affineModel)[1]
+        return _("Run the affine first: {reason}").format(reason=reason) if reason else ""
+
+    def inferenceDefaults(self, modality: str, model: str = "") -> dict:
+        """The chosen model's registration defaults (config.json ``inference``), e.g. ``{"io_steps": 50, ...}``."""
+        entry = model_choice.modelToRun(self.coreLogic.modelManager().models(TASK), TASK, modality, model)[0]
+        return self.coreLogic.modelManager().inferenceDefaults(entry) if entry is not None else {}
+
+    # --- running ------------------------------------------------------------------------
+    def prepare(self, options: DeformableOptions):
+        """The job for ``options`` (inputs exported); raises ValueError with the reason it cannot run."""
+        reason = options.isValid()[1] or self.modelReason(options) or self.affineReason(options)
+        if reason:
+            raise ValueError(reason)
+        core = self.coreLogic
+        python, env = core.pythonExecutable(), core.backendEnvironment()  # may fail: before any folder exists
+        return prepareRegistration(options, slicer.mrmlScene, core.createWorkFolder, python, env)
+
+    def start(
+        self,
+        options: DeformableOptions,
+        keepTemporaryFiles: bool = False,
+        showResult: bool = True,
+        onProgress=None,
+        onLog=None,
+        onFinished: Callable[[BackendTask], None] | None = None,
+    ) -> BackendTask:
+        """Start the registration in the background; the result is shown when it completes."""
+        options.placeMoving = showResult
+        job = self.prepare(options)
+
+        def finished(task: BackendTask) -> None:
+            if task.state == "completed" and showResult:
+                self.showResult(options.fixedVolume, options.movingVolume, task.outputs)
+            if onFinished:
+                onFinished(task)
+
+        return self.coreLogic.startJob(
+            job, keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog, onFinished=finished
+        )
+
+    def register(
+        self,
+        fixedVolume,
+        movingVolume,
+        outputTransform=None,
+        outputInverseTransform=None,
+        outputJacobian=None,
+        outputVolume=None,
+        initialTransform=None,
+        runAffineFirst: bool = False,
+        affineModality: str = "mri",
+        fixedLabels=None,
+        movingLabels=None,
+        modality: str = SAMPLE_MODALITY,
+        model: str = "",
+        instanceOptimization: int = MODEL_DEFAULT,
+        refineIterations: int = MODEL_DEFAULT,
+        device: str | None = None,
+        keepTemporaryFiles: bool = False,
+        showResult: bool = True,
+        timeout: float | None = None,
+        onProgress=None,
+        onLog=None,
+    ) -> DeformableResult:
+        """Register ``movingVolume`` to ``fixedVolume`` and wait (Slicer stays responsive).
+
+        Returns the nodes (``transformNode``, ``inverseTransformNode``, ``jacobianNode``,
+        ``volumeNode``, ``affineTransformNode``) and the backend's ``report``; see
+        ``SynthPairsLib/deformable_job.py`` for what they map. ``instanceOptimization`` and
+        ``refineIterations``: -1 the model's default, 0 off. ``device``: auto, cpu, cuda, cuda:N
+        (default: the panel's choice). Dependencies are not installed here; call
+        ``DiffusionRegCoreLogic().ensureDependencies(SynthPairsLogic().requirementFiles())`` first
+        if needed. Raises ValueError for unusable inputs and RuntimeError when the run fails or is
+        cancelled; ``timeout`` (seconds) applies to each step.
+        """
+        options = DeformableOptions(
+            fixedVolume,
+            movingVolume,
+            outputTransform,
+            outputInverseTransform,
+            outputJacobian,
+            outputVolume,
+            initialTransform=initialTransform,
+            runAffineFirst=runAffineFirst,
+            affineModality=affineModality,
+            fixedLabels=fixedLabels,
+            movingLabels=movingLabels,
+            modality=modality,
+            model=model,
+            instanceOptimization=instanceOptimization,
+            refineIterations=refineIterations,
+            device=device or self.coreLogic.savedDevice(),
+            placeMoving=showResult,
+        )
+        outcome = runJob(
+            self.prepare(options),
+            self.coreLogic.processFactory,
+            timeout,
+            keepTemporaryFiles,
+            onProgress,
+            onLog,
+            idle=slicer.app.processEvents,
+        )
+        if outcome.state != "completed":
+            raise RuntimeError(f"registration {outcome.state}: {outcome.error or 'see the log'}")
+        if showResult:
+            self.showResult(fixedVolume, movingVolume, outcome.outputs)
+        return outcome.outputs
+
+    # --- results --------------------------------------------------------------------------
+    @staticmethod
+    def showResult(fixedVolume, movingVolume, result: DeformableResult) -> None:
+        """Fixed volume in the background, the resampled (or transformed moving) volume on top."""
+        foreground = result.volumeNode or movingVolume
+        if result.volumeNode is not None:
+            if result.volumeNode.GetDisplayNode() is None:
+                result.volumeNode.CreateDefaultDisplayNodes()
+            source = movingVolume.GetDisplayNode()
+            if source is not None and source.GetColorNodeID():
+                result.volumeNode.GetDisplayNode().SetAndObserveColorNodeID(source.GetColorNodeID())
+        slicer.util.setSliceViewerLayers(background=fixedVolume, foreground=foreground, foregroundOpacity=0.5, fit=False)
+
+    # --- sample data ----------------------------------------------------------------------
+    @staticmethod
+    def loadSampleData():
+        """Load the extension's lung vessel pair; returns ``(fixed, moving)`` volume nodes."""
+        return SAMPLE.load()
+
+
+#
+# Test
+#
+
+
+class SynthPairsTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer (Reload and Test, or ctest). The registration test registers the sample lung
+    pair end to end on the CPU and checks the result (grid transforms, folding 0, fixed never
+    moves); without PyTorch/MONAI or the lung-vessels model it is skipped with a message saying
+    what is missing (it never installs anything)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_inputChecks()
+        self.setUp()
+        self.test_parameterNode()
+        self.setUp()
+        self.test_registration()
+
+    def _syntheticVolume(self, name):
+        import numpy as np
+
+        k, j, i = np.meshgrid(np.arange(24), np.arange(28), np.arange(32), indexing="ij")
+        array = np.exp(-(((k - 12) / 5) ** 2 + ((j - 14) / 7) ** 2 + ((i - 16) / 9) ** 2))
+        return slicer.util.addVolumeFromArray((array * 100).astype(np.float32), name=name)
+
+    def test_inputChecks(self):
+        self.delayDisplay("Input checks")
+        fixed = self._syntheticVolume("fixed")
+        moving = self._syntheticVolume("moving")
+        self.assertIn("Select", DeformableOptions().isValid()[1])
+        self.assertIn("moving", DeformableOptions(fixed).isValid()[1])
+        self.assertIn("different", DeformableOptions(fixed, fixed).isValid()[1])
+        self.assertEqual(DeformableOptions(fixed, moving).isValid(), (True, ""))
+        self.assertIn("output volume", DeformableOptions(fixed, moving, outputVolume=moving).isValid()[1])
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTransformNode")
+        fixed.SetAndObserveTransformNodeID(transform.GetID())
+        self.assertIn("fixed volume must not be under", DeformableOptions(fixed, moving, transform).isValid()[1])
+        self.delayDisplay("Test passed")
+
+    def test_parameterNode(self):
+        self.delayDisplay("Parameter node round trip")
+        logic = SynthPairsLogic()
+        p = logic.getParameterNode()
+        fixed = self._syntheticVolume("fixed")
+        p.fixedVolume = fixed
+        p.modality = "mri"
+        p.refineIterations = 0
+        self.assertEqual(logic.getParameterNode().fixedVolume.GetID(), fixed.GetID())
+        options = logic.optionsFromParameterNode(logic.getParameterNode(), device="cpu")
+        self.assertEqual((options.modality, options.refineIterations, options.device), ("mri", 0, "cpu"))
+        self.assertEqual(options.instanceOptimization, MODEL_DEFAULT)
+        self.delayDisplay("Test passed")
+
+    def _skipReason(self) -> str:
+        from DiffusionRegCoreLib import install
+
+        if install.installedVersion("torch") is None:
+            return (
+                "PyTorch is not installed in this Slicer: install it with the PyTorch Utils module "
+                "(or press Register once) to run the registration test"
+            )
+        plan = DiffusionRegCoreLogic().dependencyPlan(SynthPairsLogic().requirementFiles())
+        if plan.pipRequirements:
+            return "missing Python packages: " + ", ".join(plan.pipRequirements) + " (press Install dependencies)"
+        reason = SynthPairsLogic().modelReason(DeformableOptions(modality=SAMPLE_MODALITY))
+        if reason:
+            return reason
+        if not SAMPLE.available():
+            return "the sample data files are missing from Resources/Sample"
+        return ""
+
+    def test_registration(self):
+        import numpy as np
+
+        from DiffusionRegCoreLib import mrml_io
+
+        reason = self._skipReason()
+        if reason:
+            self.delayDisplay(f"Skipping the registration test: {reason}")
+            self.skipTest(reason)
+        self.delayDisplay("Loading sample data")
+        logic = SynthPairsLogic()
+        fixed, moving = logic.loadSampleData()
+        fixedBefore = mrml_io.volumeIjkToRas(fixed)
+        self.delayDisplay("Registering the lung vessel pair (CPU, the model's defaults: a few minutes)")
+        result = logic.register(fixed, moving, modality=SAMPLE_MODALITY, device="cpu", timeout=3600)
+        for node in (result.transformNode, result.inverseTransformNode):
+            self.assertFalse(node.IsLinear())
+            self.assertEqual(node.GetTransformFromParent().GetClassName(), "vtkOrientedGridTransform")
+        self.assertEqual(result.report["folding_percent"], 0.0)
+        self.assertLess(result.report["ice_mean_mm"], 0.5)
+        movingRef, fixedRef = mrml_io.registrationReferences(result.transformNode)
+        self.assertEqual((movingRef.GetID(), fixedRef.GetID()), (moving.GetID(), fixed.GetID()))
+        self.assertEqual(moving.GetParentTransformNode().GetID(), result.transformNode.GetID())
+        np.testing.assert_allclose(mrml_io.volumeIjkToRas(fixed), fixedBefore, atol=1e-9)  # the fixed volume never moves
+        self.assertEqual(result.jacobianNode.GetImageData().GetDimensions(), fixed.GetImageData().GetDimensions())
+        self.assertGreater(float(slicer.util.arrayFromVolume(result.jacobianNode).min()), 0.0)
+        self.delayDisplay(f"Test passed: {result.summary()}")
