@@ -68,13 +68,16 @@ def _map_jacobian(field: torch.Tensor, to_index: torch.Tensor, points: torch.Ten
     return torch.stack(columns, dim=-1) + torch.eye(3, dtype=points.dtype)
 
 
-def _inverse_jacobian(inverse: np.ndarray, grid: Grid) -> torch.Tensor:
-    """``I + dDinv/dq`` per moving voxel in world units: ``(*shape, 3, 3)`` float32."""
-    field = torch.from_numpy(np.ascontiguousarray(inverse, dtype=np.float32)).permute(3, 0, 1, 2)
-    per_index = torch.stack(torch.gradient(field, dim=(1, 2, 3)), dim=-1)  # (3 comp, *shape, 3 index axes)
-    index_per_world = torch.as_tensor(np.linalg.inv(grid.affine[:3, :3]), dtype=torch.float32)
-    jacobian = per_index.movedim(0, -2) @ index_per_world  # (*shape, 3 comp, 3 world)
-    return jacobian + torch.eye(3)
+def _inverse_jacobian(inverse: np.ndarray, grid: Grid, start: int, stop: int) -> torch.Tensor:
+    """``I + dDinv/dq`` in world units at the moving voxels of rows ``[start, stop)``:
+    ``(rows, n1, n2, 3, 3)`` float64 (central differences, one-sided on the grid's faces; a row of
+    halo on each side keeps slab edges central, so slabs agree with the whole-volume result)."""
+    lo, hi = max(start - 1, 0), min(stop + 1, inverse.shape[0])
+    field = torch.from_numpy(np.ascontiguousarray(inverse[lo:hi], dtype=np.float64)).permute(3, 0, 1, 2)
+    per_index = torch.stack(torch.gradient(field, dim=(1, 2, 3)), dim=-1)[:, start - lo : stop - lo]  # (comp, ..., axis)
+    index_per_world = torch.as_tensor(np.linalg.inv(grid.affine[:3, :3]), dtype=torch.float64)
+    jacobian = per_index.movedim(0, -2) @ index_per_world  # (..., 3 comp, 3 world)
+    return jacobian + torch.eye(3, dtype=torch.float64)
 
 
 def solve_inverse(
@@ -89,7 +92,6 @@ def solve_inverse(
     field = torch.from_numpy(np.ascontiguousarray(forward.array, dtype=np.float64)).permute(3, 0, 1, 2)[None]
     to_index = torch.as_tensor(np.linalg.inv(forward.affine), dtype=torch.float64)
     fixed_shape = forward.shape
-    jacobian = _inverse_jacobian(inverse, moving_grid)
     moving_affine = torch.as_tensor(moving_grid.affine, dtype=torch.float64)
     out = np.array(inverse, dtype=np.float32, copy=True)
     residuals: list[torch.Tensor] = []
@@ -100,7 +102,7 @@ def solve_inverse(
         index[:, 0] += start
         q = (index[0].reshape(3, -1).T @ moving_affine[:3, :3].T) + moving_affine[:3, 3]
         p = q + torch.from_numpy(out[start:stop].reshape(-1, 3)).double()
-        slab_jacobian = jacobian[start:stop].reshape(-1, 3, 3).double()
+        slab_jacobian = _inverse_jacobian(inverse, moving_grid, start, stop).reshape(-1, 3, 3)
         start_forward, start_inside = _forward_at(field, to_index, p, fixed_shape)
         error = p + start_forward - q
         # A start beyond the field has no preimage to find there: those voxels are left as they are.
