@@ -47,7 +47,7 @@ from DiffusionRegCoreLib import device as deviceProbe
 from DiffusionRegCoreLib import install as dependencyInstall
 from DiffusionRegCoreLib import model_choice, mrml_io, paths
 from DiffusionRegCoreLib import models as modelRegistry
-from DiffusionRegCoreLib.job import JobOutcome, PreparedJob, finishJob, nextJob, prefixedProgress
+from DiffusionRegCoreLib.job import JobOutcome, PreparedJob, finishJob, nextJob, prefixedProgress, runJob
 from DiffusionRegCoreLib.process import BackendProcess, WorkFolder
 from DiffusionRegCoreLib.progress import OverallProgress, ProgressEvent
 
@@ -374,6 +374,37 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
     def startJob(self, job: PreparedJob, **kwargs) -> BackendTask:
         """Run ``job`` in the background; see :class:`BackendTask` for the callbacks."""
         return BackendTask(job, self.processFactory, **kwargs).start()
+
+    def runToEnd(
+        self,
+        job: PreparedJob,
+        timeout: float | None = None,
+        keepTemporaryFiles: bool = False,
+        onProgress: Callable[[ProgressEvent], None] | None = None,
+        onLog: Callable[[str], None] | None = None,
+    ):
+        """Run ``job`` (and the steps chained after it) and wait, Slicer staying responsive.
+
+        Returns what the job imported; raises RuntimeError when it failed or was cancelled
+        (``timeout`` seconds per step cancels it).
+        """
+        outcome = runJob(job, self.processFactory, timeout, keepTemporaryFiles, onProgress, onLog, idle=slicer.app.processEvents)
+        if outcome.state != "completed":
+            raise RuntimeError(f"registration {outcome.state}: {outcome.error or 'see the log'}")
+        return outcome.outputs
+
+    @staticmethod
+    def showOverlay(fixedVolume, movingVolume, resampledVolume=None) -> None:
+        """Fixed volume in the background, the resampled volume (else the moving one, shown through
+        its transform) on top at 50 %; the resampled volume gets the moving volume's colours."""
+        if resampledVolume is not None:
+            if resampledVolume.GetDisplayNode() is None:
+                resampledVolume.CreateDefaultDisplayNodes()
+            source = movingVolume.GetDisplayNode()
+            if source is not None and source.GetColorNodeID():
+                resampledVolume.GetDisplayNode().SetAndObserveColorNodeID(source.GetColorNodeID())
+        foreground = resampledVolume or movingVolume
+        slicer.util.setSliceViewerLayers(background=fixedVolume, foreground=foreground, foregroundOpacity=0.5, fit=False)
 
     def probeDevices(
         self, onFinished: Callable[[deviceProbe.DeviceInfo], None] | None = None, wait: bool = False, timeout: float = 180.0

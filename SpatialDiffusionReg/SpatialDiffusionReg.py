@@ -56,7 +56,6 @@ _makeCoreImportable()
 
 from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, SamplePair, reloadLib
 from DiffusionRegCoreLib import model_choice
-from DiffusionRegCoreLib.job import runJob
 from DiffusionRegCoreLib.process import BackendProcess
 from SpatialDiffusionRegLib.affine_job import (
     INITIALIZE_CHOICES,
@@ -412,20 +411,10 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
             device=device or self.coreLogic.savedDevice(),
             placeMoving=showResult,
         )
-        outcome = runJob(
-            self.prepare(options),
-            self.coreLogic.processFactory,
-            timeout,
-            keepTemporaryFiles,
-            onProgress,
-            onLog,
-            idle=slicer.app.processEvents,
-        )
-        if outcome.state != "completed":
-            raise RuntimeError(f"registration {outcome.state}: {outcome.error or 'see the log'}")
+        result = self.coreLogic.runToEnd(self.prepare(options), timeout, keepTemporaryFiles, onProgress, onLog)
         if showResult:
-            self.showResult(fixedVolume, movingVolume, outcome.outputs)
-        return outcome.outputs
+            self.showResult(fixedVolume, movingVolume, result)
+        return result
 
     def registerUsingParameterNode(self, parameterNode=None, **kwargs) -> AffineResult:
         """Run :meth:`register` with the values of a parameter node (the panel's by default)."""
@@ -449,14 +438,7 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def showResult(fixedVolume, movingVolume, result: AffineResult) -> None:
         """Fixed volume in the background, the resampled (or transformed moving) volume on top."""
-        foreground = result.volumeNode or movingVolume
-        if result.volumeNode is not None:
-            if result.volumeNode.GetDisplayNode() is None:
-                result.volumeNode.CreateDefaultDisplayNodes()
-            source = movingVolume.GetDisplayNode()
-            if source is not None and source.GetColorNodeID():
-                result.volumeNode.GetDisplayNode().SetAndObserveColorNodeID(source.GetColorNodeID())
-        slicer.util.setSliceViewerLayers(background=fixedVolume, foreground=foreground, foregroundOpacity=0.5, fit=False)
+        DiffusionRegCoreLogic.showOverlay(fixedVolume, movingVolume, result.volumeNode)
 
     # --- sample data ----------------------------------------------------------------------
     @staticmethod

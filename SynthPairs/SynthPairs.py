@@ -69,7 +69,6 @@ from SynthPairsLib.deformable_job import (
 
 from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, SamplePair, reloadLib
 from DiffusionRegCoreLib import model_choice
-from DiffusionRegCoreLib.job import runJob
 from DiffusionRegCoreLib.process import BackendProcess
 
 #: The affine task whose installed models "run the affine first" can use.
@@ -263,6 +262,8 @@ class SynthPairsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelSelection(self) -> None:
         """Modality and model are chosen in the kit's selectors; the parameter node keeps them, and
         the iteration boxes show the chosen model's defaults."""
+        if self.panel is None:  # called while the kit builds its selectors
+            return
         if self._parameterNode and self.panel.modality:
             self._parameterNode.modality = self.panel.modality
             self._parameterNode.model = self.panel.model
@@ -492,33 +493,16 @@ class SynthPairsLogic(ScriptedLoadableModuleLogic):
             device=device or self.coreLogic.savedDevice(),
             placeMoving=showResult,
         )
-        outcome = runJob(
-            self.prepare(options),
-            self.coreLogic.processFactory,
-            timeout,
-            keepTemporaryFiles,
-            onProgress,
-            onLog,
-            idle=slicer.app.processEvents,
-        )
-        if outcome.state != "completed":
-            raise RuntimeError(f"registration {outcome.state}: {outcome.error or 'see the log'}")
+        result = self.coreLogic.runToEnd(self.prepare(options), timeout, keepTemporaryFiles, onProgress, onLog)
         if showResult:
-            self.showResult(fixedVolume, movingVolume, outcome.outputs)
-        return outcome.outputs
+            self.showResult(fixedVolume, movingVolume, result)
+        return result
 
     # --- results --------------------------------------------------------------------------
     @staticmethod
     def showResult(fixedVolume, movingVolume, result: DeformableResult) -> None:
         """Fixed volume in the background, the resampled (or transformed moving) volume on top."""
-        foreground = result.volumeNode or movingVolume
-        if result.volumeNode is not None:
-            if result.volumeNode.GetDisplayNode() is None:
-                result.volumeNode.CreateDefaultDisplayNodes()
-            source = movingVolume.GetDisplayNode()
-            if source is not None and source.GetColorNodeID():
-                result.volumeNode.GetDisplayNode().SetAndObserveColorNodeID(source.GetColorNodeID())
-        slicer.util.setSliceViewerLayers(background=fixedVolume, foreground=foreground, foregroundOpacity=0.5, fit=False)
+        DiffusionRegCoreLogic.showOverlay(fixedVolume, movingVolume, result.volumeNode)
 
     # --- sample data ----------------------------------------------------------------------
     @staticmethod
