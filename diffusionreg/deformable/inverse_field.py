@@ -48,7 +48,7 @@ def _forward_at(field: torch.Tensor, to_index: torch.Tensor, points: torch.Tenso
     """ITK's reading of a displacement field at LPS points ``(N, 3)``: trilinear, border within
     half a voxel beyond the outer centres, zero further out; and the mask of points inside."""
     index = points @ to_index[:3, :3].T + to_index[:3, 3]
-    values = spaces.sample(field, index.T[None])[0].T
+    values = spaces.sample(field, index.T[None])[0].T.to(points.dtype)
     upper = torch.tensor(shape, dtype=index.dtype) - 0.5
     inside = ((index >= -0.5) & (index < upper)).all(dim=1)
     return torch.where(inside[:, None], values, torch.zeros_like(values)), inside
@@ -89,7 +89,8 @@ def solve_inverse(
     ``iterations`` steps at most per voxel; a voxel stops once its residual is ``<= tolerance_mm``.
     """
     shape = moving_grid.shape
-    field = torch.from_numpy(np.ascontiguousarray(forward.array, dtype=np.float64)).permute(3, 0, 1, 2)[None]
+    # float32 as written (and half the memory of a large CT grid); positions and residuals are float64.
+    field = torch.from_numpy(np.ascontiguousarray(forward.array, dtype=np.float32)).permute(3, 0, 1, 2)[None]
     to_index = torch.as_tensor(np.linalg.inv(forward.affine), dtype=torch.float64)
     fixed_shape = forward.shape
     moving_affine = torch.as_tensor(moving_grid.affine, dtype=torch.float64)
