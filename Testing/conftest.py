@@ -77,33 +77,14 @@ def tiny_registry(tmp_path_factory) -> Path:
     their sha256: ``tiny-affine`` (affine, mri) and ``tiny-sitreg`` (deformable, any). For tests
     of files, errors and cancellation, not accuracy; they load by name like shipped models."""
     torch = pytest.importorskip("torch")
-    from safetensors.torch import save_file
+    from tiny_models import tiny_affine_config, write_affine_model
 
-    from diffusionreg.affine.config import AffineConfig
-    from diffusionreg.affine.register import build_model
     from diffusionreg.deformable.config import DeformableConfig, SITRegConfig
     from diffusionreg.deformable.register import build_network, export_model
     from diffusionreg.registry import sha256_file
 
     root = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    affine = AffineConfig(
-        name="tiny-affine",
-        grid_size=16,
-        spacing_mm=12.0,
-        widths=(2, 4, 4, 8),
-        norm_groups=2,
-        time_dim=8,
-        time_hidden=16,
-        timesteps=4,
-        zero_init_head=False,
-    )
-    (root / "affine").mkdir()
-    save_file(
-        {k: v.detach().contiguous() for k, v in build_model(affine).net.state_dict().items()},
-        str(root / "affine" / "model.safetensors"),
-    )
-    (root / "affine" / "config.json").write_text(affine.to_json(), encoding="utf-8")
+    write_affine_model(tiny_affine_config("tiny-affine"), root / "affine")
     sitreg = DeformableConfig(
         name="tiny-sitreg",
         method="sitreg",

@@ -88,32 +88,15 @@ def _deformable_cli(model: str, out: Path) -> np.ndarray:
 def tiny_affine_model(tmp_path):
     """A small random model whose config asks for non-default registration settings, so a CLI that
     ignored the config (or an API that did) would give another answer."""
-    import torch
-    from safetensors.torch import save_file
+    from tiny_models import tiny_affine_config, write_affine_model
 
-    from diffusionreg.affine.config import AffineConfig, AffineInference, RefineConfig, RefineLevel
-    from diffusionreg.affine.register import build_model
+    from diffusionreg.affine.config import AffineInference, RefineConfig, RefineLevel
 
-    torch.manual_seed(0)
     inference = AffineInference(
         steps=3, bidirectional=True, initialize="center", refine=RefineConfig(levels=(RefineLevel(8.0, 3),))
     )
-    config = AffineConfig(
-        name="tiny",
-        grid_size=16,
-        spacing_mm=12.0,
-        widths=(2, 4, 4, 8),
-        norm_groups=2,
-        time_dim=8,
-        time_hidden=16,
-        timesteps=4,
-        zero_init_head=False,
-        inference=inference,
-    )
     folder = tmp_path / "tiny-affine"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in build_model(config).net.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(config.to_json(), encoding="utf-8")
+    write_affine_model(tiny_affine_config("tiny", inference=inference), folder)
     return folder
 
 

@@ -29,30 +29,10 @@ TOLERANCE_MM = 1e-4
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """``model.safetensors`` + ``config.json`` of a tiny random affine network (--model PATH)."""
-    torch = pytest.importorskip("torch", reason="the affine command needs torch (installed with the backend)")
-    from safetensors.torch import save_file
+    pytest.importorskip("torch", reason="the affine command needs torch (installed with the backend)")
+    from tiny_models import tiny_affine_config, write_affine_model
 
-    from diffusionreg.affine.config import AffineConfig
-    from diffusionreg.affine.register import build_model
-
-    torch.manual_seed(0)
-    config = AffineConfig(
-        name="tiny-test",
-        grid_size=16,
-        spacing_mm=12.0,
-        widths=(2, 4, 4, 8),
-        norm_groups=2,
-        time_dim=8,
-        time_hidden=16,
-        timesteps=4,
-        zero_init_head=False,
-    )
-    model = build_model(config)
-    folder = tmp_path_factory.mktemp("tiny_model")
-    state = {k: v.detach().contiguous() for k, v in model.net.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(config.to_json(), encoding="utf-8")
-    return folder / "model.safetensors"
+    return write_affine_model(tiny_affine_config("tiny-test"), tmp_path_factory.mktemp("tiny_model"))
 
 
 def test_affine_job_runs_the_backend_and_loads_what_simpleitk_reads(
