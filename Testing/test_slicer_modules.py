@@ -39,6 +39,7 @@ from DiffusionRegCoreLib import (
     command,
     device,
     install,
+    job,
     model_choice,
     models,
     paths,
@@ -642,6 +643,49 @@ def test_work_folder_is_removed_unless_kept(tmp_path: Path) -> None:
     folder.file("a.txt").write_text("x")
     assert folder.cleanup(keep=True) is False and folder.path.exists()
     assert folder.cleanup() is True and not folder.path.exists()
+
+
+def test_chained_jobs_run_in_turn_with_one_progress_and_stop_at_the_first_failure(tmp_path: Path) -> None:
+    """``PreparedJob.then``: the next step is prepared from the previous one's outputs and runs only
+    when it completed; its progress stages keep apart through ``stagePrefix``."""
+
+    def step(name: str, code: str, prefix: str = "", then=None) -> job.PreparedJob:
+        emit = f"print(json.dumps({{'stage': 'read', 'fraction': 1.0, 'message': {name!r}}}), flush=True)"
+        command_line = [sys.executable, "-c", f"import json, sys; {emit}; {code}"]
+        return job.PreparedJob(
+            name, command_line, process.WorkFolder(tmp_path), lambda result: name, stagePrefix=prefix, then=then
+        )
+
+    prepared: list[str] = []
+
+    def second(outputs):
+        prepared.append(outputs)
+        return step("second", "pass")
+
+    first = step("first", "pass", "first: ", second)
+    first.stageWeights = {
+        **job.stageWeightsOfStep({"read": 1.0}, "first: ", 0.25),
+        **job.stageWeightsOfStep({"read": 3.0}, "", 0.75),
+    }
+    assert first.stageWeights == {"first: read": 0.25, "read": 0.75}
+    events = []
+    outcome = job.runJob(first, timeout=60, onProgress=events.append)
+    assert (outcome.state, outcome.outputs, prepared) == ("completed", "second", ["first"])
+    assert [e.stage for e in events] == ["first: read", "read"]
+    overall = progress.OverallProgress(first.stageWeights)
+    assert [round(overall.update(e).fraction, 6) for e in events] == [0.25, 1.0]
+
+    prepared.clear()
+    failed = job.runJob(step("first", "sys.exit(2)", then=second), timeout=60)
+    assert failed.state == "failed" and prepared == [], "a failed step does not start the next one"
+
+    def broken(outputs):
+        raise ValueError("the affine result is not linear")
+
+    logged: list[str] = []
+    outcome = job.runJob(step("first", "pass", then=broken), timeout=60, onLog=logged.append)
+    assert outcome.state == "failed" and outcome.error == "could not start the next step: the affine result is not linear"
+    assert outcome.error in logged
 
 
 # --- device probe ---------------------------------------------------------------------------------------
