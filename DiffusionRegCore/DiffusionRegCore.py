@@ -27,12 +27,14 @@ from pathlib import Path
 
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
 try:
     from slicer.i18n import tr as _
@@ -857,6 +859,176 @@ class JobPanel:
 
 #
 # DiffusionRegCoreWidget: dependencies, devices and models for all modules
+#
+# The module widget every registration module derives from
+#
+
+
+class JobModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The widget of a DiffusionReg registration module: its ``.ui`` (inputs, outputs, options bound
+    to the parameter node by ``SlicerParameterName``), the kit's :class:`JobPanel` below, and the
+    scene / parameter-node lifecycle every module shares.
+
+    A module's ``<Module>Widget`` derives from it and sets ``task`` (the model task of the kit's
+    selectors), ``requester`` (its title, for dialogs), ``libModules`` (its ``...Lib`` modules, for
+    Reload) and, with a ``loadSampleDataButton`` in its ``.ui``, ``sample`` and ``sampleModality``.
+    It implements :meth:`createLogic` (a logic with ``getParameterNode``, ``requirementFiles``,
+    ``coreLogic``, ``optionsFromParameterNode``, ``start`` and ``loadSampleData``) and may extend
+    :meth:`setupModule`, :meth:`onParametersChanged`, :meth:`onModelSelection`,
+    :meth:`reasonNotToRun`, :meth:`startRegistration` and :meth:`onResult`. The parameter node has
+    ``fixedVolume``, ``movingVolume``, ``modality``, ``model``, ``outputTransform`` and ``showResult``.
+    """
+
+    task: str = ""
+    requester: str = ""
+    libModules: tuple[str, ...] = ()
+    sample: SamplePair | None = None
+    sampleModality: str = ""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.panel: JobPanel | None = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    # --- what a module provides ---------------------------------------------------------
+    def createLogic(self):
+        raise NotImplementedError
+
+    def setupModule(self) -> None:
+        """Module widgets' connections, after the panel is built and before the parameter node is set."""
+
+    def onParametersChanged(self) -> None:
+        """The parameter node changed (the Register button is updated after this)."""
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{self.moduleName}.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = self.createLogic()
+        self.panel = JobPanel(
+            self.layout,
+            self.task,
+            self.reasonNotToRun,
+            self.startRegistration,
+            self.logic.requirementFiles(),
+            self.requester,
+            _("Register"),
+            onResult=self.onResult,
+            logic=self.logic.coreLogic,
+            onModelChanged=self.onModelSelection,
+        )
+        self.layout.addStretch(1)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        if self.sample is not None:
+            self.ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
+            self.ui.loadSampleDataButton.enabled = self.sample.available()
+        self.setupModule()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self.panel is not None:
+            self.panel.cancelRunning()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.panel.populateModels()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.panel.cancelRunning()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        reloadLib(self.libModules)
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    # --- parameter node ---------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.fixedVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.fixedVolume = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
+            self.panel.selectModality(self._parameterNode.modality)
+            self.panel.selectModel(self._parameterNode.model)
+            self.onModelSelection()  # a saved modality no installed model supports is not kept
+        self._onParameterChanged()
+
+    def _onParameterChanged(self, caller=None, event=None) -> None:
+        if self._parameterNode:
+            self.onParametersChanged()
+        self.panel.updateRunButton()
+
+    def onModelSelection(self) -> None:
+        """Modality and model are chosen in the kit's selectors; the parameter node keeps them."""
+        if self.panel is not None and self._parameterNode and self.panel.modality:
+            self._parameterNode.modality = self.panel.modality
+            self._parameterNode.model = self.panel.model
+
+    # --- what the kit asks ---------------------------------------------------------------
+    def options(self):
+        """The job as the panel shows it (modality and model are what the kit's selectors show)."""
+        options = self.logic.optionsFromParameterNode(self._parameterNode, device=self.panel.device)
+        if self.panel.modality:  # none when no model is installed: the kit says so beside Register
+            options.modality, options.model = self.panel.modality, self.panel.model
+        return options
+
+    def reasonNotToRun(self) -> str:
+        if self._parameterNode is None:
+            return _("No parameter node")
+        return self.options().isValid()[1]
+
+    def startRegistration(self, panel: JobPanel) -> BackendTask:
+        return self.logic.start(
+            self.options(),
+            keepTemporaryFiles=panel.keepTemporaryFiles,
+            showResult=self._parameterNode.showResult,
+            onProgress=panel.onProgress,
+            onLog=panel.log,
+            onFinished=panel.onFinished,
+        )
+
+    def onResult(self, result) -> None:
+        for note in result.notes:
+            self.panel.log(note)
+        if self._parameterNode and result.transformNode is not None:
+            self._parameterNode.outputTransform = result.transformNode
+
+    def onLoadSampleData(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
+            fixed, moving = self.logic.loadSampleData()
+            self._parameterNode.fixedVolume = fixed
+            self._parameterNode.movingVolume = moving
+            self.panel.selectModality(self.sampleModality)
+            slicer.util.setSliceViewerLayers(background=fixed, foreground=moving, foregroundOpacity=0.5, fit=True)
+
+
 #
 
 

@@ -20,16 +20,13 @@ from pathlib import Path
 from typing import Annotated
 
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
 try:
     from slicer.i18n import tr as _
@@ -54,7 +51,7 @@ def _makeCoreImportable() -> None:
 
 _makeCoreImportable()
 
-from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, SamplePair, reloadLib
+from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleWidget, SamplePair
 from DiffusionRegCoreLib import model_choice
 from DiffusionRegCoreLib.process import BackendProcess
 from SpatialDiffusionRegLib.affine_job import (
@@ -166,135 +163,18 @@ class SpatialDiffusionRegParameterNode:
 #
 
 
-class SpatialDiffusionRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self.panel: JobPanel | None = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+class SpatialDiffusionRegWidget(JobModuleWidget):
+    """The module's inputs, outputs and options (``Resources/UI``); the rest is DiffusionRegCore's
+    :class:`JobModuleWidget` and :class:`JobPanel`."""
 
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SpatialDiffusionReg.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = SpatialDiffusionRegLogic()
-        self.panel = JobPanel(
-            self.layout,
-            TASK,
-            self.reasonNotToRun,
-            self.startRegistration,
-            self.logic.requirementFiles(),
-            _("Spatial Diffusion Registration"),
-            _("Register"),
-            onResult=self.onResult,
-            logic=self.logic.coreLogic,
-            onModelChanged=self.onModelSelection,
-        )
-        self.layout.addStretch(1)
+    task = TASK
+    requester = _("Spatial Diffusion Registration")
+    libModules = ("SpatialDiffusionRegLib.affine_job",)
+    sample = SAMPLE
+    sampleModality = SAMPLE_MODALITY
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
-        self.ui.loadSampleDataButton.enabled = all(f.is_file() for f in sampleFiles())
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        if self.panel is not None:
-            self.panel.cancelRunning()
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-        self.panel.populateModels()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.panel.cancelRunning()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def onReload(self) -> None:
-        reloadLib(["SpatialDiffusionRegLib.affine_job"])
-        ScriptedLoadableModuleWidget.onReload(self)
-
-    # --- parameter node ---------------------------------------------------------------
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.fixedVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
-                self._parameterNode.fixedVolume = first
-
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
-            self.panel.selectModality(self._parameterNode.modality)
-            self.panel.selectModel(self._parameterNode.model)
-            self.onModelSelection()  # a saved modality no installed model supports is not kept
-        self.panel.updateRunButton()
-
-    def _onParameterChanged(self, caller=None, event=None) -> None:
-        self.panel.updateRunButton()
-
-    def onModelSelection(self) -> None:
-        """Modality and model are chosen in the kit's selectors; the parameter node keeps them."""
-        if self._parameterNode and self.panel.modality:
-            self._parameterNode.modality = self.panel.modality
-            self._parameterNode.model = self.panel.model
-
-    # --- what the kit asks ---------------------------------------------------------------
-    def options(self) -> AffineOptions:
-        """The job as the panel shows it (modality and model are what the kit's selectors show)."""
-        options = self.logic.optionsFromParameterNode(self._parameterNode, device=self.panel.device)
-        if self.panel.modality:  # none when no model is installed: the kit says so beside Register
-            options.modality, options.model = self.panel.modality, self.panel.model
-        return options
-
-    def reasonNotToRun(self) -> str:
-        if self._parameterNode is None:
-            return _("No parameter node")
-        return self.options().isValid()[1]
-
-    def startRegistration(self, panel: JobPanel) -> BackendTask:
-        return self.logic.start(
-            self.options(),
-            keepTemporaryFiles=panel.keepTemporaryFiles,
-            showResult=self._parameterNode.showResult,
-            onProgress=panel.onProgress,
-            onLog=panel.log,
-            onFinished=panel.onFinished,
-        )
-
-    def onResult(self, result: AffineResult) -> None:
-        for note in result.notes:
-            self.panel.log(note)
-        if self._parameterNode and result.transformNode is not None:
-            self._parameterNode.outputTransform = result.transformNode
-
-    def onLoadSampleData(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
-            fixed, moving = self.logic.loadSampleData()
-            self._parameterNode.fixedVolume = fixed
-            self._parameterNode.movingVolume = moving
-            self.panel.selectModality(SAMPLE_MODALITY)
-            slicer.util.setSliceViewerLayers(background=fixed, foreground=moving, foregroundOpacity=0.5, fit=True)
+    def createLogic(self):
+        return SpatialDiffusionRegLogic()
 
 
 #

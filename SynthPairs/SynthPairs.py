@@ -23,16 +23,13 @@ from pathlib import Path
 from typing import Annotated
 
 import slicer
-import vtk
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
 try:
     from slicer.i18n import tr as _
@@ -67,7 +64,7 @@ from SynthPairsLib.deformable_job import (
     prepareRegistration,
 )
 
-from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobPanel, SamplePair, reloadLib
+from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleWidget, JobPanel, SamplePair
 from DiffusionRegCoreLib import model_choice
 from DiffusionRegCoreLib.process import BackendProcess
 
@@ -164,109 +161,42 @@ class SynthPairsParameterNode:
 #
 
 
-class SynthPairsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self.panel: JobPanel | None = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
+class SynthPairsWidget(JobModuleWidget):
+    """The Register panel's inputs, outputs, options and result line (``Resources/UI``); the rest is
+    DiffusionRegCore's :class:`JobModuleWidget` and :class:`JobPanel`."""
 
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynthPairs.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = SynthPairsLogic()
-        self.panel = JobPanel(
-            self.layout,
-            TASK,
-            self.reasonNotToRun,
-            self.startRegistration,
-            self.logic.requirementFiles(),
-            _("SynthPairs"),
-            _("Register"),
-            onResult=self.onResult,
-            logic=self.logic.coreLogic,
-            onModelChanged=self.onModelSelection,
-        )
-        self.layout.addStretch(1)
+    task = TASK
+    requester = _("SynthPairs")
+    libModules = ("SpatialDiffusionRegLib.affine_job", "SynthPairsLib.deformable_job")
+    sample = SAMPLE
+    sampleModality = SAMPLE_MODALITY
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.loadSampleDataButton.connect("clicked(bool)", self.onLoadSampleData)
-        self.ui.loadSampleDataButton.enabled = SAMPLE.available()
+    def createLogic(self):
+        return SynthPairsLogic()
+
+    def setupModule(self) -> None:
         self.ui.affineModalityComboBox.connect("currentIndexChanged(int)", self.onAffineModalityChanged)
         self.populateAffineModalities()
-        self.initializeParameterNode()
-
-    def cleanup(self) -> None:
-        if self.panel is not None:
-            self.panel.cancelRunning()
-        self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
-        self.panel.populateModels()
+        super().enter()
         self.populateAffineModalities()
 
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.panel.cancelRunning()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def onReload(self) -> None:
-        reloadLib(["SpatialDiffusionRegLib.affine_job", "SynthPairsLib.deformable_job"])
-        ScriptedLoadableModuleWidget.onReload(self)
-
-    # --- parameter node ---------------------------------------------------------------
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.fixedVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
-                self._parameterNode.fixedVolume = first
-
     def setParameterNode(self, inputParameterNode) -> None:
+        super().setParameterNode(inputParameterNode)
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterChanged)
-            self.panel.selectModality(self._parameterNode.modality)
-            self.panel.selectModel(self._parameterNode.model)
-            self.onModelSelection()  # a saved modality no installed model supports is not kept
             index = self.ui.affineModalityComboBox.findData(self._parameterNode.affineModality)
             if index >= 0:
                 self.ui.affineModalityComboBox.currentIndex = index
-        self._onParameterChanged()
 
-    def _onParameterChanged(self, caller=None, event=None) -> None:
-        if self._parameterNode:
-            self.ui.affineModalityComboBox.enabled = self._parameterNode.runAffineFirst
-        self.panel.updateRunButton()
+    def onParametersChanged(self) -> None:
+        self.ui.affineModalityComboBox.enabled = self._parameterNode.runAffineFirst
 
     def onModelSelection(self) -> None:
-        """Modality and model are chosen in the kit's selectors; the parameter node keeps them, and
-        the iteration boxes show the chosen model's defaults."""
+        """The kit's selectors choose modality and model; the iteration boxes show that model's defaults."""
+        super().onModelSelection()
         if self.panel is None:  # called while the kit builds its selectors
             return
-        if self._parameterNode and self.panel.modality:
-            self._parameterNode.modality = self.panel.modality
-            self._parameterNode.model = self.panel.model
         defaults = self.logic.inferenceDefaults(self.panel.modality, self.panel.model) if self.panel.modality else {}
         io = defaults.get("io_steps")
         refine = (defaults.get("refine") or {}).get("iterations")
@@ -292,18 +222,8 @@ class SynthPairsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.affineModality = self.ui.affineModalityComboBox.currentData
 
     # --- what the kit asks ---------------------------------------------------------------
-    def options(self) -> DeformableOptions:
-        """The job as the panel shows it (modality and model are what the kit's selectors show)."""
-        options = self.logic.optionsFromParameterNode(self._parameterNode, device=self.panel.device)
-        if self.panel.modality:  # none when no model is installed: the kit says so beside Register
-            options.modality, options.model = self.panel.modality, self.panel.model
-        return options
-
     def reasonNotToRun(self) -> str:
-        if self._parameterNode is None:
-            return _("No parameter node")
-        options = self.options()
-        return options.isValid()[1] or self.logic.affineReason(options)
+        return super().reasonNotToRun() or self.logic.affineReason(self.options())
 
     def startRegistration(self, panel: JobPanel) -> BackendTask:
         self.ui.resultLabel.text = _("Running...")
@@ -322,22 +242,12 @@ class SynthPairsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.panel.onFinished(task)
 
     def onResult(self, result: DeformableResult) -> None:
-        for note in result.notes:
-            self.panel.log(note)
+        super().onResult(result)
         self.ui.resultLabel.text = result.summary()
         self.panel.log(result.summary())
         if self._parameterNode:
-            self._parameterNode.outputTransform = result.transformNode
             self._parameterNode.outputInverseTransform = result.inverseTransformNode
             self._parameterNode.outputJacobian = result.jacobianNode
-
-    def onLoadSampleData(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to load the sample data."), waitCursor=True):
-            fixed, moving = self.logic.loadSampleData()
-            self._parameterNode.fixedVolume = fixed
-            self._parameterNode.movingVolume = moving
-            self.panel.selectModality(SAMPLE_MODALITY)
-            slicer.util.setSliceViewerLayers(background=fixed, foreground=moving, foregroundOpacity=0.5, fit=True)
 
 
 #

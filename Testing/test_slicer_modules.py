@@ -91,11 +91,25 @@ def _ui_names(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("module", [m for m in MODULES if _ui_files(m)])
 def test_every_ui_name_used_in_code_exists(module: str) -> None:
+    """Names the module file uses, and those the kit's JobModuleWidget uses for a module derived from it."""
     code = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
+    if _derives_from_kit_widget(module):
+        code += _kit_widget_source()
     used = set(re.findall(r"self\.ui\.([A-Za-z_]\w*)", code))
     assert used, "the module uses no widgets?"
     available = set().union(*(_ui_names(p) for p in _ui_files(module)))
     assert not used - available, f"widgets used in {module}.py but missing from its .ui: {sorted(used - available)}"
+
+
+def _kit_widget_source() -> str:
+    tree = ast.parse((CORE / "DiffusionRegCore.py").read_text(encoding="utf-8"))
+    return ast.unparse(next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "JobModuleWidget"))
+
+
+def _derives_from_kit_widget(module: str) -> bool:
+    tree = ast.parse((REPO / module / f"{module}.py").read_text(encoding="utf-8"))
+    widget = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == f"{module}Widget"), None)
+    return widget is not None and [ast.unparse(b) for b in widget.bases] == ["JobModuleWidget"]
 
 
 def _parameter_fields(path: Path) -> dict[str, str]:
@@ -1164,9 +1178,11 @@ KIT_WIDGETS = (
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m != "DiffusionRegCore"])
 def test_modules_are_thin_on_top_of_the_kit(module: str) -> None:
-    """Run/Cancel, progress, log, device and model selectors come from DiffusionRegCore.JobPanel."""
+    """Run/Cancel, progress, log, device and model selectors come from DiffusionRegCore.JobPanel, and
+    the widget's lifecycle (parameter node, scene close, sample button) from its JobModuleWidget."""
     code = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
-    assert "JobPanel(" in code
+    assert _derives_from_kit_widget(module), f"{module}Widget must derive from DiffusionRegCore.JobModuleWidget"
+    assert "JobPanel(" in _kit_widget_source()
     for name in KIT_WIDGETS:
         assert name not in code, f"{module}.py re-implements the kit's {name}"
     for path in _ui_files(module):
