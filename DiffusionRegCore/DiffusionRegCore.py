@@ -860,6 +860,72 @@ class JobPanel:
 #
 # DiffusionRegCoreWidget: dependencies, devices and models for all modules
 #
+# The module logic every registration module derives from
+#
+
+
+class JobModuleLogic(ScriptedLoadableModuleLogic):
+    """The logic of a DiffusionReg registration module, callable without the panel.
+
+    ``coreLogic`` holds the injectable process runner (``processFactory``, default the real one).
+    A module sets ``parameterNodeClass`` (its ``@parameterNodeWrapper`` class) and implements
+    ``prepare(options) -> PreparedJob`` (raising ValueError with the reason a run cannot start);
+    :meth:`start` (the background run the panel uses) and :meth:`run` (the blocking one behind
+    the module's ``register(...)``) show the result the same way in every module.
+    """
+
+    parameterNodeClass = None
+
+    def __init__(self, processFactory=BackendProcess) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.coreLogic = DiffusionRegCoreLogic(processFactory)
+
+    def getParameterNode(self):
+        return self.parameterNodeClass(super().getParameterNode())
+
+    def prepare(self, options) -> PreparedJob:
+        raise NotImplementedError
+
+    def start(
+        self,
+        options,
+        keepTemporaryFiles: bool = False,
+        showResult: bool = True,
+        onProgress=None,
+        onLog=None,
+        onFinished: Callable[[BackendTask], None] | None = None,
+    ) -> BackendTask:
+        """Start the registration in the background; the result is shown when it completes."""
+        options.placeMoving = showResult
+        job = self.prepare(options)
+
+        def finished(task: BackendTask) -> None:
+            if task.state == "completed" and showResult:
+                self.showResult(options.fixedVolume, options.movingVolume, task.outputs)
+            if onFinished:
+                onFinished(task)
+
+        return self.coreLogic.startJob(
+            job, keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog, onFinished=finished
+        )
+
+    def run(self, options, timeout=None, keepTemporaryFiles: bool = False, onProgress=None, onLog=None):
+        """Run ``options`` and wait (Slicer stays responsive); shows the result when ``options.placeMoving``.
+
+        Raises ValueError for unusable inputs and RuntimeError when the run fails or is cancelled.
+        """
+        result = self.coreLogic.runToEnd(self.prepare(options), timeout, keepTemporaryFiles, onProgress, onLog)
+        if options.placeMoving:
+            self.showResult(options.fixedVolume, options.movingVolume, result)
+        return result
+
+    @staticmethod
+    def showResult(fixedVolume, movingVolume, result) -> None:
+        """Fixed volume in the background, the resampled (or transformed moving) volume on top."""
+        DiffusionRegCoreLogic.showOverlay(fixedVolume, movingVolume, result.volumeNode)
+
+
+#
 # The module widget every registration module derives from
 #
 
@@ -1011,8 +1077,12 @@ class JobModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             showResult=self._parameterNode.showResult,
             onProgress=panel.onProgress,
             onLog=panel.log,
-            onFinished=panel.onFinished,
+            onFinished=self.onTaskFinished,
         )
+
+    def onTaskFinished(self, task: BackendTask) -> None:
+        """The run ended (any state); the panel goes back to idle and calls :meth:`onResult` on success."""
+        self.panel.onFinished(task)
 
     def onResult(self, result) -> None:
         for note in result.notes:

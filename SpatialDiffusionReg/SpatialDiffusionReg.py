@@ -15,7 +15,6 @@ kit. Scripting::
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +23,6 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
 )
 
@@ -51,9 +49,8 @@ def _makeCoreImportable() -> None:
 
 _makeCoreImportable()
 
-from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleWidget, SamplePair
+from DiffusionRegCore import DiffusionRegCoreLogic, JobModuleLogic, JobModuleWidget, SamplePair
 from DiffusionRegCoreLib import model_choice
-from DiffusionRegCoreLib.process import BackendProcess
 from SpatialDiffusionRegLib.affine_job import (
     INITIALIZE_CHOICES,
     TASK,
@@ -182,7 +179,7 @@ class SpatialDiffusionRegWidget(JobModuleWidget):
 #
 
 
-class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
+class SpatialDiffusionRegLogic(JobModuleLogic):
     """Spatial-diffusion affine registration, callable without the panel.
 
     ``processFactory`` (default: the real process runner) is injectable for tests.
@@ -190,12 +187,7 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
     returns the running :class:`DiffusionRegCore.BackendTask` (the panel uses it).
     """
 
-    def __init__(self, processFactory=BackendProcess) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.coreLogic = DiffusionRegCoreLogic(processFactory)
-
-    def getParameterNode(self):
-        return SpatialDiffusionRegParameterNode(super().getParameterNode())
+    parameterNodeClass = SpatialDiffusionRegParameterNode
 
     def requirementFiles(self) -> list:
         """The affine path needs only the common requirements (no MONAI)."""
@@ -228,29 +220,6 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
         core = self.coreLogic
         python, env = core.pythonExecutable(), core.backendEnvironment()  # may fail: before any folder exists
         return prepareAffineJob(options, slicer.mrmlScene, core.createWorkFolder(), python, env)
-
-    def start(
-        self,
-        options: AffineOptions,
-        keepTemporaryFiles: bool = False,
-        showResult: bool = True,
-        onProgress=None,
-        onLog=None,
-        onFinished: Callable[[BackendTask], None] | None = None,
-    ) -> BackendTask:
-        """Start the registration in the background; the result is shown when it completes."""
-        options.placeMoving = showResult
-        job = self.prepare(options)
-
-        def finished(task: BackendTask) -> None:
-            if task.state == "completed" and showResult:
-                self.showResult(options.fixedVolume, options.movingVolume, task.outputs)
-            if onFinished:
-                onFinished(task)
-
-        return self.coreLogic.startJob(
-            job, keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog, onFinished=finished
-        )
 
     def register(
         self,
@@ -291,10 +260,7 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
             device=device or self.coreLogic.savedDevice(),
             placeMoving=showResult,
         )
-        result = self.coreLogic.runToEnd(self.prepare(options), timeout, keepTemporaryFiles, onProgress, onLog)
-        if showResult:
-            self.showResult(fixedVolume, movingVolume, result)
-        return result
+        return self.run(options, timeout, keepTemporaryFiles, onProgress, onLog)
 
     def registerUsingParameterNode(self, parameterNode=None, **kwargs) -> AffineResult:
         """Run :meth:`register` with the values of a parameter node (the panel's by default)."""
@@ -313,12 +279,6 @@ class SpatialDiffusionRegLogic(ScriptedLoadableModuleLogic):
         result = self.register(p.fixedVolume, p.movingVolume, **options)
         p.outputTransform = result.transformNode
         return result
-
-    # --- results --------------------------------------------------------------------------
-    @staticmethod
-    def showResult(fixedVolume, movingVolume, result: AffineResult) -> None:
-        """Fixed volume in the background, the resampled (or transformed moving) volume on top."""
-        DiffusionRegCoreLogic.showOverlay(fixedVolume, movingVolume, result.volumeNode)
 
     # --- sample data ----------------------------------------------------------------------
     @staticmethod

@@ -18,7 +18,6 @@ The "Generate pairs" half of the module (issue 14) needs the pair generator back
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +26,6 @@ from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLTr
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
 )
 
@@ -64,9 +62,8 @@ from SynthPairsLib.deformable_job import (
     prepareRegistration,
 )
 
-from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleWidget, JobPanel, SamplePair
+from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleLogic, JobModuleWidget, JobPanel, SamplePair
 from DiffusionRegCoreLib import model_choice
-from DiffusionRegCoreLib.process import BackendProcess
 
 #: The affine task whose installed models "run the affine first" can use.
 AFFINE_TASK = "affine"
@@ -226,20 +223,14 @@ class SynthPairsWidget(JobModuleWidget):
         return super().reasonNotToRun() or self.logic.affineReason(self.options())
 
     def startRegistration(self, panel: JobPanel) -> BackendTask:
+        task = super().startRegistration(panel)  # raises when the run cannot start: the label stays
         self.ui.resultLabel.text = _("Running...")
-        return self.logic.start(
-            self.options(),
-            keepTemporaryFiles=panel.keepTemporaryFiles,
-            showResult=self._parameterNode.showResult,
-            onProgress=panel.onProgress,
-            onLog=panel.log,
-            onFinished=self.onFinished,
-        )
+        return task
 
-    def onFinished(self, task: BackendTask) -> None:
+    def onTaskFinished(self, task: BackendTask) -> None:
         if task.state != "completed":
             self.ui.resultLabel.text = _("No result ({state}).").format(state=task.state)
-        self.panel.onFinished(task)
+        super().onTaskFinished(task)
 
     def onResult(self, result: DeformableResult) -> None:
         super().onResult(result)
@@ -255,7 +246,7 @@ class SynthPairsWidget(JobModuleWidget):
 #
 
 
-class SynthPairsLogic(ScriptedLoadableModuleLogic):
+class SynthPairsLogic(JobModuleLogic):
     """Deformable registration, callable without the panel.
 
     ``processFactory`` (default: the real process runner) is injectable for tests.
@@ -263,12 +254,7 @@ class SynthPairsLogic(ScriptedLoadableModuleLogic):
     returns the running :class:`DiffusionRegCore.BackendTask` (the panel uses it).
     """
 
-    def __init__(self, processFactory=BackendProcess) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.coreLogic = DiffusionRegCoreLogic(processFactory)
-
-    def getParameterNode(self):
-        return SynthPairsParameterNode(super().getParameterNode())
+    parameterNodeClass = SynthPairsParameterNode
 
     def requirementFiles(self) -> list:
         """The deformable backend needs MONAI besides the common requirements."""
@@ -326,29 +312,6 @@ class SynthPairsLogic(ScriptedLoadableModuleLogic):
         python, env = core.pythonExecutable(), core.backendEnvironment()  # may fail: before any folder exists
         return prepareRegistration(options, slicer.mrmlScene, core.createWorkFolder, python, env)
 
-    def start(
-        self,
-        options: DeformableOptions,
-        keepTemporaryFiles: bool = False,
-        showResult: bool = True,
-        onProgress=None,
-        onLog=None,
-        onFinished: Callable[[BackendTask], None] | None = None,
-    ) -> BackendTask:
-        """Start the registration in the background; the result is shown when it completes."""
-        options.placeMoving = showResult
-        job = self.prepare(options)
-
-        def finished(task: BackendTask) -> None:
-            if task.state == "completed" and showResult:
-                self.showResult(options.fixedVolume, options.movingVolume, task.outputs)
-            if onFinished:
-                onFinished(task)
-
-        return self.coreLogic.startJob(
-            job, keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog, onFinished=finished
-        )
-
     def register(
         self,
         fixedVolume,
@@ -403,16 +366,7 @@ class SynthPairsLogic(ScriptedLoadableModuleLogic):
             device=device or self.coreLogic.savedDevice(),
             placeMoving=showResult,
         )
-        result = self.coreLogic.runToEnd(self.prepare(options), timeout, keepTemporaryFiles, onProgress, onLog)
-        if showResult:
-            self.showResult(fixedVolume, movingVolume, result)
-        return result
-
-    # --- results --------------------------------------------------------------------------
-    @staticmethod
-    def showResult(fixedVolume, movingVolume, result: DeformableResult) -> None:
-        """Fixed volume in the background, the resampled (or transformed moving) volume on top."""
-        DiffusionRegCoreLogic.showOverlay(fixedVolume, movingVolume, result.volumeNode)
+        return self.run(options, timeout, keepTemporaryFiles, onProgress, onLog)
 
     # --- sample data ----------------------------------------------------------------------
     @staticmethod
@@ -436,39 +390,17 @@ class SynthPairsTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_inputChecks()
+        # The input checks run in the MRML tier (Testing/mrml/test_mrml_synthpairs.py) outside Slicer.
         self.setUp()
         self.test_parameterNode()
         self.setUp()
         self.test_registration()
 
-    def _syntheticVolume(self, name):
-        import numpy as np
-
-        k, j, i = np.meshgrid(np.arange(24), np.arange(28), np.arange(32), indexing="ij")
-        array = np.exp(-(((k - 12) / 5) ** 2 + ((j - 14) / 7) ** 2 + ((i - 16) / 9) ** 2))
-        return slicer.util.addVolumeFromArray((array * 100).astype(np.float32), name=name)
-
-    def test_inputChecks(self):
-        self.delayDisplay("Input checks")
-        fixed = self._syntheticVolume("fixed")
-        moving = self._syntheticVolume("moving")
-        self.assertIn("Select", DeformableOptions().isValid()[1])
-        self.assertIn("moving", DeformableOptions(fixed).isValid()[1])
-        self.assertIn("different", DeformableOptions(fixed, fixed).isValid()[1])
-        self.assertEqual(DeformableOptions(fixed, moving).isValid(), (True, ""))
-        self.assertIn("output volume", DeformableOptions(fixed, moving, outputVolume=moving).isValid()[1])
-        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTransformNode")
-        fixed.SetAndObserveTransformNodeID(transform.GetID())
-        self.assertIn("fixed volume must not be under", DeformableOptions(fixed, moving, transform).isValid()[1])
-        self.delayDisplay("Test passed")
-
     def test_parameterNode(self):
         self.delayDisplay("Parameter node round trip")
         logic = SynthPairsLogic()
         p = logic.getParameterNode()
-        fixed = self._syntheticVolume("fixed")
+        fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
         p.fixedVolume = fixed
         p.modality = "mri"
         p.refineIterations = 0
