@@ -20,6 +20,7 @@ Pipeline (all world coordinates LPS mm):
 
 So ``D`` alone (an ITK displacement field) carries the moving image onto the fixed one.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,18 +34,16 @@ import torch.nn as nn
 
 from diffusionreg import fields, spaces
 from diffusionreg.errors import InputError, ParameterError
-from diffusionreg.image import (Grid, Image, centred_grid, check_registrable, nearest_axis_direction, resample,
-                                resized_grid)
+from diffusionreg.image import Grid, Image, centred_grid, check_registrable, nearest_axis_direction, resample, resized_grid
 from diffusionreg.spaces import apply_affine
-from diffusionreg.transforms import (AffineTransform, CompositeTransform, DisplacementFieldTransform,
-                                     compose)
+from diffusionreg.transforms import AffineTransform, DisplacementFieldTransform, compose
 
-from .config import DeformableConfig, get_config
+from .config import DeformableConfig
 from .field_refine import refine_pair
-from .inverse_field import solve_inverse
-from .pair_optimisation import adam_steps
 from .icon import TwoStepICON
+from .inverse_field import solve_inverse
 from .losses import gradient_loss, ndv_loss, similarity_loss
+from .pair_optimisation import adam_steps
 from .sitreg import SITReg
 
 
@@ -64,17 +63,16 @@ class DeformableModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
-def export_model(net: nn.Module, cfg: DeformableConfig, out_dir: Path, name: str = "model",
-                 meta: dict | None = None) -> Path:
+def export_model(net: nn.Module, cfg: DeformableConfig, out_dir: Path, name: str = "model", meta: dict | None = None) -> Path:
     """Write ``<name>.safetensors`` and ``config.json`` atomically (the training engine's exporter)."""
     from diffusionreg.training.export import export_weights
 
-    return export_weights(net, cfg.to_json(), out_dir, name,
-                          {"task": "deformable", "method": cfg.method, **(meta or {})})
+    return export_weights(net, cfg.to_json(), out_dir, name, {"task": "deformable", "method": cfg.method, **(meta or {})})
 
 
-def load_model(name_or_path: str | None, device: torch.device | str = "cpu", method: str | None = None,
-               modality: str | None = None) -> DeformableModel:
+def load_model(
+    name_or_path: str | None, device: torch.device | str = "cpu", method: str | None = None, modality: str | None = None
+) -> DeformableModel:
     """A registered deformable model (Models.json, sha256-checked) or a weights file/folder."""
     from diffusionreg import models
 
@@ -92,8 +90,10 @@ def load_model(name_or_path: str | None, device: torch.device | str = "cpu", met
             entry = candidate
             break
         if entry is None:
-            raise InputError(f"no deformable model registered for method {method or 'any'} and modality "
-                             f"{modality or 'any'}; pass --model NAME|PATH")
+            raise InputError(
+                f"no deformable model registered for method {method or 'any'} and modality "
+                f"{modality or 'any'}; pass --model NAME|PATH"
+            )
     else:
         entry = models.resolve(name_or_path, task="deformable", modality=modality)
     cfg = DeformableConfig.from_dict(models.load_config_json(entry))
@@ -154,8 +154,7 @@ def to_network(image: Image, grid: Grid, cfg: DeformableConfig, transform=None) 
 
 
 # ----------------------------------------------------------------------------- network + IO
-def pair_loss(net: nn.Module, cfg: DeformableConfig, image1: torch.Tensor, image2: torch.Tensor,
-              return_fields: bool = False):
+def pair_loss(net: nn.Module, cfg: DeformableConfig, image1: torch.Tensor, image2: torch.Tensor, return_fields: bool = False):
     """Training / instance-optimisation loss of one batch of pairs (image1 -> image2).
 
     SITReg: ``1/2 [S(I1 o phi_fwd, I2) + S(I2 o phi_inv, I1)] + lambda 1/2 [R(phi_fwd) + R(phi_inv)]``
@@ -167,8 +166,10 @@ def pair_loss(net: nn.Module, cfg: DeformableConfig, image1: torch.Tensor, image
         total = sum(losses)
         return total, {f"step{i + 1}": float(v.detach()) for i, v in enumerate(losses)}
     phi_fwd, phi_inv, dense_fwd, dense_inv = net(image1, image2, return_dense=True)
-    sim = 0.5 * (similarity_loss(fields.warp(image1, phi_fwd), image2, cfg.similarity, cfg.ncc_window)
-                 + similarity_loss(fields.warp(image2, phi_inv), image1, cfg.similarity, cfg.ncc_window))
+    sim = 0.5 * (
+        similarity_loss(fields.warp(image1, phi_fwd), image2, cfg.similarity, cfg.ncc_window)
+        + similarity_loss(fields.warp(image2, phi_inv), image1, cfg.similarity, cfg.ncc_window)
+    )
     reg = 0.5 * (gradient_loss(dense_fwd) + gradient_loss(dense_inv))
     total = sim + cfg.regularisation_weight * reg
     stats = {"similarity": float(sim.detach()), "regulariser": float(reg.detach())}
@@ -196,8 +197,14 @@ def triplet_loss(net: nn.Module, cfg: DeformableConfig, a: torch.Tensor, b: torc
     return (l1 + l2 + l3) / 3.0 + cfg.cycle_weight * cycle, {**s1, "cycle": float(cycle.detach())}
 
 
-def predict(model: DeformableModel, moving: torch.Tensor, fixed: torch.Tensor, io_steps: int = 0,
-            io_lr: float | None = None, progress=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def predict(
+    model: DeformableModel,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    io_steps: int = 0,
+    io_lr: float | None = None,
+    progress=None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """``(u, w, io_losses)``: ``warp(moving, u) ~ fixed``, ``w = u^-1``; optional instance optimisation
     (``io_steps`` Adam steps on this pair from the trained weights; the model is not changed)."""
     net = model.net
@@ -208,8 +215,7 @@ def predict(model: DeformableModel, moving: torch.Tensor, fixed: torch.Tensor, i
         net = copy.deepcopy(model.net)
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=io_lr if io_lr is not None else model.cfg.inference.io_lr)
-        losses = adam_steps(opt, lambda: pair_loss(net, model.cfg, moving, fixed)[0], io_steps, progress,
-                            "instance optimisation")
+        losses = adam_steps(opt, lambda: pair_loss(net, model.cfg, moving, fixed)[0], io_steps, progress, "instance optimisation")
     net.eval()
     with torch.no_grad():
         u, w = net(moving, fixed)
@@ -236,8 +242,9 @@ def _affine_slab(matrix: np.ndarray, start: int, stop: int, shape) -> torch.Tens
     return i * m[:3, 0] + j * m[:3, 1] + k * m[:3, 2] + m[:3, 3]
 
 
-def world_field(u: torch.Tensor, net_grid: Grid, target: Grid, outer=None, slab_points: int = 4_000_000,
-                reference: np.ndarray | None = None) -> np.ndarray:
+def world_field(
+    u: torch.Tensor, net_grid: Grid, target: Grid, outer=None, slab_points: int = 4_000_000, reference: np.ndarray | None = None
+) -> np.ndarray:
     """``outer(G (x + u(x))) - r`` at every voxel of ``target`` (``x = G^-1 p``, ``p`` the voxel
     centre): ``(*shape, 3)`` mm. ``r`` is ``p`` itself, or ``reference @ (i, j, k, 1)`` when a
     4x4 ``reference`` is given. Computed slab by slab in float64 (``u`` trilinear,
@@ -245,7 +252,7 @@ def world_field(u: torch.Tensor, net_grid: Grid, target: Grid, outer=None, slab_
     """
     shape = target.shape
     out = np.empty(shape + (3,), dtype=np.float32)
-    to_net = np.linalg.inv(net_grid.affine) @ target.affine       # target index -> network index
+    to_net = np.linalg.inv(net_grid.affine) @ target.affine  # target index -> network index
     ref = target.affine if reference is None else reference
     g = torch.as_tensor(net_grid.affine, dtype=torch.float64)
     rows = max(1, slab_points // (shape[1] * shape[2]))
@@ -271,11 +278,11 @@ def _affine_part(transform):
 
 @dataclass
 class DeformableResult:
-    forward: DisplacementFieldTransform          # on the fixed grid, fixed -> moving (mm)
-    inverse: DisplacementFieldTransform | None   # on the moving grid, moving -> fixed (mm)
-    jacobian: Image | None                       # det of D's map on the fixed grid
+    forward: DisplacementFieldTransform  # on the fixed grid, fixed -> moving (mm)
+    inverse: DisplacementFieldTransform | None  # on the moving grid, moving -> fixed (mm)
+    jacobian: Image | None  # det of D's map on the fixed grid
     metrics: dict
-    u: torch.Tensor                              # network-grid fields (voxels)
+    u: torch.Tensor  # network-grid fields (voxels)
     w: torch.Tensor
     grid: Grid
 
@@ -307,9 +314,17 @@ def field_metrics(u: torch.Tensor, w: torch.Tensor, spacing) -> dict:
     }
 
 
-def register_deformable(fixed: Image, moving: Image, model: DeformableModel, initial=None,
-                        io_steps: int | None = None, want_inverse: bool = True, want_jacobian: bool = False,
-                        progress=None, refine_iterations: int | None = None) -> DeformableResult:
+def register_deformable(
+    fixed: Image,
+    moving: Image,
+    model: DeformableModel,
+    initial=None,
+    io_steps: int | None = None,
+    want_inverse: bool = True,
+    want_jacobian: bool = False,
+    progress=None,
+    refine_iterations: int | None = None,
+) -> DeformableResult:
     """Register ``moving`` onto ``fixed`` (see the module docstring for the geometry).
 
     ``io_steps`` / ``refine_iterations``: instance-optimisation steps and velocity-refinement
@@ -342,8 +357,9 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
         grid = resized_grid(grid, refine_cfg.fine_shape(cfg.grid_shape))
         fixed_fine = to_network(fixed, grid, cfg).to(model.device)
         moving_fine = to_network(moving, grid, cfg, initial).to(model.device)
-        u, w, refine_losses = refine_pair(u, w, moving_fine, fixed_fine, refine_cfg, cfg.similarity,
-                                          cfg.ncc_window, progress=progress)
+        u, w, refine_losses = refine_pair(
+            u, w, moving_fine, fixed_fine, refine_cfg, cfg.similarity, cfg.ncc_window, progress=progress
+        )
     u, w = u.detach().cpu(), w.detach().cpu()
     t_refine = time.perf_counter()
     forward = DisplacementFieldTransform(Image(world_field(u, grid, fixed.grid, initial), fixed.affine.copy()))
@@ -355,8 +371,9 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
         pulled = Grid(mgrid.shape, np.linalg.inv(initial_matrix) @ mgrid.affine)
         field_inv = world_field(w, grid, pulled, reference=mgrid.affine)
         if refine_cfg.inverse_iterations > 0:  # exact against D as written, not just on the network grid
-            field_inv, inverse_residual = solve_inverse(forward.field, field_inv, mgrid, refine_cfg.inverse_iterations,
-                                                        refine_cfg.inverse_tolerance_mm)
+            field_inv, inverse_residual = solve_inverse(
+                forward.field, field_inv, mgrid, refine_cfg.inverse_iterations, refine_cfg.inverse_tolerance_mm
+            )
         inverse = DisplacementFieldTransform(Image(field_inv, moving.affine.copy()))
     jac_image = None
     if want_jacobian:
@@ -369,22 +386,33 @@ def register_deformable(fixed: Image, moving: Image, model: DeformableModel, ini
         jac_image = Image(det_world.astype(np.float32), fixed.affine.copy())
     metrics = field_metrics(u, w, grid.spacing)
     if inverse_residual is not None:  # |D(q + Dinv(q)) + Dinv(q)| at the moving voxels, as written
-        metrics.update({"inverse_residual_mean_mm": inverse_residual.mean_mm,
-                        "inverse_residual_p95_mm": inverse_residual.p95_mm,
-                        "inverse_residual_max_mm": inverse_residual.max_mm})
-    metrics.update({
-        "method": cfg.method, "model": model.name, "instance_optimization_steps": steps,
-        "io_loss_first": io_losses[0] if io_losses else None,
-        "io_loss_last": io_losses[-1] if io_losses else None,
-        "refine_iterations": refine_cfg.iterations,
-        "refine_loss_first": refine_losses[0] if refine_losses else None,
-        "refine_loss_last": refine_losses[-1] if refine_losses else None,
-        "network_grid_shape": list(cfg.grid_shape), "network_spacing_mm": cfg.spacing_mm,
-        "field_grid_shape": list(grid.shape), "field_spacing_mm": [round(float(s), 4) for s in grid.spacing],
-        "seconds_preprocess": round(t_pre - t0, 3), "seconds_network": round(t_net - t_pre, 3),
-        "seconds_refine": round(t_refine - t_net, 3),
-        "seconds_total": round(time.perf_counter() - t0, 3),
-    })
+        metrics.update(
+            {
+                "inverse_residual_mean_mm": inverse_residual.mean_mm,
+                "inverse_residual_p95_mm": inverse_residual.p95_mm,
+                "inverse_residual_max_mm": inverse_residual.max_mm,
+            }
+        )
+    metrics.update(
+        {
+            "method": cfg.method,
+            "model": model.name,
+            "instance_optimization_steps": steps,
+            "io_loss_first": io_losses[0] if io_losses else None,
+            "io_loss_last": io_losses[-1] if io_losses else None,
+            "refine_iterations": refine_cfg.iterations,
+            "refine_loss_first": refine_losses[0] if refine_losses else None,
+            "refine_loss_last": refine_losses[-1] if refine_losses else None,
+            "network_grid_shape": list(cfg.grid_shape),
+            "network_spacing_mm": cfg.spacing_mm,
+            "field_grid_shape": list(grid.shape),
+            "field_spacing_mm": [round(float(s), 4) for s in grid.spacing],
+            "seconds_preprocess": round(t_pre - t0, 3),
+            "seconds_network": round(t_net - t_pre, 3),
+            "seconds_refine": round(t_refine - t_net, 3),
+            "seconds_total": round(time.perf_counter() - t0, 3),
+        }
+    )
     return DeformableResult(forward, inverse, jac_image, metrics, u, w, grid)
 
 
