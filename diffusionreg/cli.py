@@ -37,6 +37,7 @@ _COMMAND_MODULES = (
     "diffusionreg.deformable.commands",
     "diffusionreg.model_commands",
     "diffusionreg.batch.command",
+    "diffusionreg.midline.commands",
 )
 
 

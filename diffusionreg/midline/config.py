@@ -1,0 +1,183 @@
+"""One configuration dataclass for midline-shift measurement (Gong et al., IPMI 2023, spec 2.x).
+
+Sections: the head frame and its slice grid, the synthetic mass-effect generator, the two
+diffusion models, the deformation network, its losses, training, and the inference defaults
+(what ``measure_midline``, ``diffusionreg midline`` and a Slicer panel use unless told otherwise).
+
+Two presets:
+
+* ``compact``: a CPU size: 64^2 slices at 3.6 mm, narrow diffusion UNets (1.3 M parameters
+  each), pseudo-normal images on a DDIM-10 grid (3 guided steps from t = 300).
+* ``full``: the paper's sizes: 256^2 slices at 0.9375 mm, ADM-like UNets (128 channels, multipliers
+  1,1,2,2,4,4, attention at 32/16/8), DDIM-50 from t = 300 (15 guided steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffusionreg.errors import InputError
+from diffusionreg.strict_config import from_dict
+
+
+@dataclass(frozen=True)
+class HeadFrame:
+    """The model's head frame: axial slices of a head aligned to the SCCT template (MNI, LPS mm).
+
+    The template's midsagittal plane is ``x = midline_x_mm``; slice pixels are square, slices are
+    planes ``z = const`` with array axes (i, j) = (+x left, +y posterior).
+    """
+
+    slice_size: int = 64  # pixels per side of a model slice
+    pixel_mm: float = 3.6  # in-plane pixel spacing of the head frame (template mm)
+    centre_mm: tuple[float, float] = (0.0, 17.0)  # (x, y) LPS of the slice centre (template)
+    midline_x_mm: float = 0.0  # the template's midsagittal plane
+    slice_mm: float = 5.0  # thickness of a measured slice (partial-volume average)
+    measured_z_mm: tuple[float, float] = (-10.0, 40.0)  # slices measured (template z, LPS = MNI z)
+    training_z_mm: tuple[float, float] = (-25.0, 55.0)  # slice centres drawn for training
+    window_hu: tuple[float, float] = (0.0, 80.0)  # HU window mapped to [-1, 1] (spec 2.2)
+    midline_band_mm: float = 20.0  # read-out searches the displaced midline this far from the plane
+    falx_margin_mm: float = 10.0  # rows this close to the falx attachments are not read
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The synthetic mass effect (``midline/synthetic.py``): ranges drawn per case."""
+
+    peak_mm: tuple[float, float] = (0.0, 15.0)  # midline displacement at its maximum
+    zero_fraction: float = 0.25  # cases drawn with no shift (normal controls)
+    lesion_hu: tuple[tuple[float, float], tuple[float, float]] = ((50.0, 90.0), (2.0, 18.0))  # hyper / hypo
+    hyperdense_fraction: float = 0.6
+    lesion_radius_mm: tuple[float, float] = (12.0, 30.0)
+    lesion_x_mm: tuple[float, float] = (25.0, 45.0)  # |x| of the lesion centre (side drawn)
+    shift_y_mm: tuple[float, float] = (-25.0, 10.0)  # y of the maximal shift (template, LPS)
+    shift_z_mm: tuple[float, float] = (0.0, 30.0)  # z of the maximal shift
+    shift_sigma_z_mm: tuple[float, float] = (15.0, 30.0)  # fall-off across slices
+    skull_half_width_mm: float = 66.0  # the field fades to zero at |x| = this (inner table)
+    falx_y_mm: tuple[float, float] = (-70.0, 104.0)  # anterior / posterior falx attachments (y, LPS)
+    rotation_deg: float = 4.0  # residual head-pose error of the alignment (in-plane, +-)
+    pitch_deg: float = 3.0  # and out of plane
+    shift_pose_mm: float = 4.0
+    scale: tuple[float, float] = (0.93, 1.07)  # head size
+    slice_mm: tuple[float, float] = (1.0, 7.0)  # acquired slice thickness
+    noise_hu: tuple[float, float] = (0.0, 6.0)
+    window_jitter_hu: float = 4.0  # calibration offset of the scanner
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """A 2D denoising diffusion model (MONAI DiffusionModelUNet + DDPM/DDIM schedulers)."""
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    norm_num_groups: int = 16
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    representation_t: int = 300  # r = eps_normal - eps_all at this t (inference, validation)
+    ddim_grid: int = 10  # DDIM grid of the pseudo-normal image (paper: 50)
+    guidance: float = 2.0  # eps = (1 + w) eps_normal - w eps_all
+    lr: float = 2e-4
+    batch_size: int = 8
+    ema_beta: float = 0.999
+    ema_power: float = 1.0
+    ema_start: int = 50
+    flip_prob: float = 0.5
+    rotate_deg: float = 15.0
+    rotate_prob: float = 0.5
+    shifted_fraction: float = 0.5  # share of synthetic mass-effect slices in eps_all's data
+
+
+@dataclass(frozen=True)
+class DeformationConfig:
+    """The deformation network (spec 2.5) and its losses (spec 2.6)."""
+
+    channels: tuple[int, ...] = (16, 32, 32, 32)
+    coarse_factors: tuple[int, ...] = (8, 2)  # coarse flow heads (the spec's 16^2 and 64^2 of 256^2)
+    flow_init_std: float = 1e-5
+    squaring_steps: int = 7
+    image_weight_ramp: float = 5.0  # image-term weight grows 1 -> 1 + ramp over training
+    smooth_weight: float = 1.0
+    landmark_weight: float = 1.0
+    landmark_delta_px: float = 3.0
+    midline_points: int = 8  # extra supervised points along the displaced midline per slice
+    hinge_weight: float = 1.0
+    lr: float = 3e-4
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class MidlineInference:
+    """Defaults of a measurement (stored in the model's config.json)."""
+
+    flag_mm: float = 5.0  # shift at or above this is flagged (clinical threshold)
+    pose_levels_mm: tuple[float, ...] = (8.0, 4.0)  # rigid + scale alignment levels (grid spacing)
+    pose_iterations: int = 40  # Adam steps per level
+    pose_pitch_starts_deg: tuple[float, ...] = (-15.0, 0.0, 15.0)  # coarse starts for pitched heads
+    min_skull_ml: float = 20.0  # skull-density (>= 300 HU) volume a head CT must have
+    min_extent_mm: float = 30.0  # head coverage along the slice axis
+
+
+@dataclass
+class MidlineConfig:
+    """All hyper-parameters of the midline-shift model."""
+
+    name: str = "compact"
+    seed: int = 13
+    frame: HeadFrame = field(default_factory=HeadFrame)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    deformation: DeformationConfig = field(default_factory=DeformationConfig)
+    inference: MidlineInference = field(default_factory=MidlineInference)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MidlineConfig:
+        cfg = from_dict(cls, data, "midline config")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        d = self.diffusion
+        if len(d.channels) != len(d.attention_levels):
+            raise InputError("midline config: diffusion.channels and attention_levels differ in length")
+        if not 0 < d.representation_t < d.timesteps or d.timesteps % d.ddim_grid:
+            raise InputError("midline config: need 0 < representation_t < timesteps and ddim_grid dividing timesteps")
+        if self.frame.slice_size % (2 ** (len(self.deformation.channels) - 1)):
+            raise InputError("midline config: slice_size must be divisible by the deformation network's downsampling")
+
+
+def compact() -> MidlineConfig:
+    return MidlineConfig()
+
+
+def full() -> MidlineConfig:
+    return MidlineConfig(
+        name="full",
+        frame=HeadFrame(slice_size=256, pixel_mm=0.9375),
+        diffusion=DiffusionConfig(
+            channels=(128, 128, 256, 256, 512, 512),
+            attention_levels=(False, False, False, True, True, True),
+            num_res_blocks=2,
+            num_head_channels=64,
+            norm_num_groups=32,
+            ddim_grid=50,
+            lr=1e-4,
+            batch_size=2,
+            ema_beta=0.9999,
+        ),
+        deformation=DeformationConfig(lr=1e-4, batch_size=16, coarse_factors=(16, 4)),
+    )
+
+
+PRESETS = {"compact": compact, "full": full}

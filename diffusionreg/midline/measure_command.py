@@ -1,0 +1,97 @@
+"""``diffusionreg midline --input CT --output-json R.json [...]``: the measurement command."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+from diffusionreg.errors import InputError
+from diffusionreg.vocabulary import EXIT_OK
+
+from .markups import markups_json
+from .measure import LANDMARK_NAMES, MidlineResult, displacement_field, measure_midline
+from .model_loading import load_midline_model
+
+#: At least one of these must be given (a measurement nobody reads is refused up front).
+OUTPUT_FLAGS = ("--output-json", "--output-landmarks", "--output-field", "--output-table")
+
+
+def prepare_measure(args: argparse.Namespace, progress):
+    """Check the options and declare the outputs (before any reading); an OutputSet."""
+    from diffusionreg.image import OUTPUT_IMAGE_SUFFIXES
+    from diffusionreg.outputs import OutputSet
+
+    if args.input is None:
+        raise InputError("--input is required (a head CT file or DICOM folder)")
+    if not any(getattr(args, f.lstrip("-").replace("-", "_")) for f in OUTPUT_FLAGS):
+        raise InputError(f"give at least one output ({', '.join(OUTPUT_FLAGS)})")
+    outputs = OutputSet.from_args(args, ("--input",), progress)
+    outputs.add("--output-json", args.output_json, (".json",))
+    outputs.add("--output-landmarks", args.output_landmarks, (".mrk.json",))
+    outputs.add("--output-field", args.output_field, OUTPUT_IMAGE_SUFFIXES)
+    outputs.add("--output-table", args.output_table, (".csv",))
+    return outputs
+
+
+def run_measure(args: argparse.Namespace, progress) -> int:
+    from diffusionreg.devices import resolve_device
+    from diffusionreg.image import read_image, write_image
+
+    outputs = prepare_measure(args, progress)
+    with outputs:
+        with progress.stage("read", total=2) as stage:
+            ct = read_image(args.input, what="CT")
+            stage.update(message="CT")
+            model, name = load_midline_model(args.model)
+            stage.update(message=f"model {name}")
+        levels = len(model.cfg.inference.pose_levels_mm) + 1
+        with progress.stage("measure", total=levels) as stage:
+            result = measure_midline(ct, model, name, resolve_device(args.device), stage)
+        if result.hu_offset_removed:
+            print(f"note: {args.input} is stored as HU + 1024; subtracted 1024 before measuring", file=sys.stderr)
+        with progress.stage("write", total=1):
+            if outputs.wants("--output-json"):
+                outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+            if outputs.wants("--output-landmarks"):
+                outputs.temporary("--output-landmarks").write_text(_landmarks(result), encoding="utf-8")
+            if outputs.wants("--output-field"):
+                write_image(displacement_field(ct.grid, result, model.cfg), outputs.temporary("--output-field"))
+            if outputs.wants("--output-table"):
+                _write_table(result, outputs.temporary("--output-table"))
+        outputs.commit()
+    flag = f"FLAG (>= {result.flag_mm:.0f} mm)" if result.flag else f"below {result.flag_mm:.0f} mm"
+    progress.log(
+        f"midline shift {result.case_mls_mm:.1f} mm ({result.side}), {flag}; slice {result.max_slice}; model {name}; "
+        f"{sum(result.seconds.values()):.1f} s"
+    )
+    return EXIT_OK
+
+
+def _landmarks(result: MidlineResult) -> str:
+    points = []
+    for s in result.slices:
+        for name in LANDMARK_NAMES:
+            points.append(
+                (
+                    f"{name} s{s.index}",
+                    f"slice {s.index} (template z {s.z_template_mm:g} mm), MLS {s.mls_mm:.2f} mm",
+                    s.landmarks[name],
+                )
+            )
+    return markups_json(points)
+
+
+def _write_table(result: MidlineResult, path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        header = ["slice", "z_template_mm", "mls_mm", "side", "rows_read"]
+        for name in LANDMARK_NAMES:
+            header += [f"{name}_{axis}_lps_mm" for axis in "xyz"]
+        writer.writerow(header)
+        for s in result.slices:
+            row = [s.index, f"{s.z_template_mm:g}", f"{s.mls_mm:.4f}", s.side, s.rows_read]
+            for name in LANDMARK_NAMES:
+                row += [f"{v:.4f}" for v in s.landmarks[name]]
+            writer.writerow(row)
