@@ -63,7 +63,8 @@ def _env(registry: Path, **extra: str) -> dict:
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The complete lines of a JSON-lines file (a writer may be half-way through the last one)."""
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
 def _ok_records_per_case(out: Path) -> dict[str, int]:
@@ -96,32 +97,29 @@ def _check_merged(out: Path) -> list[dict]:
     return merged
 
 
-def test_one_process_records_every_case_and_resume_skips_the_verified_ones(cohort, tiny_registry, tmp_path, capsys):
+def test_one_process_records_every_case_and_resume_skips_the_verified_ones(cohort, tiny_registry, tmp_path, capsys, monkeypatch):
     from diffusionreg.cli import main
 
-    os.environ[REGISTRY_ENV] = str(tiny_registry)
-    try:
-        out = tmp_path / "out"
-        code = main(["batch", "--jobs", str(cohort), "--output-dir", str(out), "--progress", "none"])
-        assert code == 1  # one case failed; the others ran
-        captured = capsys.readouterr()
-        assert f"(id {BAD_ID}) failed: moving image is constant" in captured.err
-        assert "6 cases: 5 ok, 1 failed or not run; 6 run now on 1 process" in captured.out
-        merged = _check_merged(out)
-        # nothing lost: the folder of a run is continued on purpose only
-        assert main(["batch", "--jobs", str(cohort), "--output-dir", str(out), "--progress", "none"]) == 2
-        assert "pass --resume" in capsys.readouterr().err
-        # a tampered output is not "complete": that case (and the failed one) run again, no other
-        (out / "a1" / "affine.json").write_text("{}")
-        code = main(["batch", "--jobs", str(cohort), "--output-dir", str(out), "--progress", "none", "--resume"])
-        assert code == 1 and "2 run now" in capsys.readouterr().out
-        assert _ok_records_per_case(out) == {"a1": 2, "a2": 1, "a3": 1, "d1": 1, "e1": 1}
-        again = _check_merged(out)
-        assert [r["finished"] for r in again if r["id"] not in ("a1", BAD_ID)] == [
-            r["finished"] for r in merged if r["id"] not in ("a1", BAD_ID)
-        ]
-    finally:
-        del os.environ[REGISTRY_ENV]
+    monkeypatch.setenv(REGISTRY_ENV, str(tiny_registry))
+    out = tmp_path / "out"
+    code = main(["batch", "--jobs", str(cohort), "--output-dir", str(out), "--progress", "none"])
+    assert code == 1  # one case failed; the others ran
+    captured = capsys.readouterr()
+    assert f"(id {BAD_ID}) failed: moving image is constant" in captured.err
+    assert "6 cases: 5 ok, 1 failed or not run; 6 run now on 1 process" in captured.out
+    merged = _check_merged(out)
+    # nothing lost: the folder of a run is continued on purpose only
+    assert main(["batch", "--jobs", str(cohort), "--output-dir", str(out), "--progress", "none"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    # a tampered output is not "complete": that case (and the failed one) run again, no other
+    (out / "a1" / "affine.json").write_text("{}")
+    code = main(["batch", "--jobs", str(cohort), "--output-dir", str(out), "--progress", "none", "--resume"])
+    assert code == 1 and "2 run now" in capsys.readouterr().out
+    assert _ok_records_per_case(out) == {"a1": 2, "a2": 1, "a3": 1, "d1": 1, "e1": 1}
+    again = _check_merged(out)
+    assert [r["finished"] for r in again if r["id"] not in ("a1", BAD_ID)] == [
+        r["finished"] for r in merged if r["id"] not in ("a1", BAD_ID)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -135,16 +133,20 @@ def test_one_process_records_every_case_and_resume_skips_the_verified_ones(cohor
         ("affine,x1,fixed.nii.gz,moving0.nii.gz,,out.png", "row 3 (id x1): --output-transform"),
         ("evaluate,x1,fixed.nii.gz,moving0.nii.gz", "row 3 (id x1): column fixed is not an option of 'diffusionreg evaluate'"),
         ("affine,x1,fixed.nii.gz,moving0.nii.gz,,,cpu", "row 3 (id x1): column device is set once for the whole batch"),
+        ("affine,x1,fixed.nii.gz,moving0.nii.gz,,,,no-such-model", "row 3 (id x1): unknown model 'no-such-model'"),
     ],
 )
-def test_a_bad_row_is_refused_with_its_row_number_before_anything_runs(cohort, row, message, tmp_path, capsys):
+def test_a_bad_row_is_refused_with_its_row_number_before_anything_runs(
+    cohort, tiny_registry, row, message, tmp_path, capsys, monkeypatch
+):
     from diffusionreg.cli import main
 
+    monkeypatch.setenv(REGISTRY_ENV, str(tiny_registry))
     jobs = cohort.parent / "bad_rows.csv"
     jobs.write_text(
-        "task,id,fixed,moving,steps,output_transform,device\naffine,a1,fixed.nii.gz,moving0.nii.gz,,,\n"
+        "task,id,fixed,moving,steps,output_transform,device,model\naffine,a1,fixed.nii.gz,moving0.nii.gz,,,,tiny-affine\n"
         + row
-        + "," * (6 - row.count(","))
+        + "," * (7 - row.count(","))
         + "\n"
     )
     out = tmp_path / "out"
@@ -173,7 +175,7 @@ def test_two_gloo_ranks_kill_one_mid_run_then_resume_finishes_without_redoing(co
     victim = None
     while time.monotonic() < deadline and run.poll() is None and victim is None:
         for path in out.glob("results.[0-9]*.jsonl") if out.is_dir() else ():
-            lines = [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+            lines = _records(path)
             if lines and lines[0]["rank"] == 1:
                 victim = lines[0]["pid"]
         time.sleep(0.1)
@@ -204,3 +206,23 @@ def test_two_gloo_ranks_kill_one_mid_run_then_resume_finishes_without_redoing(co
     progress = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"stage": "batch"')]
     assert progress[0]["fraction"] == 0.0 and progress[-1]["fraction"] == 1.0  # rank 0's bar over the cohort
     assert f"6 cases: 5 ok, 1 failed or not run; {6 - sum(before.values())} run now on 2 processes" in stdout
+
+
+def test_sigterm_stops_the_cohort_keeps_finished_cases_and_the_case_in_flight_writes_nothing(cohort, tiny_registry, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "diffusionreg", "batch", "--jobs", str(cohort), "--output-dir", str(out),
+               "--progress", "none"]  # fmt: skip
+    run = subprocess.Popen(command, cwd=REPO, env=_env(tiny_registry, **{PAUSE_BEFORE_RENAME_ENV: "1.0"}),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None and not (out.is_dir() and _ok_records_per_case(out)):
+        time.sleep(0.05)
+    assert run.poll() is None, run.communicate()[1][-2000:]
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130 and "cancelled" in stderr, stderr
+    finished = _ok_records_per_case(out)
+    assert finished and all(n == 1 for n in finished.values())
+    for folder in out.iterdir():
+        if folder.is_dir() and folder.name not in finished:
+            assert not [p.name for p in folder.iterdir()], f"case {folder.name} was not finished but wrote files"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from diffusionreg.errors import InputError
+from diffusionreg.pair_inputs import PairInputs, read_pair_inputs
 from diffusionreg.reporting import add_report_options, check_report_options
 from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
 from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, INITIALIZATIONS, MODALITIES
@@ -105,7 +105,7 @@ def _run_affine(args: argparse.Namespace, progress) -> int:
     outputs = prepare_affine(args, progress)
     with outputs:
         with progress.stage("read", total=4) as stage:
-            inputs = read_affine_inputs(args, stage)
+            inputs = read_pair_inputs(args, stage)
             model = load_affine_model(args, resolve_device(args.device))
             stage.update(message="model")
         result, numbers = finish_affine(args, outputs, inputs, model, progress)
@@ -140,32 +140,6 @@ def prepare_affine(args: argparse.Namespace, progress):
     return outputs
 
 
-@dataclass
-class AffineInputs:
-    """The images one affine run reads (labels only with the report options)."""
-
-    fixed: object  # diffusionreg.image.Image
-    moving: object
-    labels: object  # diffusionreg.reporting.ReportLabels | None
-
-
-def read_affine_inputs(args: argparse.Namespace, stage=None) -> AffineInputs:
-    """Read the fixed and moving images and the report labels; ``stage`` (a progress stage) advances by 3."""
-    from diffusionreg.image import read_image
-    from diffusionreg.reporting import read_report_labels
-
-    fixed = read_image(args.fixed, what="fixed image")
-    if stage is not None:
-        stage.update(message="fixed")
-    moving = read_image(args.moving, what="moving image")
-    if stage is not None:
-        stage.update(message="moving")
-    labels = read_report_labels(args)
-    if stage is not None:
-        stage.update(message="labels")
-    return AffineInputs(fixed, moving, labels)
-
-
 def load_affine_model(args: argparse.Namespace, device):
     """The model ``--model``/``--modality`` name on ``device`` (sha256 checked), refused for a modality it lacks."""
     from .register import load_model
@@ -175,7 +149,7 @@ def load_affine_model(args: argparse.Namespace, device):
     return model
 
 
-def finish_affine(args: argparse.Namespace, outputs, inputs: AffineInputs, model, progress):
+def finish_affine(args: argparse.Namespace, outputs, inputs: PairInputs, model, progress):
     """Register with a loaded ``model``, write every declared output and commit them.
 
     Returns the :class:`~.register.AffineResult` and the report numbers (Dice with labels).

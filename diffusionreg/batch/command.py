@@ -3,8 +3,9 @@
 Under ``torchrun`` every rank reads and checks the whole CSV, rank 0 finds the cases already
 complete (``--resume``) and shares that list, and the cases left are split by position: rank r
 runs every ``world``-th of them from the r-th. The process group carries only that list, the
-final wait and the exit code (gloo on CPU; NCCL when the ranks run on GPUs, one GPU per local
-rank). The output folder must be one folder every rank sees (a shared file system across nodes).
+final wait and the exit code: gloo on CPU, NCCL when the ranks run on GPUs with one GPU per local
+rank (gloo when local ranks share GPUs: NCCL refuses that). The output folder must be one folder
+every rank sees (a shared file system across nodes).
 """
 
 from __future__ import annotations
@@ -25,22 +26,28 @@ from diffusionreg.vocabulary import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 #: ranks' shares differ by at most a few cases, and torchrun ends the survivors when a rank dies.
 RANK_WAIT = timedelta(hours=24)
 
-_EPILOG = """\
-CSV columns: task (affine, deformable or evaluate), id (the case's folder OUT/<id>/), then any option
-of that task's command without its dashes, e.g. fixed, moving, model, refine_iterations,
-output_volume (task midline is refused: it is not available in this version). Empty cells leave
-an option unset; inputs are relative to the CSV's folder; outputs are file names in OUT/<id>/
-(defaults: affine transform.tfm + affine.json, deformable field.nii.gz + deformable.json,
-evaluate evaluation.json); switches take true/false; repeatable options take values separated
-by ';'. Every row is checked before anything runs: a bad row is reported with its row number
-(header = row 1), exit 2, nothing written.
 
-Writes OUT/<id>/ per case (all its outputs or none), OUT/results.<rank>.jsonl (one line per
-finished case) and, at the end, OUT/results.jsonl (every case: status, metrics, seconds, error,
-sha256 of its outputs) and a summary table. Exit 0 when every case succeeded, 1 when any case
-failed (the others still run), 2 for a bad CSV or option, 130 when cancelled (finished cases
-are kept; --resume continues). Several processes: torchrun --nproc-per-node N -m diffusionreg
-batch ... (see docs/batch.md)."""
+def _epilog() -> str:
+    import textwrap
+
+    from .tasks import BATCH_TASKS, STEPS, UNAVAILABLE_TASKS
+
+    defaults = "; ".join(f"{task} {', '.join(STEPS[task].default_outputs.values())}" for task in BATCH_TASKS)
+    paragraphs = (
+        f"CSV columns: task ({', '.join(BATCH_TASKS)}), id (the case's folder OUT/<id>/), then any option of that "
+        "task's command without its dashes, e.g. fixed, moving, model, refine_iterations, output_volume (task "
+        f"{', '.join(UNAVAILABLE_TASKS)} is refused: not available in this version). Empty cells leave an option "
+        "unset; inputs are relative to the CSV's folder; outputs are file names in OUT/<id>/ (defaults: "
+        f"{defaults}); switches take true/false; repeatable options take values separated by ';'. Every row is "
+        "checked before anything runs: a bad row is reported with its row number (header = row 1), exit 2, "
+        "nothing written.",
+        "Writes OUT/<id>/ per case (all its outputs or none), OUT/results.<rank>.jsonl (one line per finished "
+        "case) and, at the end, OUT/results.jsonl (every case: status, metrics, seconds, error, sha256 of its "
+        "outputs) and a summary table. Exit 0 when every case succeeded, 1 when any case failed (the others "
+        "still run), 2 for a bad CSV or option, 130 when cancelled (finished cases are kept; --resume continues).",
+        "Several processes: torchrun --nproc-per-node N -m diffusionreg batch ... (see docs/batch.md).",
+    )
+    return "\n\n".join(textwrap.fill(paragraph, width=100) for paragraph in paragraphs)
 
 
 def add_commands(commands, train_commands, common) -> None:
@@ -53,7 +60,7 @@ def add_commands(commands, train_commands, common) -> None:
             "Run every case of a cohort CSV with one model load per process, inputs read ahead, "
             "a record per case and resume; under torchrun the cases are split across the ranks."
         ),
-        epilog=_EPILOG,
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--jobs", required=True, type=Path, help="cohort CSV: one case per row (columns below)")
@@ -98,7 +105,7 @@ def _run(args: argparse.Namespace, progress: Progress, rank: int, world: int) ->
         )
     device = _rank_device(args.device)
     out.mkdir(exist_ok=True)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = _backend(device)
     if backend == "nccl":
         import torch
 
@@ -123,6 +130,15 @@ def _rank_device(name: str):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return device
+
+
+def _backend(device) -> str:
+    """NCCL when every local rank has a GPU of its own; gloo on CPU and when ranks share a GPU
+    (NCCL refuses two ranks on one device)."""
+    import torch
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return "nccl" if device.type == "cuda" and local_ranks <= torch.cuda.device_count() else "gloo"
 
 
 def _cohort(args, progress: Progress, cases, out: Path, device, rank: int, world: int) -> int:

@@ -24,6 +24,7 @@ from diffusionreg.io_atomic import atomic_output
 from diffusionreg.registry import sha256_file
 
 from .jobs import Case
+from .tasks import STEPS
 
 MERGED_NAME = "results.jsonl"
 RANK_PATTERN = "results.*.jsonl"
@@ -144,7 +145,7 @@ def summary(merged: Sequence[dict], ran: int, minutes: float, world: int) -> str
     for task in dict.fromkeys(r["task"] for r in merged):
         rows = [r for r in merged if r["task"] == task]
         good = [r for r in rows if r["status"] == "ok"]
-        keys = dict.fromkeys(k for r in good for k in r["metrics"])
+        keys = [k for k in STEPS[task].summary_metrics if any(k in r["metrics"] for r in good)]
         means = ", ".join(f"{k} {statistics.fmean(r['metrics'][k] for r in good if k in r['metrics']):.4g}" for k in keys)
         lines.append(f"{task:<11} {len(rows):>5} {len(good):>4} {len(rows) - len(good):>6}  {means or '-'}")
     for record in failed:

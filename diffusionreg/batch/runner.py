@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from diffusionreg import cancellation
 from diffusionreg.cancellation import install_cancel_handler
 from diffusionreg.errors import CancelledError, InputError, ParameterError
 from diffusionreg.progress import Progress
@@ -70,7 +71,7 @@ def run_cases(
     on_failure: Callable[[Case, str], None],
 ) -> None:
     """Run ``cases`` in order, one record each in ``log``; ``parse`` gives a case's options."""
-    quiet = Progress("none")
+    quiet = Progress("none", quiet=True)  # the cohort has one bar; a case's own lines are in its record
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-read")
     upcoming = iter(cases)
     queued: deque[tuple[Case, argparse.Namespace | None, Future | BaseException | None]] = deque()
@@ -116,16 +117,22 @@ def _run_case(
         inputs = pending.result() if pending is not None else None
         model = models.get(case.task, args) if STEPS[case.task].load is not None else None
         metrics = STEPS[case.task].run(args, inputs, model, quiet)
+        # Committed: the command settled the cancellation state (a signal is ignored now), so the
+        # record of a committed case is written whole before a cancel can stop the run.
+        written = [Path(getattr(args, a)) for a in vars(args) if a.startswith("output_") and getattr(args, a)]
+        log.append(case, "ok", error=None, metrics=metrics, seconds=time.perf_counter() - start,
+                   outputs=output_digests(written))  # fmt: skip
     except (KeyboardInterrupt, CancelledError):
         raise
     except Exception as error:  # every failure of a case (MemoryError included) is recorded; the cohort goes on
         line = error_line(error, args)
-        log.append(case, "failed", error=line, metrics={}, seconds=time.perf_counter() - start, outputs={})
+        if type(error).__name__ == "OutOfMemoryError":  # give the GPU memory back before the next case
+            import torch
+
+            torch.cuda.empty_cache()
+        with cancellation.held():  # the record is written whole; a cancel takes effect after it
+            log.append(case, "failed", error=line, metrics={}, seconds=time.perf_counter() - start, outputs={})
         on_failure(case, line)
-        return
     finally:
-        # A committed case settles the cancellation state (see diffusionreg.cancellation): arm it again
-        # so that Ctrl-C or SIGTERM still stops the cases after it.
+        # Arm cancellation again for the cases after this one (a committed case settled it).
         install_cancel_handler()
-    written = [Path(getattr(args, a)) for a in vars(args) if a.startswith("output_") and getattr(args, a)]
-    log.append(case, "ok", error=None, metrics=metrics, seconds=time.perf_counter() - start, outputs=output_digests(written))

@@ -15,6 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Real
 
+from diffusionreg import models
+from diffusionreg.affine.commands import finish_affine, load_affine_model, prepare_affine
+from diffusionreg.deformable.commands import finish_deformable, load_deformable_model, prepare_deformable
+from diffusionreg.pair_inputs import read_pair_inputs
 from diffusionreg.progress import Progress
 
 #: Tasks a cohort row may name.
@@ -40,6 +44,8 @@ class TaskSteps:
     load: Callable[[argparse.Namespace, object], object] | None = None
     #: The options that pick the model: cases with equal keys share one loaded model.
     model_options: tuple[str, ...] = field(default_factory=tuple)
+    #: Metrics the summary table averages, when the cases have them (results.jsonl keeps them all).
+    summary_metrics: tuple[str, ...] = field(default_factory=tuple)
 
     def model_key(self, args: argparse.Namespace) -> tuple:
         return tuple(getattr(args, name) for name in self.model_options)
@@ -64,56 +70,27 @@ def numbers(record: dict, prefix: str = "") -> dict[str, float]:
 
 # --- affine ------------------------------------------------------------------------------------
 def _affine_check(args):
-    from diffusionreg.affine.commands import prepare_affine
-
+    models.resolve(args.model, "affine", args.modality)  # the model is found (not loaded)
     return prepare_affine(args, None)
 
 
 def _affine_run(args, inputs, model, progress) -> dict:
-    from diffusionreg.affine.commands import finish_affine, prepare_affine
-
     with prepare_affine(args, progress) as outputs:
         result, report = finish_affine(args, outputs, inputs, model, progress)
     return {"seconds": result.seconds, **numbers(report)}
 
 
-def _affine_read(args):
-    from diffusionreg.affine.commands import read_affine_inputs
-
-    return read_affine_inputs(args)
-
-
-def _affine_load(args, device):
-    from diffusionreg.affine.commands import load_affine_model
-
-    return load_affine_model(args, device)
-
-
 # --- deformable --------------------------------------------------------------------------------
 def _deformable_check(args):
-    from diffusionreg.deformable.commands import prepare_deformable
-
+    if args.model is not None:  # the model is found (not loaded); the default is picked when loading
+        models.resolve(args.model, "deformable", args.modality)
     return prepare_deformable(args, None)
 
 
 def _deformable_run(args, inputs, model, progress) -> dict:
-    from diffusionreg.deformable.commands import finish_deformable, prepare_deformable
-
     with prepare_deformable(args, progress) as outputs:
         result, report = finish_deformable(args, outputs, inputs, model, progress)
     return {**numbers(result.metrics), **numbers(report)}
-
-
-def _deformable_read(args):
-    from diffusionreg.deformable.commands import read_deformable_inputs
-
-    return read_deformable_inputs(args)
-
-
-def _deformable_load(args, device):
-    from diffusionreg.deformable.commands import load_deformable_model
-
-    return load_deformable_model(args, device)
 
 
 # --- evaluate ----------------------------------------------------------------------------------
@@ -134,21 +111,24 @@ STEPS: dict[str, TaskSteps] = {
         default_outputs={"output-transform": "transform.tfm", "output-json": "affine.json"},
         check=_affine_check,
         run=_affine_run,
-        read=_affine_read,
-        load=_affine_load,
+        read=read_pair_inputs,
+        load=load_affine_model,
         model_options=("model", "modality"),
+        summary_metrics=("dice_before", "dice_after", "seconds"),
     ),
     "deformable": TaskSteps(
         default_outputs={"output-transform": "field.nii.gz", "output-json": "deformable.json"},
         check=_deformable_check,
         run=_deformable_run,
-        read=_deformable_read,
-        load=_deformable_load,
+        read=read_pair_inputs,
+        load=load_deformable_model,
         model_options=("model", "method", "modality"),
+        summary_metrics=("dice_before", "dice_after", "folding_percent", "ndv_percent", "ice_mean_mm", "seconds_total"),
     ),
     "evaluate": TaskSteps(
         default_outputs={"output-json": "evaluation.json"},
         check=_evaluate_check,
         run=_evaluate_run,
+        summary_metrics=("mean_dice", "mean_hd95", "tre.mean_mm", "deformation.folding_fraction", "deformation.ndv_percent"),
     ),
 }

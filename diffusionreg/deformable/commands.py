@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from diffusionreg.pair_inputs import PairInputs, read_pair_inputs
 from diffusionreg.reporting import add_report_options, check_report_options
 from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
 from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, MODALITIES
@@ -108,7 +108,7 @@ def _run_register(args: argparse.Namespace, progress) -> int:
     outputs = prepare_deformable(args, progress)
     with outputs:
         with progress.stage("read", total=5) as stage:
-            inputs = read_deformable_inputs(args, stage)
+            inputs = read_pair_inputs(args, stage)
             model = load_deformable_model(args, resolve_device(args.device))
             stage.update(message=f"model {model.name}")
         result, numbers = finish_deformable(args, outputs, inputs, model, progress)
@@ -150,37 +150,6 @@ def prepare_deformable(args: argparse.Namespace, progress):
     return outputs
 
 
-@dataclass
-class DeformableInputs:
-    """What one deformable run reads (labels only with the report options)."""
-
-    fixed: object  # diffusionreg.image.Image
-    moving: object
-    labels: object  # diffusionreg.reporting.ReportLabels | None
-    initial: object  # diffusionreg.transforms.Transform | None
-
-
-def read_deformable_inputs(args: argparse.Namespace, stage=None) -> DeformableInputs:
-    """Read the images, the report labels and the initial transform; ``stage`` (a progress stage) advances by 4."""
-    from diffusionreg.image import read_image
-    from diffusionreg.reporting import read_report_labels
-    from diffusionreg.transforms import read_transform
-
-    fixed = read_image(args.fixed, what="fixed image")
-    if stage is not None:
-        stage.update(message="fixed")
-    moving = read_image(args.moving, what="moving image")
-    if stage is not None:
-        stage.update(message="moving")
-    labels = read_report_labels(args)
-    if stage is not None:
-        stage.update(message="labels")
-    initial = read_transform(args.initial_transform) if args.initial_transform else None
-    if stage is not None:
-        stage.update(message="initial transform")
-    return DeformableInputs(fixed, moving, labels, initial)
-
-
 def load_deformable_model(args: argparse.Namespace, device):
     """The model ``--model``/``--method``/``--modality`` pick, on ``device`` (sha256 checked)."""
     from .register import load_model
@@ -188,7 +157,7 @@ def load_deformable_model(args: argparse.Namespace, device):
     return load_model(args.model, device=device, method=args.method, modality=args.modality)
 
 
-def finish_deformable(args: argparse.Namespace, outputs, inputs: DeformableInputs, model, progress):
+def finish_deformable(args: argparse.Namespace, outputs, inputs: PairInputs, model, progress):
     """Register with a loaded ``model``, write every declared output and commit them.
 
     Returns the registration result and the report numbers (Dice with labels).
