@@ -51,6 +51,7 @@ def add_commands(commands, train_commands, common) -> None:
     t.add_argument("--config", default="compact", help="preset (compact, full) or a config JSON file")
     t.add_argument("--eps-normal", type=Path, help="eps_normal weights (deformation stage)")
     t.add_argument("--eps-all", type=Path, help="eps_all weights (deformation stage)")
+    t.add_argument("--pose-cache", type=Path, help="JSON of the normal heads' poses (read, and extended when missing)")
     add_run_arguments(t, val_every=200)
     t.set_defaults(handler=_run_train)
 
@@ -99,6 +100,7 @@ def _run_train(args: argparse.Namespace, progress) -> int:
             val=list(args.val),
             eps_normal=args.eps_normal,
             eps_all=args.eps_all,
+            pose_cache=args.pose_cache,
         ),
         RunOptions.from_args(args),
         progress,

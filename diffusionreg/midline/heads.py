@@ -10,6 +10,8 @@ mask and the 2 mm head outside it. Other normal heads (a real scan) enter with t
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 
 from diffusionreg.errors import InputError
 from diffusionreg.image import Image, read_image, resample
+from diffusionreg.io_atomic import atomic_output
 
 from .config import MidlineInference
 from .pose import align_to_template, check_head_ct, to_hounsfield
@@ -42,14 +45,16 @@ def cormack_to_hu(values: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=2)
 def pose_template(template_dir: Path) -> Image:
-    """The 2 mm SCCT head with skull, in HU (the pose reference)."""
+    """The 2 mm SCCT head with skull, in HU (the pose reference; read once per process)."""
     image = read_image(Path(template_dir) / TEMPLATE_HEAD, what="head template", dtype=np.float32)
     return image.with_array(cormack_to_hu(image.array))
 
 
+@functools.lru_cache(maxsize=2)
 def template_head(template_dir: Path) -> NormalHead:
-    """The template as a normal head on the 1 mm grid (pose: identity)."""
+    """The template as a normal head on the 1 mm grid (pose: identity; built once per process)."""
     template_dir = Path(template_dir)
     head = pose_template(template_dir)
     brain = read_image(template_dir / TEMPLATE_BRAIN_HU, what="template brain", dtype=np.float32)
@@ -71,10 +76,16 @@ def brain_median_hu(array: np.ndarray) -> float:
 
 
 def load_normal_head(
-    path: Path, template: Image, settings: MidlineInference, log=print, brain_hu: float | None = None
+    path: Path,
+    template: Image,
+    settings: MidlineInference,
+    log=print,
+    brain_hu: float | None = None,
+    pose_cache: Path | None = None,
 ) -> NormalHead:
     """A real normal head CT in HU with its pose relative to ``template``; with ``brain_hu``, shifted
-    so that its soft-tissue median is that value (a scan of unverified calibration, e.g. the cadaver)."""
+    so that its soft-tissue median is that value (a scan of unverified calibration, e.g. the cadaver).
+    ``pose_cache``: a JSON file of poses found before (by resolved path), read and extended."""
     image = read_image(path, what="normal head", dtype=np.float32)
     image, offset = to_hounsfield(image)
     if offset:
@@ -84,20 +95,33 @@ def load_normal_head(
         image = image.with_array(image.array + np.float32(shift))
         log(f"{path}: soft tissue calibrated to the template by {shift:+.1f} HU")
     check_head_ct(image, settings, what=str(path))
-    pose = align_to_template(image, template, settings)
-    log(f"{path}: pose scale {pose.scale:.3f}, MI {pose.score:.3f}")
-    return NormalHead(Path(path).name, torch.from_numpy(np.ascontiguousarray(image.array)), image.affine, pose.matrix)
+    key = str(Path(path).resolve())
+    cached = json.loads(pose_cache.read_text(encoding="utf-8")) if pose_cache is not None and pose_cache.exists() else {}
+    if key in cached:
+        matrix = np.asarray(cached[key], dtype=np.float64)
+        log(f"{path}: pose from {pose_cache}")
+    else:
+        pose = align_to_template(image, template, settings)
+        matrix = pose.matrix
+        log(f"{path}: pose scale {pose.scale:.3f}, MI {pose.score:.3f}")
+        if pose_cache is not None:
+            cached[key] = matrix.tolist()
+            with atomic_output(pose_cache) as temporary:
+                temporary.write_text(json.dumps(cached, indent=2), encoding="utf-8")
+    return NormalHead(Path(path).name, torch.from_numpy(np.ascontiguousarray(image.array)), image.affine, matrix)
 
 
-def training_heads(template_dir: Path, normal: list[Path], settings: MidlineInference, log=print) -> list[NormalHead]:
-    """The template head plus each given normal head (aligned)."""
+def training_heads(
+    template_dir: Path, normal: list[Path], settings: MidlineInference, log=print, pose_cache: Path | None = None
+) -> list[NormalHead]:
+    """The template head plus each given normal head (aligned; poses cached in ``pose_cache``)."""
     if not (Path(template_dir) / TEMPLATE_HEAD).exists():
         raise InputError(f"head template not found: {Path(template_dir) / TEMPLATE_HEAD}")
-    heads = [template_head(template_dir)]
-    reference = pose_template(template_dir)
+    heads = [template_head(Path(template_dir))]
+    reference = pose_template(Path(template_dir))
     brain_hu = brain_median_hu(heads[0].volume.numpy())
     for path in normal:
-        head = load_normal_head(path, reference, settings, log, brain_hu)
+        head = load_normal_head(path, reference, settings, log, brain_hu, pose_cache)
         head.brain = heads[0].brain  # aligned to the template: its brain mask applies
         heads.append(head)
     return heads

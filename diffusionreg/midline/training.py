@@ -55,6 +55,7 @@ class MidlineTrainOptions:
     val: list[Path] = field(default_factory=list)  # held-out normal heads
     eps_normal: Path | None = None  # trained weights (deformation stage)
     eps_all: Path | None = None
+    pose_cache: Path | None = None  # JSON of the normal heads' poses, shared by the stages
 
 
 def _flip(batch: SliceBatch, gen: torch.Generator, flip_prob: float) -> torch.Tensor:
@@ -88,8 +89,12 @@ def train(opts: MidlineTrainOptions, run: RunOptions, progress: Progress | None 
     progress = progress or Progress("none")
     val_set = {Path(p).resolve() for p in opts.val}
     normal = [p for p in opts.normal if Path(p).resolve() not in val_set]
-    heads = training_heads(opts.template_dir, normal, cfg.inference, progress.log)
-    val_heads = training_heads(opts.template_dir, list(opts.val), cfg.inference, progress.log)[1:] or heads[:1]
+    heads = training_heads(opts.template_dir, normal, cfg.inference, progress.log, opts.pose_cache)
+    val_heads = (
+        training_heads(opts.template_dir, list(opts.val), cfg.inference, progress.log, opts.pose_cache)[1:]
+        if opts.val
+        else heads[:1]
+    )
     torch.manual_seed(cfg.seed)
     if opts.stage == "deformation":
         task = _deformation_task(opts, cfg, heads, val_heads, run)
@@ -211,7 +216,7 @@ def _deformation_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_
         module.freeze_diffusion()  # the engine puts every submodule in train mode
         batch = synth_slices(heads, cfg.frame, cfg.synth, gen, d.batch_size, midline_points=d.midline_points)
         total, terms, _ = deformation_losses(module, cfg, batch, gen, progress_fraction())
-        return total, {k: float(v) for k, v in terms.items()}
+        return total, {k: float(v.detach()) for k, v in terms.items()}
 
     @torch.no_grad()
     def validate(exported) -> dict:
