@@ -26,7 +26,7 @@ from diffusionreg.spaces import homogeneous, rotation_about_axis, sample_affine,
 
 from .config import MidlineInference
 
-#: Stored values of HU + 1024 images: air near 0, so almost nothing below this (HU) remains.
+#: HU + 1024 images (air near 0) have no value below this.
 UNSIGNED_AIR_LIMIT = -200.0
 #: Values above this only exist in HU + 1024 data (dense bone + 1024 and more) ...
 UNSIGNED_BONE_VALUE = 1300.0
@@ -48,9 +48,8 @@ POSE_SHIFT_UNIT_MM = 50.0  # translation parameter unit (Adam steps are per unit
 def to_hounsfield(image: Image) -> tuple[Image, bool]:
     """The image in HU, and whether an offset of 1024 was removed (HU + 1024 stored unsigned)."""
     array = image.array.astype(np.float32, copy=False)
-    sample = array[::2, ::2, ::2]
-    low = float(np.percentile(sample, 1.0))
-    if low >= UNSIGNED_AIR_LIMIT and float(sample.max()) > UNSIGNED_BONE_VALUE:
+    # A CT in HU has air (about -1000) somewhere; stored unsigned, nothing is below 0.
+    if float(array.min()) >= UNSIGNED_AIR_LIMIT and float(array.max()) > UNSIGNED_BONE_VALUE:
         return image.with_array(array - HU_OFFSET), True
     return image.with_array(array), False
 
