@@ -100,3 +100,34 @@ def test_refine_config_round_trips_and_is_validated():
         DeformableConfig.from_dict({**old, "inference": {"refine": {"iterations": -1}}})
     with pytest.raises(InputError):
         DeformableConfig.from_dict({**old, "inference": {"refine": {"unknown": 1}}})
+
+
+def test_coarse_grid_iterations_reach_the_error_of_fine_ones(problem):
+    """Multi-resolution: most iterations with the loss on a grid half as fine, the rest on the fine
+    grid, end about where the same number of fine iterations ends (same parameters, same optimum)."""
+    fixed, moving, u, w, truth = problem
+    inner = (slice(None), slice(None)) + (slice(4, -4),) * 3
+    fine_only = refine_pair(u, w, moving, fixed, CFG, "mse")[0]
+    mixed_cfg = FieldRefineConfig(**{**CFG.__dict__, "coarse_iterations": 60, "coarse_scale": 0.5})
+    mixed, _, losses = refine_pair(u, w, moving, fixed, mixed_cfg, "mse")
+    assert len(losses) == CFG.iterations
+    before = (u - truth)[inner].norm(dim=1).mean()
+    error_fine = (fine_only - truth)[inner].norm(dim=1).mean()
+    error_mixed = (mixed - truth)[inner].norm(dim=1).mean()
+    assert error_mixed < 0.8 * before
+    assert error_mixed < error_fine + 0.05  # voxels
+
+
+def test_coarse_grid_iterations_keep_the_pair_symmetric(problem):
+    fixed, moving, u, w, _ = problem
+    cfg = FieldRefineConfig(iterations=6, coarse_iterations=4, coarse_scale=0.5, control_factor=2, squarings=6)
+    u1, w1, _ = refine_pair(u, w, moving, fixed, cfg, "mse")
+    u2, w2, _ = refine_pair(w, u, fixed, moving, cfg, "mse")
+    assert torch.allclose(u1, w2, atol=1e-6) and torch.allclose(w1, u2, atol=1e-6)
+
+
+def test_coarse_iterations_are_validated():
+    with pytest.raises(InputError, match="coarse_iterations"):
+        DeformableConfig.from_dict({"inference": {"refine": {"iterations": 3, "coarse_iterations": 4}}})
+    with pytest.raises(InputError, match="coarse_scale"):
+        DeformableConfig.from_dict({"inference": {"refine": {"coarse_scale": 1.5}}})

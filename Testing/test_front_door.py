@@ -22,7 +22,7 @@ FIXED, MOVING = SAMPLE / "sample_fixed.nii.gz", SAMPLE / "sample_moving.nii.gz"
 
 REGISTRATION_OPTIONS = {
     "affine": ("steps", "bidirectional", "initialize", "refine_iterations"),
-    "deformable": ("instance_optimization", "refine_iterations"),
+    "deformable": ("instance_optimization", "refine_iterations", "quality"),
 }
 
 
@@ -59,11 +59,12 @@ def _affine_cli(model: str | None, out: Path) -> np.ndarray:
     return read_transform(out).matrix
 
 
-def _deformable_cli(model: str, out: Path) -> np.ndarray:
+def _deformable_cli(model: str, out: Path, *options: str) -> np.ndarray:
     assert (
         cli.main(
             [
                 "deformable",
+                *options,
                 "--fixed",
                 str(FIXED),
                 "--moving",
@@ -136,6 +137,97 @@ def test_deformable_api_and_cli_read_the_defaults_of_the_model_config(tmp_path):
     assert api.metrics["instance_optimization_steps"] == 2 and api.metrics["refine_iterations"] == 2
     written = _deformable_cli(str(folder), tmp_path / "field.nii.gz")
     assert np.abs(written - api.forward.field.array).max() < 1e-4  # mm; the file stores float32
+
+
+@pytest.fixture
+def tiny_deformable_model(tmp_path):
+    """A small random SITReg model whose config holds quality presets unlike its defaults."""
+    import torch
+
+    from diffusionreg.deformable.config import DeformableConfig, DeformableInference, SITRegConfig
+    from diffusionreg.deformable.field_refine import FieldRefineConfig
+    from diffusionreg.deformable.quality import QualityPreset
+    from diffusionreg.deformable.register import build_network, export_model
+
+    torch.manual_seed(0)
+    config = DeformableConfig(
+        name="tiny",
+        grid_shape=(16, 16, 16),
+        spacing_mm=12.0,
+        sitreg=SITRegConfig(feature_channels=(4, 4), head_channels=(4, 4)),
+        inference=DeformableInference(
+            io_steps=2,
+            io_lr=1e-3,
+            refine=FieldRefineConfig(iterations=2, control_factor=2),
+            qualities=(
+                QualityPreset("fast", io_steps=0, refine_iterations=1, refine_coarse_iterations=1, refine_upsample=1.0),
+                QualityPreset("best", io_steps=3, refine_iterations=3, refine_coarse_iterations=0, refine_upsample=1.5),
+            ),
+        ),
+    )
+    folder = tmp_path / "tiny-deformable"
+    export_model(build_network(config), config, folder)
+    return folder
+
+
+@pytest.mark.parametrize("quality", ["fast", "best"])
+def test_deformable_quality_presets_come_from_the_model_config_and_api_equals_cli(tiny_deformable_model, tmp_path, quality):
+    from diffusionreg.deformable.register import load_model, register_deformable
+
+    model = load_model(str(tiny_deformable_model))
+    preset = {p.name: p for p in model.cfg.inference.qualities}[quality]
+    api = register_deformable(read_image(FIXED), read_image(MOVING), model, want_inverse=False, quality=quality)
+    m = api.metrics
+    assert m["quality"] == quality and m["instance_optimization_steps"] == preset.io_steps
+    assert m["refine_iterations"] == preset.refine_iterations
+    assert m["refine_coarse_iterations"] == preset.refine_coarse_iterations
+    assert m["field_grid_shape"] == [int(round(16 * preset.refine_upsample))] * 3
+    written = _deformable_cli(str(tiny_deformable_model), tmp_path / "field.nii.gz", "--quality", quality)
+    assert np.abs(written - api.forward.field.array).max() < 1e-4  # mm; the file stores float32
+    default = register_deformable(read_image(FIXED), read_image(MOVING), model, want_inverse=False)
+    assert default.metrics["quality"] == "default" and default.metrics["instance_optimization_steps"] == 2
+    assert np.abs(default.forward.field.array - api.forward.field.array).max() > 1e-4, "the preset changes the answer"
+
+
+def test_explicit_options_override_the_quality_preset(tiny_deformable_model):
+    from diffusionreg.deformable.register import load_model, register_deformable
+
+    model = load_model(str(tiny_deformable_model))
+    result = register_deformable(
+        read_image(FIXED), read_image(MOVING), model, io_steps=1, refine_iterations=0, want_inverse=False, quality="best"
+    )
+    assert result.metrics["instance_optimization_steps"] == 1 and result.metrics["refine_iterations"] == 0
+
+
+def test_an_unknown_quality_is_refused_in_one_line(tiny_deformable_model, tmp_path, capsys):
+    from diffusionreg.deformable.register import load_model, register_deformable
+    from diffusionreg.errors import InputError
+
+    model = load_model(str(tiny_deformable_model))
+    with pytest.raises(InputError, match="unknown quality 'medium'; this model has default, fast, best"):
+        register_deformable(read_image(FIXED), read_image(MOVING), model, quality="medium")
+    with pytest.raises(SystemExit) as exit_info:
+        _deformable_cli(str(tiny_deformable_model), tmp_path / "field.nii.gz", "--quality", "medium")
+    assert exit_info.value.code == 2 and "--quality" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["lung-vessels", "brain-mri-deformable"])
+def test_shipped_deformable_models_define_every_quality(model):
+    """The shipped configs hold the fast and best presets: fast does less work than the default,
+    best at least as much."""
+    import json
+
+    from diffusionreg.deformable.config import DeformableConfig
+
+    cfg = DeformableConfig.from_dict(json.loads((ROOT / "Resources" / "Models" / model / "config.json").read_text()))
+    assert sorted(q.name for q in cfg.inference.qualities) == ["best", "fast"]
+    fast, default, best = (cfg.inference.at_quality(q) for q in ("fast", "default", "best"))
+
+    def fine_iterations(settings):
+        return settings.refine.iterations - settings.refine.coarse_iterations
+
+    assert fast.io_steps <= default.io_steps <= best.io_steps
+    assert fine_iterations(fast) <= fine_iterations(default) <= fine_iterations(best)
 
 
 @pytest.mark.slow

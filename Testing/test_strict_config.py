@@ -38,6 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
             "deformable config.inference.refine: unknown key 'iteratons' (did you mean 'iterations'?)",
         ),
         (DeformableConfig, {"io_steps": 3}, "deformable config: unknown key 'io_steps'"),
+        (
+            DeformableConfig,
+            {"inference": {"qualities": [{"name": "fast", "io_steps": 0, "refine_iteratons": 1}]}},
+            "deformable config.inference.qualities[0]: unknown key 'refine_iteratons' (did you mean 'refine_iterations'?)",
+        ),
         (DeformableConfig, {"spacing_mm": None}, "deformable config.spacing_mm: expected a number"),
     ],
 )

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 CACHE = OUT / "deformable_cache"
+REPORT = "deformable"  # bench/out/<REPORT>.md / .json / .png
 DATA = Path(os.environ.get("DIFFUSIONREG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 LUNG = DATA / "lung" / "vessels_val_cc_by"
 LUNG_CASES = ("054", "055", "056", "094", "097", "114", "115", "116")
@@ -156,23 +157,30 @@ def to_ants(image):
     )
 
 
-def run_syn(fixed, moving, threads: int):
-    """ANTs SyN (rigid + affine + SyN, mean squares for the deformable stage): forward and inverse fields."""
+def run_syn(fixed, moving, threads: int, heavy: bool = True):
+    """ANTs SyN (rigid + affine + SyN): forward and inverse fields. ``heavy``: mean squares and
+    100/70/40 iterations for the deformable stage (the configuration of the first benchmarks);
+    else antspyx's defaults (``type_of_transform="SyN"``: Mattes MI, 40/20/0)."""
     import ants
 
     from diffusionreg.transforms import read_transform
 
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     fi, mi = to_ants(fixed), to_ants(moving)
+    options = {"syn_metric": "meansquares", "reg_iterations": (100, 70, 40)} if heavy else {}
     t0 = time.perf_counter()
-    reg = ants.registration(
-        fi, mi, type_of_transform="SyN", syn_metric="meansquares", reg_iterations=(100, 70, 40), verbose=False
-    )
+    reg = ants.registration(fi, mi, type_of_transform="SyN", verbose=False, **options)
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         fwd = ants.apply_transforms(fi, mi, reg["fwdtransforms"], compose=os.path.join(tmp, "fwd"))
         inv = ants.apply_transforms(mi, fi, reg["invtransforms"], whichtoinvert=[True, False], compose=os.path.join(tmp, "inv"))
         return read_transform(fwd), read_transform(inv), seconds
+
+
+def run_baseline(method: str, fixed, moving, threads: int):
+    if method == "elastix":
+        return run_elastix(fixed, moving, threads)
+    return run_syn(fixed, moving, threads, heavy=method == "syn")
 
 
 def run_elastix(fixed, moving, threads: int):
@@ -208,30 +216,38 @@ def run_elastix(fixed, moving, threads: int):
 
 
 OURS = ("ours", "ours-io", "ours-refine", "ours-io-refine")
-METHODS = OURS + ("syn", "elastix")
+QUALITIES = ("ours-fast", "ours-default", "ours-best")  # the --quality presets of the model config
+METHODS = OURS + QUALITIES + ("syn-default", "syn", "elastix")
 
 
 def run_ours(fixed, moving, model, method: str, args):
     """ours: the network alone; -io: + instance optimisation of the weights (args.io_steps);
-    -refine: + the fine-grid velocity refinement (args.refine_iterations, None = the model's)."""
+    -refine: + the fine-grid velocity refinement (args.refine_iterations, None = the model's);
+    ours-<quality>: the model config's quality preset, as ``--quality`` runs it.
+    The inverse is computed (for the ICE); writing both fields is timed as the CLI writes them."""
     from diffusionreg.deformable.register import register_deformable
+    from diffusionreg.transforms import write_transform
 
-    io_steps = args.io_steps if "-io" in method else 0
-    refine = args.refine_iterations if "refine" in method else 0  # None: the model's default
     t0 = time.perf_counter()
-    result = register_deformable(fixed, moving, model, None, io_steps, want_inverse=True, refine_iterations=refine)
+    if method in QUALITIES:
+        result = register_deformable(fixed, moving, model, None, want_inverse=True, quality=method.removeprefix("ours-"))
+    else:
+        io_steps = args.io_steps if "-io" in method else 0
+        refine = args.refine_iterations if "refine" in method else 0  # None: the model's default
+        result = register_deformable(fixed, moving, model, None, io_steps, want_inverse=True, refine_iterations=refine)
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        t_write = time.perf_counter()
+        write_transform(result.forward, Path(tmp) / "forward.nii.gz")
+        write_transform(result.inverse, Path(tmp) / "inverse.nii.gz")
+        seconds_write = time.perf_counter() - t_write
     extra = {
-        k: result.metrics[k]
-        for k in (
-            "instance_optimization_steps",
-            "refine_iterations",
-            "field_grid_shape",
-            "field_spacing_mm",
-            "seconds_network",
-            "seconds_refine",
-        )
+        k: v
+        for k, v in result.metrics.items()
+        if k.startswith("seconds_") or k in ("quality", "instance_optimization_steps", "refine_iterations", "field_grid_shape")
     }
-    return result.forward, result.inverse, time.perf_counter() - t0, extra
+    extra["seconds_write_both"] = round(seconds_write, 3)
+    return result.forward, result.inverse, seconds, extra
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -245,18 +261,21 @@ def lung_case(case: str, method: str, args, models) -> dict:
     from diffusionreg.evaluation import read_landmarks
     from diffusionreg.image import read_image, resample
 
+    t_read = time.perf_counter()
     fixed = read_image(LUNG / f"case_{case}_1.nii.gz")
     moving = read_image(LUNG / f"case_{case}_2.nii.gz")
+    seconds_read = time.perf_counter() - t_read
     lm = read_landmarks(LUNG / f"case_{case}_landmarks_voxel.csv", fixed.grid, moving.grid)
     eval_grid = coarse_grid(fixed.grid, 2.0)
     eval_moving = coarse_grid(moving.grid, 2.0)
     extra = {}
-    if method in OURS:
+    if method in OURS + QUALITIES:
         fwd, inv, seconds, extra = run_ours(fixed, moving, models["lung"], method, args)
+        extra["seconds_read_both"] = round(seconds_read, 3)
     else:
         bf = resample(binarised(fixed), coarse_grid(fixed.grid, args.baseline_spacing), None, "linear")
         bm = resample(binarised(moving), coarse_grid(moving.grid, args.baseline_spacing), None, "linear")
-        fwd, inv, seconds = (run_syn if method == "syn" else run_elastix)(bf, bm, args.threads)
+        fwd, inv, seconds = run_baseline(method, bf, bm, args.threads)
     out = {
         "task": "lung",
         "case": case,
@@ -289,7 +308,7 @@ def brain_inputs(args):
         merged[np.isin(aseg.array, codes)] = label
     moving_lab = Image(merged, aseg.affine)
     CACHE.mkdir(parents=True, exist_ok=True)
-    mat = CACHE / "brain_affine.mat"
+    mat = OUT / "deformable_brain_affine.mat"  # shared by all runs
     if not mat.exists():
         reg = ants.registration(to_ants(fixed), to_ants(moving), type_of_transform="Affine", verbose=False)
         import shutil
@@ -311,7 +330,7 @@ def brain_case(method: str, args, models) -> dict:
 
     fixed, fixed_lab, moving, moving_lab = brain_inputs(args)
     extra = {}
-    if method in OURS:
+    if method in OURS + QUALITIES:
         if models.get("brain") is None:
             return {"task": "brain", "case": "vxm->oasisA", "method": method, "skipped": "no brain model"}
         fwd, inv, seconds, extra = run_ours(fixed, moving, models["brain"], method, args)
@@ -319,7 +338,7 @@ def brain_case(method: str, args, models) -> dict:
     else:
         bf = resample(fixed, coarse_grid(fixed.grid, args.baseline_spacing), None, "linear")
         bm = resample(moving, coarse_grid(moving.grid, args.baseline_spacing), None, "linear")
-        fwd, inv, seconds = (run_syn if method == "syn" else run_elastix)(bf, bm, args.threads)
+        fwd, inv, seconds = run_baseline(method, bf, bm, args.threads)
     warped = resample(moving_lab, fixed.grid, fwd, "nearest")
     labels = sorted(SEG13_NAMES)
     dice = metrics.dice_per_label(fixed_lab.array, warped.array, labels)
@@ -429,8 +448,8 @@ def report(results: list[dict], args) -> None:
                 f"{r['seconds']:.1f} |"
             )
         lines.append("")
-    (OUT / "deformable.md").write_text("\n".join(lines) + "\n")
-    (OUT / "deformable.json").write_text(json.dumps(results, indent=1))
+    (OUT / f"{REPORT}.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{REPORT}.json").write_text(json.dumps(results, indent=1))
     try:
         import matplotlib
 
@@ -449,7 +468,7 @@ def report(results: list[dict], args) -> None:
             axes[1].set_ylabel("seconds / pair")
             axes[1].set_title("Wall time (lung)")
         fig.tight_layout()
-        fig.savefig(OUT / "deformable.png", dpi=100)
+        fig.savefig(OUT / f"{REPORT}.png", dpi=100)
     except Exception as exc:
         print(f"plot failed: {exc}")
     print("\n".join(lines))
@@ -471,10 +490,15 @@ def main() -> int:
     )
     ap.add_argument("--lung-model", default="lung-vessels")
     ap.add_argument("--brain-model", default=None)
+    ap.add_argument("--run-name", default="", help="separate cache and report: bench/out/deformable_<name>.*")
     ap.add_argument("--reuse", action="store_true", help="keep cached results (skip cases already done)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--note", default="", help="text added under the command line (e.g. the runs merged)")
     args = ap.parse_args()
+    global CACHE, REPORT
+    if args.run_name:
+        CACHE = OUT / f"deformable_cache_{args.run_name}"
+        REPORT = f"deformable_{args.run_name}"
     import torch
 
     torch.set_num_threads(args.threads)
@@ -485,7 +509,7 @@ def main() -> int:
         unknown = set(methods) - set(METHODS)
         if unknown:
             ap.error(f"unknown methods {sorted(unknown)}; use {', '.join(METHODS)}")
-        if any(m in OURS for m in methods):
+        if any(m in OURS + QUALITIES for m in methods):
             from diffusionreg.deformable.register import load_model
 
             models["lung"] = load_model(args.lung_model)

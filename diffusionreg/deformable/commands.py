@@ -11,6 +11,8 @@ from diffusionreg.reporting import add_report_options, check_report_options
 from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
 from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, MODALITIES
 
+from .quality import QUALITIES
+
 
 def add_commands(commands, train_commands, common) -> None:
     """Register the deformable registration command and its training command."""
@@ -57,6 +59,13 @@ def add_commands(commands, train_commands, common) -> None:
         default=None,
         metavar="N",
         help="fine-grid symmetric velocity refinement iterations after the network (default: the model's; 0 = off)",
+    )
+    p.add_argument(
+        "--quality",
+        choices=QUALITIES,
+        default=None,
+        help="speed/accuracy preset of the model config (default: the model's default settings); "
+        "--instance-optimization and --refine-iterations override it",
     )
     p.add_argument("--output-json", type=Path, help="write metrics and timings as JSON (with Dice when label maps are given)")
     add_report_options(p)
@@ -180,6 +189,7 @@ def finish_deformable(args: argparse.Namespace, outputs, inputs: PairInputs, mod
             want_jacobian=outputs.wants("--output-jacobian"),
             progress=progress,
             refine_iterations=args.refine_iterations,
+            quality=args.quality,
         )
         stage.update()
     write_transform(result.forward, outputs.temporary("--output-transform"))

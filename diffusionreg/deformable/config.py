@@ -30,6 +30,7 @@ from diffusionreg.errors import InputError
 from diffusionreg.strict_config import from_dict
 
 from .field_refine import FieldRefineConfig
+from .quality import QUALITIES, QualityPreset
 
 METHODS = ("sitreg", "icon")
 NORMALISATIONS = ("binary", "minmax", "percentile", "clip", "none")
@@ -83,12 +84,45 @@ class ICONConfig:
 @dataclass
 class DeformableInference:
     """Registration defaults of a model: what ``register_deformable``, ``diffusionreg deformable``
-    and the Slicer panel use when not told otherwise (stored in the model's ``config.json``)."""
+    and the Slicer panel use when not told otherwise (stored in the model's ``config.json``).
+
+    These are the ``default`` quality; ``qualities`` holds the other presets (``--quality``)."""
 
     io_steps: int = 0  # instance optimisation: Adam steps on the pair's weights
     io_lr: float = 1e-4
     # fine-grid symmetric velocity refinement after the network (see field_refine)
     refine: FieldRefineConfig = field(default_factory=FieldRefineConfig)
+    qualities: tuple[QualityPreset, ...] = ()
+
+    def at_quality(self, quality: str | None) -> DeformableInference:
+        """These settings with the preset ``quality`` applied (None or ``"default"``: unchanged)."""
+        if quality is None or quality == "default":
+            return self
+        presets = {preset.name: preset for preset in self.qualities}
+        if quality not in presets:
+            known = ", ".join(["default", *presets])
+            raise InputError(f"unknown quality {quality!r}; this model has {known}")
+        preset = presets[quality]
+        refine = dataclasses.replace(
+            self.refine,
+            iterations=preset.refine_iterations,
+            coarse_iterations=preset.refine_coarse_iterations,
+            upsample=preset.refine_upsample,
+        )
+        return dataclasses.replace(self, io_steps=preset.io_steps, refine=refine)
+
+    def validate(self) -> None:
+        for settings in [self] + [self.at_quality(q.name) for q in self.qualities if q.name in QUALITIES]:
+            refine = settings.refine
+            if refine.iterations < 0 or refine.upsample <= 0 or refine.control_factor < 1:
+                raise InputError("inference.refine needs iterations >= 0, upsample > 0 and control_factor >= 1")
+            if not 0 <= refine.coarse_iterations <= refine.iterations or not 0 < refine.coarse_scale <= 1:
+                raise InputError("inference.refine needs 0 <= coarse_iterations <= iterations and 0 < coarse_scale <= 1")
+            if settings.io_steps < 0 or settings.io_lr <= 0:
+                raise InputError("inference needs io_steps >= 0 and io_lr > 0")
+        names = [q.name for q in self.qualities]
+        if len(set(names)) != len(names) or not set(names) <= set(QUALITIES) - {"default"}:
+            raise InputError(f"inference.qualities: names must be distinct, from {QUALITIES[0]!r} and {QUALITIES[2]!r}")
 
 
 @dataclass
@@ -152,11 +186,7 @@ class DeformableConfig:
                 raise InputError(f"grid_shape {self.grid_shape} must be divisible by {factor} for ICON")
         if self.spacing_mm <= 0:
             raise InputError("spacing_mm must be positive")
-        refine = self.inference.refine
-        if refine.iterations < 0 or refine.upsample <= 0 or refine.control_factor < 1:
-            raise InputError("inference.refine needs iterations >= 0, upsample > 0 and control_factor >= 1")
-        if self.inference.io_steps < 0 or self.inference.io_lr <= 0:
-            raise InputError("inference needs io_steps >= 0 and io_lr > 0")
+        self.inference.validate()
 
 
 def _presets() -> dict[str, DeformableConfig]:

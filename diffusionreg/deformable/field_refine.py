@@ -16,6 +16,10 @@ coarser than the fine grid (plus ``coarse_levels`` grids, each twice as coarse, 
 that large residual motion is reached in few steps); ``exp(+-v/2)`` is computed by scaling and squaring on a grid
 ``squaring_upsample`` times finer than that and upsampled trilinearly; the loss is the model's similarity in
 both directions plus ``smoothness_weight`` times the squared gradient of ``v``.
+The first ``coarse_iterations`` evaluate that loss on a coarser grid over the same box (images
+and network pair resized to it); the velocity parameters do not depend on the grid the loss is
+evaluated on, so the fine iterations continue from there: large residual motion is found
+cheaply, the fine grid only polishes.
 Fields are voxel displacements of the grid they live on (:mod:`diffusionreg.fields`).
 """
 
@@ -43,6 +47,10 @@ class FieldRefineConfig:
     smoothness_weight: float = 0.1  # x mean squared forward difference of v (dimensionless)
     squarings: int = 5  # scaling-and-squaring steps of exp(+-v/2)
     squaring_upsample: int = 2  # exp(+-v/2) is squared on the control grid x this (<= fine)
+    # Multi-resolution: the first ``coarse_iterations`` of ``iterations`` evaluate the loss on a
+    # grid ``coarse_scale`` times the fine shape (same velocity parameters, a fraction of the work).
+    coarse_iterations: int = 0
+    coarse_scale: float = 0.5
     # The written inverse solved against the written forward field (.inverse_field; 0 = off).
     # Not part of the velocity refinement: it runs whether or not ``iterations`` is 0.
     inverse_iterations: int = 10  # Newton steps per moving voxel at most
@@ -68,9 +76,6 @@ def refine_pair(
     covering the same box (resized to the fine grid here).
     """
     fine = tuple(fixed.shape[2:])
-    u = fields.resize_field(u.to(fixed), fine).detach()
-    w = fields.resize_field(w.to(fixed), fine).detach()
-    pair = torch.cat([u, w], 0)
     grids = [tuple(max(2, -(-s // (cfg.control_factor * 2**level))) for s in fine) for level in range(cfg.coarse_levels + 1)]
     control = grids[0]
     squaring = tuple(min(f, c * cfg.squaring_upsample) for f, c in zip(fine, control))
@@ -85,28 +90,46 @@ def refine_pair(
             v = v + fields.resize_field(p, control)
         return v
 
-    images = torch.cat([moving, fixed], 0)
-    targets = torch.cat([fixed, moving], 0)
+    def loss_on(shape: tuple[int, ...]):
+        """The refinement loss with the images and the network pair on a grid of ``shape``, and
+        the refined pair on that grid."""
+        pair = torch.cat([fields.resize_field(u.to(fixed), shape), fields.resize_field(w.to(fixed), shape)], 0).detach()
+        images = torch.cat([moving, fixed], 0)
+        if shape != fine:  # images resampled over the same box (align_corners=False, as resized_grid)
+            images = torch.nn.functional.interpolate(images, size=shape, mode="trilinear", align_corners=False)
+        targets = images.flip(0)
 
-    def refined(velocity: torch.Tensor) -> torch.Tensor:
-        # v is trilinear between control points, so its flow is about as smooth: square on a
-        # grid a little finer than the control grid and resize (the fine-grid work is then two
-        # compositions and a warp). The finer squaring grid keeps e o e^-1 close to identity.
-        v = fields.resize_field(velocity, squaring)
-        half = fields.exp_velocity(torch.cat([0.5 * v, -0.5 * v], 0), cfg.squarings)
-        half = fields.resize_field(half, fine)
-        return fields.compose(half, fields.compose(pair, half))
+        # Never squared on a grid finer than the loss's own (on coarse grids that is most of the work).
+        squaring_here = tuple(min(q, s) for q, s in zip(squaring, shape))
 
-    def loss_fn() -> torch.Tensor:
-        velocity = velocity_field()
-        warped = fields.warp(images, refined(velocity))
-        return (
-            similarity_loss(warped[:1], targets[:1], similarity, window)
-            + similarity_loss(warped[1:], targets[1:], similarity, window)
-            + cfg.smoothness_weight * gradient_loss(fields.resize_field(velocity, fine))
-        )
+        def refined(velocity: torch.Tensor) -> torch.Tensor:
+            # v is trilinear between control points, so its flow is about as smooth: square on a
+            # grid a little finer than the control grid and resize (the fine-grid work is then two
+            # compositions and a warp). The finer squaring grid keeps e o e^-1 close to identity.
+            v = fields.resize_field(velocity, squaring_here)
+            half = fields.exp_velocity(torch.cat([0.5 * v, -0.5 * v], 0), cfg.squarings)
+            half = fields.resize_field(half, shape)
+            return fields.compose(half, fields.compose(pair, half))
 
-    losses = adam_steps(opt, loss_fn, cfg.iterations, progress, "velocity refinement")
+        def loss_fn() -> torch.Tensor:
+            velocity = velocity_field()
+            warped = fields.warp(images, refined(velocity))
+            return (
+                similarity_loss(warped[:1], targets[:1], similarity, window)
+                + similarity_loss(warped[1:], targets[1:], similarity, window)
+                # dimensionless: about the same on any grid over the box, so evaluated on this one
+                + cfg.smoothness_weight * gradient_loss(fields.resize_field(velocity, shape))
+            )
+
+        return loss_fn, refined
+
+    losses: list[float] = []
+    coarse_steps = min(cfg.coarse_iterations, cfg.iterations)
+    if coarse_steps > 0:
+        coarse = tuple(max(4, int(round(s * cfg.coarse_scale))) for s in fine)
+        losses += adam_steps(opt, loss_on(coarse)[0], coarse_steps, progress, "velocity refinement (coarse grid)")
+    loss_fn, refined = loss_on(fine)
+    losses += adam_steps(opt, loss_fn, cfg.iterations - coarse_steps, progress, "velocity refinement")
     with torch.no_grad():
         both = refined(velocity_field())
     return both[:1], both[1:], losses

@@ -204,10 +204,13 @@ def predict(
     io_steps: int = 0,
     io_lr: float | None = None,
     progress=None,
+    seconds: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """``(u, w, io_losses)``: ``warp(moving, u) ~ fixed``, ``w = u^-1``; optional instance optimisation
-    (``io_steps`` Adam steps on this pair from the trained weights; the model is not changed)."""
+    (``io_steps`` Adam steps on this pair from the trained weights; the model is not changed).
+    ``seconds``, when given, gains the wall seconds of ``instance_optimization`` and ``network``."""
     net = model.net
+    start = time.perf_counter()
     moving = moving.to(model.device)
     fixed = fixed.to(model.device)
     losses: list[float] = []
@@ -216,9 +219,13 @@ def predict(
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=io_lr if io_lr is not None else model.cfg.inference.io_lr)
         losses = adam_steps(opt, lambda: pair_loss(net, model.cfg, moving, fixed)[0], io_steps, progress, "instance optimisation")
+    optimised = time.perf_counter()
     net.eval()
     with torch.no_grad():
         u, w = net(moving, fixed)
+    if seconds is not None:
+        seconds["instance_optimization"] = optimised - start
+        seconds["network"] = time.perf_counter() - optimised
     return u, w, losses
 
 
@@ -324,45 +331,61 @@ def register_deformable(
     want_jacobian: bool = False,
     progress=None,
     refine_iterations: int | None = None,
+    quality: str | None = None,
 ) -> DeformableResult:
     """Register ``moving`` onto ``fixed`` (see the module docstring for the geometry).
 
+    ``quality``: a preset of the model's config (``fast``, ``default``, ``best``; None: ``default``,
+    i.e. ``model.cfg.inference`` from its config.json, exactly as ``diffusionreg deformable`` does).
     ``io_steps`` / ``refine_iterations``: instance-optimisation steps and velocity-refinement
-    iterations (None: the model's defaults, ``model.cfg.inference`` from its config.json, exactly
-    as ``diffusionreg deformable`` does; 0: off).
+    iterations, replacing the preset's (None: the preset's; 0: off). ``want_inverse``: also the
+    inverse field on the moving grid (solved against the forward field; it costs seconds, so
+    only when it is used).
     """
     cfg = model.cfg
-    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}  # stage -> wall seconds, reported as seconds_<stage>
+    t0 = last = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        seconds[stage] = seconds.get(stage, 0.0) + now - last
+        last = now
+
     check_registrable(fixed, "fixed image")
     check_registrable(moving, "moving image")
-    steps = cfg.inference.io_steps if io_steps is None else int(io_steps)
+    settings = cfg.inference.at_quality(quality)
+    steps = settings.io_steps if io_steps is None else int(io_steps)
     if steps < 0:
         raise ParameterError("io_steps", "must be >= 0")
-    refine_cfg = cfg.inference.refine
+    refine_cfg = settings.refine
     if refine_iterations is not None:
         if refine_iterations < 0:
             raise ParameterError("refine_iterations", "must be >= 0")
-        refine_cfg = replace(refine_cfg, iterations=int(refine_iterations))
+        coarse = min(refine_cfg.coarse_iterations, int(refine_iterations))
+        refine_cfg = replace(refine_cfg, iterations=int(refine_iterations), coarse_iterations=coarse)
     initial_matrix = _affine_part(initial)
     if want_inverse and initial_matrix is None:
         raise InputError("the inverse field needs an affine (or no) initial transform")
     grid = network_grid(fixed, cfg)
     fixed_t = to_network(fixed, grid, cfg)
     moving_t = to_network(moving, grid, cfg, initial)
-    t_pre = time.perf_counter()
-    u, w, io_losses = predict(model, moving_t, fixed_t, steps, progress=progress)
-    t_net = time.perf_counter()
+    lap("preprocess")
+    u, w, io_losses = predict(model, moving_t, fixed_t, steps, settings.io_lr, progress=progress, seconds=seconds)
+    last = time.perf_counter()
     refine_losses: list[float] = []
     if refine_cfg.iterations > 0:
         grid = resized_grid(grid, refine_cfg.fine_shape(cfg.grid_shape))
         fixed_fine = to_network(fixed, grid, cfg).to(model.device)
         moving_fine = to_network(moving, grid, cfg, initial).to(model.device)
+        lap("refine_preprocess")
         u, w, refine_losses = refine_pair(
             u, w, moving_fine, fixed_fine, refine_cfg, cfg.similarity, cfg.ncc_window, progress=progress
         )
     u, w = u.detach().cpu(), w.detach().cpu()
-    t_refine = time.perf_counter()
+    lap("refine")
     forward = DisplacementFieldTransform(Image(world_field(u, grid, fixed.grid, initial), fixed.affine.copy()))
+    lap("forward_field")
     inverse = inverse_residual = None
     if want_inverse:
         # Dinv(q) = G (y + w(y)) - q with y = G^-1 T0^-1 q: w seen on the moving grid pulled back
@@ -370,10 +393,12 @@ def register_deformable(
         mgrid = moving.grid
         pulled = Grid(mgrid.shape, np.linalg.inv(initial_matrix) @ mgrid.affine)
         field_inv = world_field(w, grid, pulled, reference=mgrid.affine)
+        lap("inverse_field")
         if refine_cfg.inverse_iterations > 0:  # exact against D as written, not just on the network grid
             field_inv, inverse_residual = solve_inverse(
                 forward.field, field_inv, mgrid, refine_cfg.inverse_iterations, refine_cfg.inverse_tolerance_mm
             )
+            lap("inverse_solve")
         inverse = DisplacementFieldTransform(Image(field_inv, moving.affine.copy()))
     jac_image = None
     if want_jacobian:
@@ -384,7 +409,9 @@ def register_deformable(
         else:
             det_world = _finite_difference_det(forward.field)
         jac_image = Image(det_world.astype(np.float32), fixed.affine.copy())
+        lap("jacobian")
     metrics = field_metrics(u, w, grid.spacing)
+    lap("metrics")
     if inverse_residual is not None:  # |D(q + Dinv(q)) + Dinv(q)| at the moving voxels, as written
         metrics.update(
             {
@@ -397,19 +424,19 @@ def register_deformable(
         {
             "method": cfg.method,
             "model": model.name,
+            "quality": quality or "default",
             "instance_optimization_steps": steps,
             "io_loss_first": io_losses[0] if io_losses else None,
             "io_loss_last": io_losses[-1] if io_losses else None,
             "refine_iterations": refine_cfg.iterations,
+            "refine_coarse_iterations": refine_cfg.coarse_iterations,
             "refine_loss_first": refine_losses[0] if refine_losses else None,
             "refine_loss_last": refine_losses[-1] if refine_losses else None,
             "network_grid_shape": list(cfg.grid_shape),
             "network_spacing_mm": cfg.spacing_mm,
             "field_grid_shape": list(grid.shape),
             "field_spacing_mm": [round(float(s), 4) for s in grid.spacing],
-            "seconds_preprocess": round(t_pre - t0, 3),
-            "seconds_network": round(t_net - t_pre, 3),
-            "seconds_refine": round(t_refine - t_net, 3),
+            **{f"seconds_{stage}": round(value, 3) for stage, value in seconds.items()},
             "seconds_total": round(time.perf_counter() - t0, 3),
         }
     )
