@@ -115,7 +115,9 @@ def test_training_slices_carry_consistent_truth(phantom: NormalHead) -> None:
 def test_synth_case_truth_in_world_coordinates(phantom: NormalHead) -> None:
     """A pitched, rolled synthetic CT: the truth's landmarks are in its world, distances in mm."""
     effect = _effect(8.0, -1, z0=15.0)
-    acquisition = Acquisition(rotation_deg=(12.0, 0.0, 6.0), pixel_mm=2.0, slice_mm=5.0, size=128, noise_hu=0.0)
+    acquisition = Acquisition(
+        rotation_deg=(12.0, 0.0, 6.0), pixel_mm=2.5, slice_mm=5.0, size=96, z_range_mm=(-40.0, 70.0), noise_hu=0.0
+    )
     image, truth = synth_case(phantom, effect, FRAME, acquisition, torch.Generator().manual_seed(0))
     assert truth["case_mls_mm"] == pytest.approx(8.0)
     assert truth["side"] == "right"

@@ -35,6 +35,8 @@ from .synthetic import measured_levels
 LANDMARK_NAMES = ("anterior_falx", "posterior_falx", "shifted", "normal")
 #: Seed of the representation's noise (a measurement is deterministic).
 NOISE_SEED = 0
+#: Below this shift (mm) no side is reported ('none').
+SIDE_MIN_MM = 0.5
 
 
 @dataclass
@@ -134,7 +136,7 @@ def measure_midline(ct: Image, model: MidlineModel, model_name: str = "", device
         world = {name: apply_affine(to_ct, np.array([[*getattr(reading, name), 0.0]]))[0].tolist() for name in LANDMARK_NAMES}
         mls = float(np.linalg.norm(np.subtract(world["shifted"], world["normal"])))
         moved = reading.shifted[0] - reading.normal[0]  # +i is the template's +x: patient left
-        side = "none" if mls == 0.0 else ("left" if moved > 0 else "right")
+        side = "none" if mls < SIDE_MIN_MM else ("left" if moved > 0 else "right")
         slices.append(SliceResult(index, z, mls, side, world, reading.rows_read))
     best = max(slices, key=lambda s: s.mls_mm) if slices else None
     case = best.mls_mm if best is not None else 0.0

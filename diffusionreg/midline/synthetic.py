@@ -407,6 +407,8 @@ def synth_case(
         hu = paint_lesion(hu, effect, q, _brain_at(head, q)).mean(dim=-1)[0, 0]
         hu = hu + acquisition.noise_hu * torch.randn(hu.shape, generator=gen)
         out[:, :, k] = hu.numpy() + acquisition.hu_offset
+    if acquisition.hu_offset > 0:  # stored unsigned: nothing below 0 (a scanner's padding included)
+        np.clip(out, 0.0, None, out=out)
     scan_of_template = np.linalg.inv(template_of_scan)
     slices = []
     for z in measured_levels(frame):
