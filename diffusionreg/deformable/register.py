@@ -338,7 +338,8 @@ def register_deformable(
     ``quality``: a preset of the model's config (``fast``, ``default``, ``best``; None: ``default``,
     i.e. ``model.cfg.inference`` from its config.json, exactly as ``diffusionreg deformable`` does).
     ``io_steps`` / ``refine_iterations``: instance-optimisation steps and velocity-refinement
-    iterations, replacing the preset's (None: the preset's; 0: off). ``want_inverse``: also the
+    iterations, replacing the preset's (None: the preset's; 0: off; the preset's share of
+    coarse-grid refinement iterations is kept). ``want_inverse``: also the
     inverse field on the moving grid (solved against the forward field; it costs seconds, so
     only when it is used).
     """
@@ -362,7 +363,9 @@ def register_deformable(
     if refine_iterations is not None:
         if refine_iterations < 0:
             raise ParameterError("refine_iterations", "must be >= 0")
-        coarse = min(refine_cfg.coarse_iterations, int(refine_iterations))
+        # the preset's share of coarse-grid iterations is kept
+        share = refine_cfg.coarse_iterations / refine_cfg.iterations if refine_cfg.iterations else 0.0
+        coarse = int(round(share * int(refine_iterations)))
         refine_cfg = replace(refine_cfg, iterations=int(refine_iterations), coarse_iterations=coarse)
     initial_matrix = _affine_part(initial)
     if want_inverse and initial_matrix is None:
