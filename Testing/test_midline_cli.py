@@ -180,3 +180,23 @@ def test_bad_inputs_exit_2(kind: str, message: str, tmp_path: Path, tiny_model: 
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow  # builds the 1 mm template head and a 256^2 synthetic CT
+def test_synth_command_writes_a_case_of_known_shift(tmp_path: Path, shared_data: Path, cli) -> None:
+    out, truth = tmp_path / "case.nii.gz", tmp_path / "truth.json"
+    done = cli(
+        "midline", "synth", "--template-dir", str(shared_data / "headct"), "--output", str(out),
+        "--output-truth", str(truth), "--shift-mm", "6", "--side", "right", "--pixel-mm", "2.5",
+        "--slice-mm", "6", "--hu-offset", "1024", "--progress", "none",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(truth.read_text())
+    assert facts["case_mls_mm"] == pytest.approx(6.0) and facts["side"] == "right"
+    image = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(image.GetSpacing(), (2.5, 2.5, 6.0))
+    assert float(sitk.GetArrayViewFromImage(image).min()) >= 0.0  # stored as HU + 1024, unsigned
+    best = max(facts["slices"], key=lambda s: s["mls_mm"])
+    assert best["mls_mm"] == pytest.approx(6.0, rel=0.03)
+    bad = cli("midline", "synth", "--output", str(out), "--output-truth", str(truth), "--shift-mm", "40", "--progress", "none")
+    assert bad.returncode == 2 and "--shift-mm" in bad.stderr
