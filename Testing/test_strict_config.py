@@ -97,3 +97,12 @@ def test_icon_passes_every_monai_unet_argument(monkeypatch):
     assert not args and set(kwargs) == parameters, parameters ^ set(kwargs)
     assert kwargs["num_res_units"] == 1 and kwargs["dropout"] == 0.1
     assert any("Residual" in type(m).__name__ for m in net.modules()), "the config reaches MONAI"
+
+
+def test_a_field_without_a_default_must_be_given():
+    from diffusionreg.affine.config import RefineLevel
+    from diffusionreg.errors import InputError
+    from diffusionreg.strict_config import from_dict
+
+    with pytest.raises(InputError, match=r"refine level: missing key"):
+        from_dict(RefineLevel, {}, "refine level")

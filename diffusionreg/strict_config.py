@@ -4,7 +4,7 @@
 key is refused with a did-you-mean suggestion, so a typo never silently falls back to a default),
 values must have the field's type (an int where a float is expected is fine), JSON lists become
 tuples, and fields whose type is itself a configuration dataclass (or a tuple of them) are built
-the same way. Missing keys take the dataclass defaults.
+the same way. Missing keys take the dataclass defaults; a field without a default must be given.
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InputError(f"{where}: unknown key {key!r}{hint}")
         kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise InputError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
     return cls(**kwargs)
 
 
