@@ -511,6 +511,25 @@ CASES = [
     ),
     ("unsupported output extension", _set(RESAMPLE, "--output", "{out}/w.png"), [], [], 2, "unsupported extension"),
     ("detached output header", _set(RESAMPLE, "--output", "{out}/w.mhd"), [], [], 2, "unsupported extension"),
+    # commands added after the table was made: batch, midline, models pull / verify
+    (
+        "batch: jobs file missing",
+        ["batch", "--jobs", "{in}/nope.csv", "--output-dir", "{out}/cohort"],
+        [],
+        [],
+        2,
+        "file not found",
+    ),
+    (
+        "midline: CT missing",
+        ["midline", "--input", "{in}/nope.nii.gz", "--output-json", "{out}/r.json"],
+        [],
+        [],
+        2,
+        "CT not found",
+    ),
+    ("models pull: unknown name", ["models", "pull", "no-such-model"], [], [], 2, "unknown model 'no-such-model'"),
+    ("models verify: unknown name", ["models", "verify", "no-such-model"], [], [], 2, "unknown model 'no-such-model'"),
 ]
 
 
