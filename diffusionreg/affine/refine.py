@@ -52,7 +52,7 @@ def _ncc(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return (da * db).sum() / torch.sqrt((da * da).sum() * (db * db).sum()).clamp_min(1e-12)
 
 
-def _mutual_information(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bins: int) -> torch.Tensor:
+def mutual_information(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, bins: int) -> torch.Tensor:
     """Mutual information (nats) of two volumes in [0, 1] over the voxels with ``weight > 0``.
 
     Gaussian Parzen windows of one bin width on ``bins`` centres make the joint histogram, and so
@@ -132,7 +132,7 @@ def refine_affine(
             matrix = initial_matrix @ correction() if corrected else initial_matrix
             warped = sample_affine(volume, matrix[None], space_f, space_m, padding_mode="zeros")[0, 0]
             if config.metric == "mi":
-                return _mutual_information(fixed_t, warped, weight, config.histogram_bins)
+                return mutual_information(fixed_t, warped, weight, config.histogram_bins)
             return _ncc(fixed_t, warped, weight)
 
         with torch.no_grad():

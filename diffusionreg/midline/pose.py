@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from diffusionreg.affine.refine import _mutual_information
+from diffusionreg.affine.refine import mutual_information
 from diffusionreg.errors import InputError
 from diffusionreg.image import Image, centred_grid, resample
 from diffusionreg.spaces import homogeneous, rotation_about_axis, sample_affine, space_of_grid
@@ -135,7 +135,7 @@ def align_to_template(ct: Image, template: Image, settings: MidlineInference, pr
     def score_of(params, data, start: np.ndarray) -> torch.Tensor:
         fixed, moving, space_f, space_m, weight = data
         warped = sample_affine(moving, matrix_of(*params, start)[None], space_f, space_m)[0, 0]
-        return _mutual_information(fixed, warped.float(), weight, POSE_BINS)
+        return mutual_information(fixed, warped.float(), weight, POSE_BINS)
 
     def optimise(state, data, iterations: int, start: np.ndarray):
         params = [p.clone().requires_grad_(True) for p in state]
