@@ -60,7 +60,6 @@ def add_commands(commands, train_commands, common) -> None:
         help="pre-alignment of the network grids: intensity centroids (moments), "
         "image centres, or none (default: from the model config)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (the method is deterministic)")
     p.add_argument("--output-json", type=Path, help="write the matrix and timings as JSON")
     p.add_argument(
         "--refine-iterations",
@@ -169,7 +168,6 @@ def finish_affine(args: argparse.Namespace, outputs, inputs: PairInputs, model, 
         steps=args.steps,
         bidirectional=args.bidirectional,
         initialize=args.initialize,
-        seed=args.seed,
         progress=progress,
         refine_iterations=args.refine_iterations,
     )
