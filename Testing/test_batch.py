@@ -125,7 +125,8 @@ def test_one_process_records_every_case_and_resume_skips_the_verified_ones(cohor
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("midline,m1,fixed.nii.gz,moving0.nii.gz", "row 3 (id m1): task midline is not available in this version"),
+        ("midline,m1,fixed.nii.gz,moving0.nii.gz", "row 3 (id m1): column fixed is not an option of 'diffusionreg midline'"),
+        ("register,r1,fixed.nii.gz,moving0.nii.gz", "row 3 (id r1): unknown task 'register'; use affine, deformable, midline"),
         ("affine,x1,fixed.nii.gz,missing.nii.gz", "row 3 (id x1): --moving "),
         ("affine,x1,fixed.nii.gz,moving0.nii.gz,abc", "row 3 (id x1): argument --steps: invalid int value: 'abc'"),
         ("affine,a1,fixed.nii.gz,moving0.nii.gz", "row 3: id a1 is also the id of row 2"),

@@ -39,8 +39,8 @@ def tiny_midline_config() -> MidlineConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
+def write_tiny_midline_model(folder: Path) -> Path:
+    """The tiny model (phantom template, uniform shift of ``SHIFT_PX`` along +i) exported to ``folder``."""
     cfg = tiny_midline_config()
     torch.manual_seed(0)
     template = phantom_head(centred_grid((60, 76, 66), 3.0, PHANTOM_CENTRE))
@@ -48,9 +48,13 @@ def tiny_model(tmp_path_factory) -> Path:
     model.set_template(torch.from_numpy(template.array), template.affine)
     with torch.no_grad():
         model.deform.flow.bias.copy_(torch.tensor([SHIFT_PX, 0.0]))
-    folder = tmp_path_factory.mktemp("tiny-midline")
     export_weights(model, cfg.to_json(), folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_midline_model(tmp_path_factory.mktemp("tiny-midline"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``diffusionreg batch``: a cohort of registration and evaluation cases from one CSV.
+"""``diffusionreg batch``: a cohort of registration, midline-shift and evaluation cases from one CSV.
 
 - :mod:`.jobs` reads the CSV and checks every row with the single command's own parser before
   anything runs;

@@ -30,13 +30,13 @@ RANK_WAIT = timedelta(hours=24)
 def _epilog() -> str:
     import textwrap
 
-    from .tasks import BATCH_TASKS, STEPS, UNAVAILABLE_TASKS
+    from .tasks import BATCH_TASKS, STEPS
 
     defaults = "; ".join(f"{task} {', '.join(STEPS[task].default_outputs.values())}" for task in BATCH_TASKS)
     paragraphs = (
         f"CSV columns: task ({', '.join(BATCH_TASKS)}), id (the case's folder OUT/<id>/), then any option of that "
-        "task's command without its dashes, e.g. fixed, moving, model, refine_iterations, output_volume (task "
-        f"{', '.join(UNAVAILABLE_TASKS)} is refused: not available in this version). Empty cells leave an option "
+        "task's command without its dashes, e.g. fixed, moving, model, refine_iterations, output_volume (a midline "
+        "row: input, model and the midline outputs only). Empty cells leave an option "
         "unset; inputs are relative to the CSV's folder; outputs are file names in OUT/<id>/ (defaults: "
         f"{defaults}); switches take true/false; repeatable options take values separated by ';'. Every row is "
         "checked before anything runs: a bad row is reported with its row number (header = row 1), exit 2, "
@@ -55,7 +55,7 @@ def add_commands(commands, train_commands, common) -> None:
     p = commands.add_parser(
         "batch",
         parents=[common],
-        help="run a cohort of affine/deformable/evaluate cases from a CSV (one model load per process; torchrun)",
+        help="run a cohort of affine/deformable/midline/evaluate cases from a CSV (one model load per process; torchrun)",
         description=(
             "Run every case of a cohort CSV with one model load per process, inputs read ahead, "
             "a record per case and resume; under torchrun the cases are split across the ranks."

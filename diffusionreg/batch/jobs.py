@@ -1,9 +1,9 @@
 """The cohort CSV: one row per case, its columns the single commands' options; every row checked first.
 
-Columns: ``task`` (affine, deformable, evaluate), ``id`` (the case's folder name under the output
+Columns: ``task`` (affine, deformable, midline, evaluate), ``id`` (the case's folder name under the output
 folder: letters, digits, ``.``, ``_``, ``-``; unique), then any option of that task's command
 without its dashes (``fixed``, ``moving``, ``output_transform`` or ``output-transform``,
-``refine_iterations``, ...). An empty cell leaves the option unset. Input files are relative to
+``refine_iterations``, ...; a midline row: ``input``, ``model`` and its outputs). An empty cell leaves the option unset. Input files are relative to
 the CSV's folder; outputs are plain file names written into ``OUT/<id>/`` (the required ones and
 the JSON the metrics come from have default names). Switches take ``true``/``false``; repeatable
 options (``transform``) take several values separated by ``;``. ``device``, ``progress``,
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from diffusionreg.errors import InputError
 
-from .tasks import BATCH_TASKS, STEPS, UNAVAILABLE_TASKS
+from .tasks import BATCH_TASKS, STEPS
 
 #: Case ids name folders: no separators, no hidden names.
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -124,8 +124,6 @@ def _named(row: dict) -> str:
 
 def _case(index: int, line: int, row: dict, base: Path, out: Path, parsers, scratch: Path) -> Case:
     task = row["task"].lower()
-    if task in UNAVAILABLE_TASKS:
-        raise InputError(f"task {task} is not available in this version")
     if task not in BATCH_TASKS:
         raise InputError(f"unknown task {row['task']!r}; use {', '.join(BATCH_TASKS)}")
     case_id = row["id"]
@@ -152,7 +150,8 @@ def _argv(task: str, options: dict[str, str], parser: argparse.ArgumentParser, b
         if name in BATCH_LEVEL_OPTIONS:
             raise InputError(f"column {name} is set once for the whole batch (diffusionreg batch --{name})")
         action = actions.get(f"--{name}")
-        if action is None or name == "help":
+        allowed = STEPS[task].columns
+        if action is None or name == "help" or (allowed is not None and name not in allowed):
             raise InputError(f"column {name} is not an option of 'diffusionreg {task}'")
         if action.nargs == 0:  # a switch
             argv.extend(_switch(name, value, action))
@@ -194,6 +193,8 @@ def _check_inputs_exist(args: argparse.Namespace, parser: argparse.ArgumentParse
         if action.type is not Path or action.dest.startswith("output_"):
             continue
         value = getattr(args, action.dest, None)
+        if value is action.default:
+            continue  # not given by the row (a default path, e.g. a folder of another mode, is not an input)
         for path in value if isinstance(value, list) else [value]:
             if path is not None and not Path(path).exists():
                 raise InputError(f"{action.option_strings[0]} {path}: file not found")

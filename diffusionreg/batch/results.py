@@ -3,9 +3,9 @@
 Each rank appends to ``OUT/results.<rank>.jsonl`` (flushed and synced line by line, after the
 case's outputs are committed), so a killed run loses at most the cases in flight; a line cut
 short by the kill is ignored. A record holds ``id``, ``row``, ``task``, ``status`` (``ok`` or
-``failed``), ``error`` (one line or null), ``metrics`` (numbers), ``seconds``, ``outputs``
-(file name -> sha256), ``digest`` (of the CSV row), ``rank``, ``host``, ``pid`` and ``finished``
-(Unix time). A case is complete when its latest record is ``ok`` for the same row and every
+``failed``), ``error`` (one line or null), ``metrics`` (numbers; a midline case also its flag and
+side), ``seconds``, ``outputs`` (file name -> sha256), ``digest`` (of the CSV row), ``rank``,
+``host``, ``pid`` and ``finished`` (Unix time). A case is complete when its latest record is ``ok`` for the same row and every
 output it lists still has that sha256; ``--resume`` skips exactly those. Rank 0 merges the rank
 files into ``OUT/results.jsonl``: the latest record of every case, in CSV order.
 """

@@ -1,9 +1,9 @@
 """What the batch calls, per task: the steps of the single command, and the outputs it always names.
 
-Each registration command is split into check (declare outputs, check options), read (inputs),
-load (the model) and finish (register with a loaded model, write, commit), so the batch checks a
-row without running it, reads inputs ahead and loads a model once per process. ``evaluate`` has
-no model and runs as its own command on the main thread.
+Each registration command and the midline measurement are split into check (declare outputs,
+check options), read (inputs), load (the model) and finish (register or measure with a loaded
+model, write, commit), so the batch checks a row without running it, reads inputs ahead and loads
+a model once per process. ``evaluate`` has no model and runs as its own command on the main thread.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from numbers import Real
 from diffusionreg import models
 from diffusionreg.affine.commands import finish_affine, load_affine_model, prepare_affine
 from diffusionreg.deformable.commands import finish_deformable, load_deformable_model, prepare_deformable
+from diffusionreg.midline.measure_command import OUTPUT_FLAGS as MIDLINE_OUTPUT_FLAGS
+from diffusionreg.midline.measure_command import finish_measure, load_measure_model, prepare_measure, read_measure_input
 from diffusionreg.pair_inputs import read_pair_inputs
 from diffusionreg.progress import Progress
 
 #: Tasks a cohort row may name.
-BATCH_TASKS = ("affine", "deformable", "evaluate")
-#: Tasks of the issue that this version's backend does not run (refused when the CSV is checked).
-UNAVAILABLE_TASKS = ("midline",)
+BATCH_TASKS = ("affine", "deformable", "midline", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,9 @@ class TaskSteps:
     model_options: tuple[str, ...] = field(default_factory=tuple)
     #: Metrics the summary table averages, when the cases have them (results.jsonl keeps them all).
     summary_metrics: tuple[str, ...] = field(default_factory=tuple)
+    #: The options a row may set (without dashes); None: every option of the command. For a
+    #: command whose parser also carries another mode's options (``midline synth``).
+    columns: tuple[str, ...] | None = None
 
     def model_key(self, args: argparse.Namespace) -> tuple:
         return tuple(getattr(args, name) for name in self.model_options)
@@ -93,6 +96,24 @@ def _deformable_run(args, inputs, model, progress) -> dict:
     return {**numbers(result.metrics), **numbers(report)}
 
 
+# --- midline ----------------------------------------------------------------------------------
+def _midline_check(args):
+    from diffusionreg.midline.model_loading import MODALITY, TASK
+
+    models.resolve(args.model, TASK, MODALITY)  # the model is found (not loaded)
+    return prepare_measure(args, None)
+
+
+def _midline_run(args, inputs, model, progress) -> dict:
+    with prepare_measure(args, progress) as outputs:
+        result = finish_measure(args, outputs, inputs, model, progress)
+    report = result.to_dict()
+    # flag and side are the answer of a measurement: kept beside the numbers (the summary's mean
+    # of flag is the fraction of cases flagged)
+    return {**numbers(report), "flag": result.flag, "side": result.side, "hu_offset_removed": result.hu_offset_removed,
+            "seconds_total": sum(result.seconds.values())}  # fmt: skip
+
+
 # --- evaluate ----------------------------------------------------------------------------------
 def _evaluate_check(args) -> None:
     from diffusionreg.evaluation import parse_label_list
@@ -124,6 +145,16 @@ STEPS: dict[str, TaskSteps] = {
         load=load_deformable_model,
         model_options=("model", "method", "modality"),
         summary_metrics=("dice_before", "dice_after", "folding_percent", "ndv_percent", "ice_mean_mm", "seconds_total"),
+    ),
+    "midline": TaskSteps(
+        default_outputs={"output-json": "midline.json"},
+        check=_midline_check,
+        run=_midline_run,
+        read=read_measure_input,
+        load=load_measure_model,
+        model_options=("model",),
+        summary_metrics=("case_mls_mm", "flag", "seconds_total"),
+        columns=("input", "model", *(flag.lstrip("-") for flag in MIDLINE_OUTPUT_FLAGS)),
     ),
     "evaluate": TaskSteps(
         default_outputs={"output-json": "evaluation.json"},

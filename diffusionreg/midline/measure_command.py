@@ -1,4 +1,8 @@
-"""``diffusionreg midline --input CT --output-json R.json [...]``: the measurement command."""
+"""``diffusionreg midline --input CT --output-json R.json [...]``: the measurement command.
+
+Light to import (the batch's task table imports it when the command line is built): torch and
+the networks are imported by the steps that use them.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,18 @@ import argparse
 import csv
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from diffusionreg.errors import InputError
 from diffusionreg.vocabulary import EXIT_OK
 
 from .markups import markups_json
-from .measure import LANDMARK_NAMES, MidlineResult, displacement_field, measure_midline
-from .model_loading import load_midline_model
+
+if TYPE_CHECKING:
+    from diffusionreg.image import Image
+
+    from .measure import MidlineResult
+    from .network import MidlineModel
 
 #: At least one of these must be given (a measurement nobody reads is refused up front).
 OUTPUT_FLAGS = ("--output-json", "--output-landmarks", "--output-field", "--output-table")
@@ -37,30 +46,17 @@ def prepare_measure(args: argparse.Namespace, progress):
 
 def run_measure(args: argparse.Namespace, progress) -> int:
     from diffusionreg.devices import resolve_device
-    from diffusionreg.image import read_image, write_image
 
     outputs = prepare_measure(args, progress)
     with outputs:
         with progress.stage("read", total=2) as stage:
-            ct = read_image(args.input, what="CT")
+            ct = read_measure_input(args)
             stage.update(message="CT")
-            model, name = load_midline_model(args.model)
+            model, name = load_measure_model(args, resolve_device(args.device))
             stage.update(message=f"model {name}")
-        levels = len(model.cfg.inference.pose_levels_mm) + 1
-        with progress.stage("measure", total=levels) as stage:
-            result = measure_midline(ct, model, name, resolve_device(args.device), stage)
-        if result.hu_offset_removed:
-            print(f"note: {args.input} is stored as HU + 1024; subtracted 1024 before measuring", file=sys.stderr)
-        with progress.stage("write", total=1):
-            if outputs.wants("--output-json"):
-                outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
-            if outputs.wants("--output-landmarks"):
-                outputs.temporary("--output-landmarks").write_text(_landmarks(result), encoding="utf-8")
-            if outputs.wants("--output-field"):
-                write_image(displacement_field(ct.grid, result, model.cfg), outputs.temporary("--output-field"))
-            if outputs.wants("--output-table"):
-                _write_table(result, outputs.temporary("--output-table"))
-        outputs.commit()
+        result = finish_measure(args, outputs, ct, (model, name), progress)
+    if result.hu_offset_removed:
+        print(f"note: {args.input} is stored as HU + 1024; subtracted 1024 before measuring", file=sys.stderr)
     flag = f"FLAG (>= {result.flag_mm:.0f} mm)" if result.flag else f"below {result.flag_mm:.0f} mm"
     progress.log(
         f"midline shift {result.case_mls_mm:.1f} mm ({result.side}), {flag}; slice {result.max_slice}; model {name}; "
@@ -69,7 +65,52 @@ def run_measure(args: argparse.Namespace, progress) -> int:
     return EXIT_OK
 
 
+# The command in steps, so that ``diffusionreg batch`` can check a row without running it, read a
+# case's CT ahead on a worker thread and measure many cases with one loaded model.
+
+
+def read_measure_input(args: argparse.Namespace) -> Image:
+    """Read ``--input`` (the head CT, a file or DICOM folder; HU detection happens when measuring)."""
+    from diffusionreg.image import read_image
+
+    return read_image(args.input, what="CT")
+
+
+def load_measure_model(args: argparse.Namespace, device) -> tuple[MidlineModel, str]:
+    """The ``--model`` (sha256 checked) on ``device``, and its name."""
+    from .model_loading import load_midline_model
+
+    model, name = load_midline_model(args.model)
+    return model.to(device).eval(), name
+
+
+def finish_measure(args: argparse.Namespace, outputs, ct: Image, loaded: tuple[MidlineModel, str], progress) -> MidlineResult:
+    """Measure ``ct`` with a loaded ``(model, name)``, write every declared output and commit them."""
+    from diffusionreg.devices import resolve_device
+    from diffusionreg.image import write_image
+
+    from .measure import displacement_field, measure_midline
+
+    model, name = loaded
+    levels = len(model.cfg.inference.pose_levels_mm) + 1
+    with progress.stage("measure", total=levels) as stage:
+        result = measure_midline(ct, model, name, resolve_device(args.device), stage)
+    with progress.stage("write", total=1):
+        if outputs.wants("--output-json"):
+            outputs.temporary("--output-json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+        if outputs.wants("--output-landmarks"):
+            outputs.temporary("--output-landmarks").write_text(_landmarks(result), encoding="utf-8")
+        if outputs.wants("--output-field"):
+            write_image(displacement_field(ct.grid, result, model.cfg), outputs.temporary("--output-field"))
+        if outputs.wants("--output-table"):
+            _write_table(result, outputs.temporary("--output-table"))
+    outputs.commit()
+    return result
+
+
 def _landmarks(result: MidlineResult) -> str:
+    from .measure import LANDMARK_NAMES
+
     points = []
     for s in result.slices:
         for name in LANDMARK_NAMES:
@@ -84,6 +125,8 @@ def _landmarks(result: MidlineResult) -> str:
 
 
 def _write_table(result: MidlineResult, path) -> None:
+    from .measure import LANDMARK_NAMES
+
     with open(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         header = ["slice", "z_template_mm", "mls_mm", "side", "rows_read"]
