@@ -117,13 +117,14 @@ class DiffusionRegCore(ScriptedLoadableModule):
 class SamplePair:
     """A sample pair of the extension (``Resources/Sample``), listed in the Sample Data module.
 
-    ``sha256``: file name -> sha256, fixed first. Module files keep them as constants: Sample Data
-    checks the files against them (a checksum computed from the file it checks would check nothing).
+    ``sha256``: file name -> sha256, fixed first (a pair) or a single volume. Module files keep
+    them as constants: Sample Data checks the files against them (a checksum computed from the file
+    it checks would check nothing). ``nodeNames``: one per file, in the same order.
     """
 
     name: str
     sha256: Mapping[str, str]
-    nodeNames: tuple[str, str]
+    nodeNames: tuple[str, ...]
     thumbnail: Path
     category: str = "DiffusionReg"
 
@@ -154,7 +155,7 @@ class SamplePair:
         )
 
     def load(self) -> tuple:
-        """Load the pair (through Sample Data, else directly from the files); ``(fixed, moving)`` nodes."""
+        """Load the files (through Sample Data, else directly); one node per file: ``(fixed, moving)`` for a pair."""
         self.register()
         nodes = []
         try:
@@ -163,13 +164,13 @@ class SamplePair:
             nodes = SampleData.SampleDataLogic().downloadSamples(self.name)
         except Exception as error:  # fall back to loading the files directly
             logging.warning(f"Sample Data could not load {self.name} ({error}); loading the files directly")
-        if len(nodes) != 2 or not all(hasattr(n, "GetImageData") for n in nodes):
+        if len(nodes) != len(self.sha256) or not all(hasattr(n, "GetImageData") for n in nodes):
             files = self.files()
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError("sample data not found: " + ", ".join(missing))
             nodes = [slicer.util.loadVolume(str(f), {"name": name}) for f, name in zip(files, self.nodeNames)]
-        return nodes[0], nodes[1]
+        return tuple(nodes)
 
 
 #
@@ -392,7 +393,7 @@ class DiffusionRegCoreLogic(ScriptedLoadableModuleLogic):
         """
         outcome = runJob(job, self.processFactory, timeout, keepTemporaryFiles, onProgress, onLog, idle=slicer.app.processEvents)
         if outcome.state != "completed":
-            raise RuntimeError(f"registration {outcome.state}: {outcome.error or 'see the log'}")
+            raise RuntimeError(f"{job.name} {outcome.state}: {outcome.error or 'see the log'}")
         return outcome.outputs
 
     @staticmethod
@@ -947,6 +948,8 @@ class JobModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     task: str = ""
     requester: str = ""
+    #: Text of the kit's run button ("" for "Register"), e.g. "Measure".
+    runText: str = ""
     libModules: tuple[str, ...] = ()
     sample: SamplePair | None = None
     sampleModality: str = ""
@@ -984,7 +987,7 @@ class JobModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.startRegistration,
             self.logic.requirementFiles(),
             self.requester,
-            _("Register"),
+            self.runText or _("Register"),
             onResult=self.onResult,
             logic=self.logic.coreLogic,
             onModelChanged=self.onModelSelection,

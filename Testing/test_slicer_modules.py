@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ("DiffusionRegCore", "SpatialDiffusionReg", "SynthPairs")
+MODULES = ("DiffusionRegCore", "SpatialDiffusionReg", "SynthPairs", "MidlineShift")
 #: Modules that ship a sample pair (``SAMPLE = SamplePair(...)`` with ``SAMPLE_SHA256`` constants).
-SAMPLE_MODULES = ("SpatialDiffusionReg", "SynthPairs")
+SAMPLE_MODULES = ("SpatialDiffusionReg", "SynthPairs", "MidlineShift")
 CORE = REPO / "DiffusionRegCore"
 if str(CORE) not in sys.path:
     sys.path.insert(0, str(CORE))
