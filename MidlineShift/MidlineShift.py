@@ -321,7 +321,8 @@ class MidlineShiftLogic(JobModuleLogic):
         Returns the case MLS (``caseMlsMm``, ``side``, ``flag``, ``sliceOfMaximum``), the
         ``tableNode``, the ``markupsNodes`` (falx and shift lines per slice), the
         ``transformNode`` (CT -> normal anatomy) and the ``magnitudeNode``. ``model``: "" for the
-        default midline model, else a name or an imported model's path. ``device``: auto, cpu,
+        default registered midline model (none ships yet), else a registered model's name or an
+        imported model's path (``ModelManager.importFile(...).modelArgument()``). ``device``: auto, cpu,
         cuda, cuda:N (default: the panel's choice). Dependencies are not installed here. Raises
         ValueError for unusable inputs (no midline model installed included) and RuntimeError
         when the run fails or is cancelled.

@@ -1131,7 +1131,7 @@ def test_each_output_selector_offers_one_way_to_create_a_node(module: str) -> No
             assert creators <= 1, f"{widget.get('name')}: {creators} 'create new' entries"
 
 
-@pytest.mark.parametrize("module", ["SpatialDiffusionReg", "SynthPairs"])
+@pytest.mark.parametrize("module", ["SpatialDiffusionReg", "SynthPairs", "MidlineShift"])
 def test_no_random_seed_control_on_a_deterministic_method(module: str) -> None:
     ui = (REPO / module / "Resources" / "UI" / f"{module}.ui").read_text(encoding="utf-8")
     assert "seed" not in ui.lower()

@@ -72,23 +72,28 @@ def importDisplacementFields(
 
 
 # --- scalar maps -----------------------------------------------------------------------------
-def jacobianColorNode(scene):
-    """The scene's diverging colour node for Jacobian maps (created once, then reused)."""
-    existing = scene.GetFirstNodeByName(JACOBIAN_COLOR_NAME)
+def proceduralColorNode(scene, name: str, points: Sequence[tuple[float, tuple[float, float, float]]]):
+    """The scene's colour node ``name`` (created once, then reused): ``(value, RGB)`` control points."""
+    existing = scene.GetFirstNodeByName(name)
     if existing is not None:
         return existing
     node = vtkMRMLProceduralColorNode()
-    node.SetName(JACOBIAN_COLOR_NAME)
+    node.SetName(name)
     node.SetAttribute("Category", "DiffusionReg")
-    low, high = JACOBIAN_RANGE
     function = node.GetColorTransferFunction()
     function.RemoveAllPoints()
-    function.AddRGBPoint(low, *FOLDING_RGB)
-    for value, rgb in zip((low + FOLDING_EDGE, (low + high) / 2.0, high), DIVERGING_RGB):
-        function.AddRGBPoint(value, *rgb)
+    for value, rgb in points:
+        function.AddRGBPoint(float(value), *rgb)
     node.SetSaveWithScene(True)
     scene.AddNode(node)
     return node
+
+
+def jacobianColorNode(scene):
+    """The scene's diverging colour node for Jacobian maps (created once, then reused)."""
+    low, high = JACOBIAN_RANGE
+    values = (low, low + FOLDING_EDGE, (low + high) / 2.0, high)
+    return proceduralColorNode(scene, JACOBIAN_COLOR_NAME, list(zip(values, (FOLDING_RGB, *DIVERGING_RGB))))
 
 
 def importScalarMap(

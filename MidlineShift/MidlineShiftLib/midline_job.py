@@ -38,13 +38,12 @@ import numpy as np
 import vtk
 from slicer import (
     vtkMRMLMarkupsNode,
-    vtkMRMLProceduralColorNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSliceNode,
     vtkMRMLTableStorageNode,
 )
 
-from DiffusionRegCoreLib import command, mrml_io, results
+from DiffusionRegCoreLib import command, model_choice, mrml_io, results
 from DiffusionRegCoreLib.job import JobOptions, PreparedJob
 from DiffusionRegCoreLib.process import WorkFolder
 
@@ -86,8 +85,9 @@ SHIFT_RGB = (1.0, 0.35, 0.1)
 class MidlineOptions(JobOptions):
     """One measurement: the CT node and the backend options (defaults from the model's config).
 
-    modality - always ``ct`` for midline models (kept for the kit's model selectors).
-    model - ``--model``: "" for the default midline model, else a name or an imported model's path.
+    modality - ``ct`` (or ``any`` for a model imported without one): the kit's model selectors.
+    model - ``--model``: "" for the default registered midline model, else a registered model's
+      name or an imported model's path (imported models run only when chosen, as in the backend).
     """
 
     subcommand: ClassVar[tuple[str, ...]] = ("midline",)
@@ -118,7 +118,7 @@ class MidlineOptions(JobOptions):
             mrml_io.exportableIjkToRas(volume)
         except mrml_io.GeometryError as error:
             return f"The CT volume cannot be used as it is: {error}"
-        if self.modality != MODALITY:
+        if self.modality not in (MODALITY, model_choice.ANY):  # "any": a model imported without a modality
             return f"Midline shift is measured on CT, not '{self.modality}'"
         try:
             command.checkDevice(self.device)
@@ -257,24 +257,13 @@ def importLandmarkLines(scene, path, prefix: str) -> list[SliceLines]:
         scene.RemoveNode(fiducials)
     slices = []
     for index, points in bySlice.items():
-        falx = _line(
-            scene,
-            f"{prefix} falx s{index}",
-            [points[n] for n in FALX_POINTS],
-            [f"{n} s{index}" for n in FALX_POINTS],
-            FALX_RGB,
-        )
-        shift = _line(
-            scene,
-            f"{prefix} shift s{index}",
-            [points[n] for n in SHIFT_POINTS],
-            [f"{n} s{index}" for n in SHIFT_POINTS],
-            SHIFT_RGB,
-        )
-        for node, role in ((falx, "falx"), (shift, "shift")):
+        made = {}
+        for role, names, rgb in (("falx", FALX_POINTS, FALX_RGB), ("shift", SHIFT_POINTS, SHIFT_RGB)):
+            node = _line(scene, f"{prefix} {role} s{index}", [points[n] for n in names], [f"{n} s{index}" for n in names], rgb)
             node.SetAttribute(ATTRIBUTE_PREFIX + "slice", str(index))
             node.SetAttribute(ATTRIBUTE_PREFIX + "role", role)
-        slices.append(SliceLines(index, falx, shift))
+            made[role] = node
+        slices.append(SliceLines(index, made["falx"], made["shift"]))
     return slices
 
 
@@ -385,19 +374,9 @@ def importNormalizingTransform(scene, path, name: str, ctNode=None):
 
 def magnitudeColorNode(scene):
     """The scene's colour node of displacement magnitudes (created once, then reused)."""
-    existing = scene.GetFirstNodeByName(MAGNITUDE_COLOR_NAME)
-    if existing is not None:
-        return existing
-    node = vtkMRMLProceduralColorNode()
-    node.SetName(MAGNITUDE_COLOR_NAME)
-    node.SetAttribute("Category", "DiffusionReg")
-    function = node.GetColorTransferFunction()
-    function.RemoveAllPoints()
     low, high = MAGNITUDE_RANGE_MM
-    for fraction, rgb in zip((0.0, 0.5, 1.0), MAGNITUDE_RGB):
-        function.AddRGBPoint(low + fraction * (high - low), *rgb)
-    scene.AddNode(node)
-    return node
+    values = [low + fraction * (high - low) for fraction in (0.0, 0.5, 1.0)]
+    return results.proceduralColorNode(scene, MAGNITUDE_COLOR_NAME, list(zip(values, MAGNITUDE_RGB)))
 
 
 def magnitudeVolume(scene, transformNode, name: str):

@@ -262,4 +262,5 @@ def test_bad_inputs_are_refused_with_one_sentence(measured) -> None:
     empty = measured.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     assert job.MidlineOptions(empty).isValid() == (False, "The CT volume has no image data")
     assert "not 'mri'" in job.MidlineOptions(measured.ct, modality="mri").isValid()[1]
+    assert job.MidlineOptions(measured.ct, modality="any").isValid() == (True, "")  # imported without a modality
     assert job.MidlineOptions(measured.ct, device="gpu0").isValid()[0] is False
