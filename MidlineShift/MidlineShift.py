@@ -338,9 +338,11 @@ class MidlineShiftLogic(JobModuleLogic):
         """The magnitude over the CT (with a colour bar) and every slice view on the slice of the maximum."""
         slicer.util.setSliceViewerLayers(background=ctNode, foreground=result.magnitudeNode, foregroundOpacity=OVERLAY_OPACITY)
         try:  # the colour bar (Slicer >= 5.0's Colors module)
-            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(result.magnitudeNode)
+            legend = slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(result.magnitudeNode)
         except AttributeError:
-            pass
+            legend = None
+        if legend is not None:
+            legend.SetTitleText(_("Displacement (mm)"))
         jumpSlicesToMaximum(slicer.mrmlScene, result)
 
     @staticmethod
