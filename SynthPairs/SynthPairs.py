@@ -56,10 +56,14 @@ _addSiblingModulesToPath()
 
 from SynthPairsLib.deformable_job import (
     MODEL_DEFAULT,
+    QUALITY_DEFAULT,
     TASK,
     DeformableOptions,
     DeformableResult,
+    QualityChoice,
     prepareRegistration,
+    qualityChoices,
+    qualityReason,
 )
 
 from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleLogic, JobModuleWidget, JobPanel, SamplePair
@@ -131,7 +135,8 @@ class SynthPairsParameterNode:
     outputTransform, outputInverseTransform, outputJacobian - results (created when None).
     outputVolume - optional: moving resampled onto the fixed grid.
     modality, model - deformable model choice ("" model: the modality's default).
-    instanceOptimization, refineIterations - -1 for the model's default, 0 to switch off.
+    quality - speed/accuracy preset of the model's config ("default": the model's own settings).
+    instanceOptimization, refineIterations - -1 for the chosen quality's number, 0 to switch off.
     showResult - put moving under the transform and show the overlay when done.
     """
 
@@ -148,6 +153,7 @@ class SynthPairsParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     modality: str = SAMPLE_MODALITY
     model: str = ""
+    quality: str = QUALITY_DEFAULT
     instanceOptimization: Annotated[int, WithinRange(MODEL_DEFAULT, 100000)] = MODEL_DEFAULT
     refineIterations: Annotated[int, WithinRange(MODEL_DEFAULT, 100000)] = MODEL_DEFAULT
     showResult: bool = True
@@ -173,6 +179,7 @@ class SynthPairsWidget(JobModuleWidget):
 
     def setupModule(self) -> None:
         self.ui.affineModalityComboBox.connect("currentIndexChanged(int)", self.onAffineModalityChanged)
+        self.ui.qualityComboBox.connect("currentIndexChanged(int)", self.onQualityChanged)
         self.populateAffineModalities()
 
     def enter(self) -> None:
@@ -190,15 +197,48 @@ class SynthPairsWidget(JobModuleWidget):
         self.ui.affineModalityComboBox.enabled = self._parameterNode.runAffineFirst
 
     def onModelSelection(self) -> None:
-        """The kit's selectors choose modality and model; the iteration boxes show that model's defaults."""
+        """The kit's selectors choose modality and model; the quality box offers that model's presets."""
         super().onModelSelection()
         if self.panel is None:  # called while the kit builds its selectors
             return
-        defaults = self.logic.inferenceDefaults(self.panel.modality, self.panel.model) if self.panel.modality else {}
-        io = defaults.get("io_steps")
-        refine = (defaults.get("refine") or {}).get("iterations")
-        for box, value in ((self.ui.instanceOptimizationSpinBox, io), (self.ui.refineIterationsSpinBox, refine)):
-            box.specialValueText = _("model default ({value})").format(value=value) if value is not None else _("model default")
+        self.populateQualities()
+
+    def populateQualities(self) -> None:
+        """The chosen model's qualities (its config), fastest first; the saved one stays when offered."""
+        choices = self.logic.qualities(self.panel.modality, self.panel.model) if self.panel.modality else []
+        combo = self.ui.qualityComboBox
+        wanted = self._parameterNode.quality if self._parameterNode else QUALITY_DEFAULT
+        combo.blockSignals(True)
+        try:
+            combo.clear()
+            for choice in choices:
+                combo.addItem(choice.name, choice.name)
+            index = combo.findData(wanted)
+            combo.currentIndex = index if index >= 0 else combo.findData(QUALITY_DEFAULT)
+        finally:
+            combo.blockSignals(False)
+        if self._parameterNode and combo.currentData and combo.currentData != self._parameterNode.quality:
+            self._parameterNode.quality = combo.currentData  # a quality this model lacks is not kept
+        self.showQualityIterations(next((c for c in choices if c.name == combo.currentData), None))
+
+    def onQualityChanged(self, index: int) -> None:
+        """A quality chosen: the iteration boxes go back to its numbers (shown in brackets)."""
+        name = self.ui.qualityComboBox.currentData
+        if not self._parameterNode or not name:
+            return
+        self._parameterNode.quality = name
+        self._parameterNode.instanceOptimization = MODEL_DEFAULT
+        self._parameterNode.refineIterations = MODEL_DEFAULT
+        choices = self.logic.qualities(self.panel.modality, self.panel.model) if self.panel.modality else []
+        self.showQualityIterations(next((c for c in choices if c.name == name), None))
+
+    def showQualityIterations(self, choice: QualityChoice | None) -> None:
+        """The iteration boxes' lowest value says what the quality runs, e.g. 'fast preset (0)'."""
+        default = choice is None or choice.name == QUALITY_DEFAULT
+        label = _("model default") if default else _("{quality} preset").format(quality=choice.name)
+        values = (None, None) if choice is None else (choice.instanceOptimization, choice.refineIterations)
+        for box, value in zip((self.ui.instanceOptimizationSpinBox, self.ui.refineIterationsSpinBox), values):
+            box.specialValueText = f"{label} ({value})" if value is not None else label
 
     def populateAffineModalities(self) -> None:
         """'Run the affine first' offers the modalities an installed affine model supports."""
@@ -220,7 +260,11 @@ class SynthPairsWidget(JobModuleWidget):
 
     # --- what the kit asks ---------------------------------------------------------------
     def reasonNotToRun(self) -> str:
-        return super().reasonNotToRun() or self.logic.affineReason(self.options())
+        reason = super().reasonNotToRun()
+        if reason:
+            return reason
+        options = self.options()
+        return self.logic.qualityReason(options) or self.logic.affineReason(options)
 
     def startRegistration(self, panel: JobPanel) -> BackendTask:
         task = super().startRegistration(panel)  # raises when the run cannot start: the label stays
@@ -276,6 +320,7 @@ class SynthPairsLogic(JobModuleLogic):
             movingLabels=p.movingLabels,
             modality=p.modality,
             model=p.model,
+            quality=p.quality,
             instanceOptimization=p.instanceOptimization,
             refineIterations=p.refineIterations,
             device=device,
@@ -302,10 +347,18 @@ class SynthPairsLogic(JobModuleLogic):
         entry = model_choice.modelToRun(self.coreLogic.modelManager().models(TASK), TASK, modality, model)[0]
         return self.coreLogic.modelManager().inferenceDefaults(entry) if entry is not None else {}
 
+    def qualities(self, modality: str, model: str = "") -> list[QualityChoice]:
+        """The chosen model's speed/accuracy presets (``default`` and its config's ``qualities``), fastest first."""
+        return qualityChoices(self.inferenceDefaults(modality, model))
+
+    def qualityReason(self, options: DeformableOptions) -> str:
+        """Why ``options.quality`` cannot run with the chosen model ("" when it can)."""
+        return qualityReason(self.qualities(options.modality, options.model), options.quality)
+
     # --- running ------------------------------------------------------------------------
     def prepare(self, options: DeformableOptions):
         """The job for ``options`` (inputs exported); raises ValueError with the reason it cannot run."""
-        reason = options.isValid()[1] or self.modelReason(options) or self.affineReason(options)
+        reason = options.isValid()[1] or self.modelReason(options) or self.qualityReason(options) or self.affineReason(options)
         if reason:
             raise ValueError(reason)
         core = self.coreLogic
@@ -327,6 +380,7 @@ class SynthPairsLogic(JobModuleLogic):
         movingLabels=None,
         modality: str = SAMPLE_MODALITY,
         model: str = "",
+        quality: str = QUALITY_DEFAULT,
         instanceOptimization: int = MODEL_DEFAULT,
         refineIterations: int = MODEL_DEFAULT,
         device: str | None = None,
@@ -340,8 +394,9 @@ class SynthPairsLogic(JobModuleLogic):
 
         Returns the nodes (``transformNode``, ``inverseTransformNode``, ``jacobianNode``,
         ``volumeNode``, ``affineTransformNode``) and the backend's ``report``; see
-        ``SynthPairsLib/deformable_job.py`` for what they map. ``instanceOptimization`` and
-        ``refineIterations``: -1 the model's default, 0 off. ``device``: auto, cpu, cuda, cuda:N
+        ``SynthPairsLib/deformable_job.py`` for what they map. ``quality``: a preset of the model's
+        config (``fast``, ``default``, ``best``: :meth:`qualities` lists the model's). ``instanceOptimization``
+        and ``refineIterations``: -1 the quality's number, 0 off. ``device``: auto, cpu, cuda, cuda:N
         (default: the panel's choice). Dependencies are not installed here; call
         ``DiffusionRegCoreLogic().ensureDependencies(SynthPairsLogic().requirementFiles())`` first
         if needed. Raises ValueError for unusable inputs and RuntimeError when the run fails or is
@@ -361,6 +416,7 @@ class SynthPairsLogic(JobModuleLogic):
             movingLabels=movingLabels,
             modality=modality,
             model=model,
+            quality=quality,
             instanceOptimization=instanceOptimization,
             refineIterations=refineIterations,
             device=device or self.coreLogic.savedDevice(),
@@ -403,10 +459,11 @@ class SynthPairsTest(ScriptedLoadableModuleTest):
         fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
         p.fixedVolume = fixed
         p.modality = "mri"
+        p.quality = "fast"
         p.refineIterations = 0
         self.assertEqual(logic.getParameterNode().fixedVolume.GetID(), fixed.GetID())
         options = logic.optionsFromParameterNode(logic.getParameterNode(), device="cpu")
-        self.assertEqual((options.modality, options.refineIterations, options.device), ("mri", 0, "cpu"))
+        self.assertEqual((options.modality, options.quality, options.refineIterations, options.device), ("mri", "fast", 0, "cpu"))
         self.assertEqual(options.instanceOptimization, MODEL_DEFAULT)
         self.delayDisplay("Test passed")
 

@@ -52,6 +52,37 @@ AFFINE_STAGE_PREFIX = "affine: "
 AFFINE_SHARE = 0.25
 #: Option value meaning "the model's default" for the iteration counts (0 switches a stage off).
 MODEL_DEFAULT = -1
+#: ``quality`` meaning the model's own registration settings (no ``--quality`` is passed).
+QUALITY_DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class QualityChoice:
+    """A speed/accuracy preset a model offers (``--quality NAME``) and the iterations it runs
+    (None: not stated in the model's config)."""
+
+    name: str
+    instanceOptimization: int | None
+    refineIterations: int | None
+
+
+def qualityChoices(inference: Mapping) -> list[QualityChoice]:
+    """The qualities of a model, from the ``inference`` section of its config.json: its own settings
+    as ``default`` and each of ``inference.qualities``, fastest first (by instance-optimisation
+    steps + refinement iterations; a tie keeps the config's order, ``default`` first)."""
+    refine = inference.get("refine") or {}
+    choices = [QualityChoice(QUALITY_DEFAULT, inference.get("io_steps"), refine.get("iterations"))]
+    for preset in inference.get("qualities") or ():
+        choices.append(QualityChoice(preset["name"], preset.get("io_steps"), preset.get("refine_iterations")))
+    return sorted(choices, key=lambda c: (c.instanceOptimization or 0) + (c.refineIterations or 0))
+
+
+def qualityReason(choices: list[QualityChoice], quality: str) -> str:
+    """Why ``quality`` cannot run with a model of these ``choices`` ("" when it can)."""
+    names = [choice.name for choice in choices]
+    if quality in names:
+        return ""
+    return f"The model has no '{quality}' quality (it has {', '.join(names)})"
 
 
 @dataclass
@@ -60,8 +91,11 @@ class DeformableOptions(JobOptions):
 
     modality - backend modality name (``lung-vessels``, ``mri``...), one an installed deformable model supports.
     model - ``--model``: "" for the modality's default model, else a name or an imported model's path.
+    quality - ``--quality``: a preset of the model's config (:func:`qualityChoices`); QUALITY_DEFAULT
+      passes nothing (the model's own settings).
     instanceOptimization, refineIterations - ``--instance-optimization`` / ``--refine-iterations``;
-      MODEL_DEFAULT (-1) passes nothing (the model's config.json decides), 0 switches the stage off.
+      MODEL_DEFAULT (-1) passes nothing (the chosen quality of the model's config.json decides), 0
+      switches the stage off; a number overrides the quality's.
     initialTransform - optional linear transform node whose "from parent" maps fixed points to the
       moving volume's own coordinates (a SpatialDiffusionReg result); replaces the moving volume's
       parent transforms as the starting point.
@@ -89,6 +123,7 @@ class DeformableOptions(JobOptions):
     movingLabels: Any = None
     modality: str = "any"
     model: str = ""
+    quality: str = QUALITY_DEFAULT
     instanceOptimization: int = MODEL_DEFAULT
     refineIterations: int = MODEL_DEFAULT
     device: str = "auto"
@@ -130,6 +165,8 @@ class DeformableOptions(JobOptions):
             return f"Unknown modality '{self.modality}'"
         if self.runAffineFirst and self.affineModality not in command.MODALITIES:
             return f"Unknown affine modality '{self.affineModality}'"
+        if not self.quality:
+            return "Choose a quality (default: the model's own settings)"
         for what, value in (("Instance optimisation", self.instanceOptimization), ("Refinement", self.refineIterations)):
             if int(value) < MODEL_DEFAULT:
                 return f"{what} iterations must be 0 or more (or the model's default)"
@@ -163,6 +200,8 @@ class DeformableOptions(JobOptions):
         if self.model:
             arguments += ["--model", str(self.model)]
         arguments += ["--modality", self.modality]
+        if self.quality != QUALITY_DEFAULT:
+            arguments += ["--quality", self.quality]
         if int(self.instanceOptimization) != MODEL_DEFAULT:
             arguments += ["--instance-optimization", str(int(self.instanceOptimization))]
         if int(self.refineIterations) != MODEL_DEFAULT:

@@ -15,7 +15,10 @@ is about files and geometry, not accuracy.
 from __future__ import annotations
 
 import importlib
+import json
+import shutil
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ import pytest
 from diffusionreg.image import Image, read_image, write_image
 
 from .conftest import REPO, points_inside, sitk_map_points
+from .test_mrml_panel_kit import _ComboBox, _Widget, core  # noqa: F401 (core: the kit imported with the Qt stand-ins)
 
 pytestmark = pytest.mark.mrml
 
@@ -253,16 +257,20 @@ def job_weights(synth, options, scene) -> dict:
     return dict(job.stageWeights)
 
 
-def test_options_say_why_they_cannot_run(scene, mrml_io, synth) -> None:
+def _small_volume(scene, name):
     import vtk
 
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(4, 5, 6)
+    image.AllocateScalars(vtk.VTK_FLOAT, 1)
+    node.SetAndObserveImageData(image)
+    return node
+
+
+def test_options_say_why_they_cannot_run(scene, mrml_io, synth) -> None:
     def volume(name):
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        image = vtk.vtkImageData()
-        image.SetDimensions(4, 5, 6)
-        image.AllocateScalars(vtk.VTK_FLOAT, 1)
-        node.SetAndObserveImageData(image)
-        return node
+        return _small_volume(scene, name)
 
     fixed, moving, labels = volume("fixed"), volume("moving"), volume("labels")
     linear = scene.AddNewNodeByClass("vtkMRMLTransformNode", "initial")
@@ -283,3 +291,169 @@ def test_options_say_why_they_cannot_run(scene, mrml_io, synth) -> None:
     arguments = Options(volume("f2"), moving, instanceOptimization=0, device="cpu").asArgList(files)
     assert arguments[arguments.index("--instance-optimization") + 1] == "0"
     assert "--refine-iterations" not in arguments and "--initial-transform" not in arguments
+
+
+# --- quality presets (``--quality``) ---------------------------------------------------------------
+QUALITY_PRESETS = [
+    {"name": "fast", "io_steps": 0, "refine_iterations": 1, "refine_coarse_iterations": 0, "refine_upsample": 1.0},
+    {"name": "best", "io_steps": 1, "refine_iterations": 3, "refine_coarse_iterations": 1, "refine_upsample": 1.0},
+]
+
+
+@pytest.fixture(scope="module")
+def quality_registry(tiny_registry, tmp_path_factory) -> Path:
+    """A Models.json with ``tiny-sitreg`` (no presets) and ``tiny-sitreg-quality``: the same weights
+    whose config has 2 refinement iterations as its default and fast/best presets, as the shipped
+    deformable models have."""
+    from diffusionreg.registry import sha256_file
+
+    root = tmp_path_factory.mktemp("quality_models")
+    entries = []
+    for name, presets in (("tiny-sitreg", None), ("tiny-sitreg-quality", QUALITY_PRESETS)):
+        shutil.copytree(tiny_registry.parent / "sitreg", root / name)
+        if presets is not None:
+            config = json.loads((root / name / "config.json").read_text(encoding="utf-8"))
+            config["inference"]["refine"].update(iterations=2, coarse_iterations=0)
+            config["inference"]["qualities"] = presets
+            (root / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        entries.append(
+            {
+                "name": name,
+                "task": "deformable",
+                "modality": "any",
+                "file": f"{name}/model.safetensors",
+                "sha256": sha256_file(root / name / "model.safetensors"),
+                "config": f"{name}/config.json",
+            }
+        )
+    (root / "Models.json").write_text(json.dumps({"models": entries}), encoding="utf-8")
+    return root / "Models.json"
+
+
+def test_quality_choices_are_the_model_config_presets_fastest_first(corelib, synth, tmp_path) -> None:
+    """The shipped deformable models: 'default' is the config's own settings, the others its presets."""
+    manager = corelib.models.ModelManager(REPO / "Resources" / "Models.json", tmp_path)
+    for name in ("lung-vessels", "brain-mri"):
+        entry = next(e for e in manager.models("deformable") if e.name == name)
+        inference = json.loads(Path(entry.config).read_text(encoding="utf-8"))["inference"]
+        choices = synth.qualityChoices(manager.inferenceDefaults(entry))
+        assert [c.name for c in choices] == ["fast", "default", "best"], name
+        presets = {p["name"]: (p["io_steps"], p["refine_iterations"]) for p in inference["qualities"]}
+        presets["default"] = (inference["io_steps"], inference["refine"]["iterations"])
+        assert {c.name: (c.instanceOptimization, c.refineIterations) for c in choices} == presets
+        assert synth.qualityReason(choices, "best") == ""
+    plain = synth.qualityChoices({"io_steps": 0, "refine": {"iterations": 2}, "qualities": []})
+    assert [(c.name, c.instanceOptimization, c.refineIterations) for c in plain] == [("default", 0, 2)]
+    assert synth.qualityReason(plain, "fast") == "The model has no 'fast' quality (it has default)"
+    assert [(c.name, c.refineIterations) for c in synth.qualityChoices({})] == [("default", None)]
+
+
+def test_quality_is_passed_as_the_backend_option(scene, synth) -> None:
+    """``--quality NAME`` for a preset, nothing for the model's own settings; the backend parser takes it."""
+    pytest.importorskip("torch", reason="the backend parser imports the torch backend")
+    from diffusionreg.cli import build_parser
+
+    fixed, moving = _small_volume(scene, "fixed"), _small_volume(scene, "moving")
+    files = {"fixed": Path("f.nrrd"), "moving": Path("m.nrrd"), "transform": Path("t.nrrd")}
+    parser = build_parser()
+    for quality, passed in (("fast", "fast"), ("best", "best"), (synth.QUALITY_DEFAULT, None)):
+        arguments = synth.DeformableOptions(fixed, moving, quality=quality, device="cpu").asArgList(files)
+        assert ("--quality" in arguments) is (passed is not None)
+        assert parser.parse_args(["deformable", *arguments]).quality == passed
+    assert synth.DeformableOptions(fixed, moving, quality="").isValid()[1].startswith("Choose a quality")
+
+
+@pytest.fixture
+def synthpairs(request, slicer_core, scene, synth, monkeypatch):
+    """SynthPairs.py imported with the panel kit's Qt stand-ins (parameterNodeWrapper is Slicer-only: identity here)."""
+    request.getfixturevalue("core")  # the kit's DiffusionRegCore on the stand-ins
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = lambda *args: None
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+    monkeypatch.setattr(slicer_core, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer_core.app, "connect", lambda *args: None, raising=False)
+    monkeypatch.setattr(slicer_core.util, "setSliceViewerLayers", lambda **kwargs: None)
+    sys.modules.pop("SynthPairs", None)
+    yield importlib.import_module("SynthPairs")
+    sys.modules.pop("SynthPairs", None)
+
+
+class _SignalComboBox(_ComboBox):
+    """The kit's combo box stand-in with ``blockSignals`` (the module refills its combo boxes with
+    signals blocked, as Qt's QObject.blockSignals does: no ``currentIndexChanged`` meanwhile)."""
+
+    blocked = False
+
+    def blockSignals(self, block: bool) -> bool:
+        previous, self.blocked = self.blocked, bool(block)
+        return previous
+
+    def emit(self, signal, *args):
+        if not self.blocked:
+            super().emit(signal, *args)
+
+
+def _widget(module, modality: str, model: str):
+    """The module's widget on stand-ins of its .ui (the names the code uses) and of the kit's selectors."""
+    widget = module.SynthPairsWidget.__new__(module.SynthPairsWidget)
+    widget.ui = types.SimpleNamespace(
+        qualityComboBox=_SignalComboBox(),
+        affineModalityComboBox=_SignalComboBox(),
+        instanceOptimizationSpinBox=_Widget(),
+        refineIterationsSpinBox=_Widget(),
+    )
+    widget.logic = module.SynthPairsLogic()
+    widget.panel = types.SimpleNamespace(modality=modality, model=model, device="cpu")
+    node = module.SynthPairsParameterNode()
+    for name in module.SynthPairsParameterNode.__annotations__:  # node fields without a default: None
+        if not hasattr(node, name):
+            setattr(node, name, None)
+    widget._parameterNode = node
+    widget.setupModule()
+    return widget
+
+
+def test_the_panel_offers_the_model_qualities_and_the_backend_runs_the_chosen_one(
+    synthpairs, quality_registry, scene, mrml_io, tmp_path, monkeypatch
+) -> None:
+    """Quality box: the chosen model's presets; choosing one shows its iterations in the iteration
+    boxes; Register runs the real backend with it, which reports those iterations."""
+    monkeypatch.setenv("DIFFUSIONREG_MODELS", str(quality_registry))
+    widget = _widget(synthpairs, "any", "tiny-sitreg-quality")
+    node, combo, ui = widget._parameterNode, widget.ui.qualityComboBox, widget.ui
+    widget.onModelSelection()
+    assert combo.itemTexts() == ["fast", "default", "best"] and combo.currentData == "default"
+    assert (ui.instanceOptimizationSpinBox.specialValueText, ui.refineIterationsSpinBox.specialValueText) == (
+        "model default (0)",
+        "model default (2)",
+    )
+    node.refineIterations = 7  # a number typed before choosing a quality
+    combo.currentIndex = combo.findData("best")
+    assert (node.quality, node.instanceOptimization, node.refineIterations) == ("best", -1, -1)
+    assert (ui.instanceOptimizationSpinBox.specialValueText, ui.refineIterationsSpinBox.specialValueText) == (
+        "best preset (1)",
+        "best preset (3)",
+    )
+    # a model without presets offers only its own settings; the quality it lacks is not kept
+    widget.panel.model = "tiny-sitreg"
+    widget.onModelSelection()
+    assert combo.itemTexts() == ["default"] and node.quality == "default"
+    assert ui.refineIterationsSpinBox.specialValueText == "model default (0)"
+    widget.panel.model = "tiny-sitreg-quality"
+    widget.onModelSelection()
+    combo.currentIndex = combo.findData("best")
+
+    files = _write_pair(tmp_path / "pair", LAYOUTS["lps"])
+    node.fixedVolume = mrml_io.importVolume(files["fixed"], scene, name="fixed")
+    node.movingVolume = mrml_io.importVolume(files["moving"], scene, name="moving")
+    assert widget.reasonNotToRun() == ""
+    options = widget.options()
+    assert (options.model, options.quality) == ("tiny-sitreg-quality", "best")
+    result = widget.logic.run(options, timeout=300)
+    report = result.report
+    assert (report["quality"], report["instance_optimization_steps"], report["refine_iterations"]) == ("best", 1, 3)
+    assert report["refine_coarse_iterations"] == QUALITY_PRESETS[1]["refine_coarse_iterations"]
+    assert not result.transformNode.IsLinear()
+    with pytest.raises(ValueError, match="The model has no 'fast' quality"):
+        widget.logic.register(node.fixedVolume, node.movingVolume, modality="any", model="tiny-sitreg", quality="fast")
