@@ -27,7 +27,7 @@ import pytest
 from diffusionreg.image import Image, read_image, write_image
 
 from .conftest import REPO, points_inside, sitk_map_points
-from .test_mrml_panel_kit import _ComboBox, _Widget, core  # noqa: F401 (core: the kit imported with the Qt stand-ins)
+from .test_mrml_panel_kit import _ComboBox, _Widget, core, spatial  # noqa: F401 (fixtures: the kit on Qt stand-ins)
 
 pytestmark = pytest.mark.mrml
 
@@ -364,16 +364,10 @@ def test_quality_is_passed_as_the_backend_option(scene, synth) -> None:
 
 
 @pytest.fixture
-def synthpairs(request, slicer_core, scene, synth, monkeypatch):
-    """SynthPairs.py imported with the panel kit's Qt stand-ins (parameterNodeWrapper is Slicer-only: identity here)."""
-    request.getfixturevalue("core")  # the kit's DiffusionRegCore on the stand-ins
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = wrapper.WithinRange = lambda *args: None
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
-    monkeypatch.setattr(slicer_core, "mrmlScene", scene, raising=False)
-    monkeypatch.setattr(slicer_core.app, "connect", lambda *args: None, raising=False)
-    monkeypatch.setattr(slicer_core.util, "setSliceViewerLayers", lambda **kwargs: None)
+def synthpairs(request, synth):
+    """SynthPairs.py imported as the panel kit's tests import SpatialDiffusionReg.py (Qt stand-ins,
+    parameterNodeWrapper as identity, the test scene as slicer.mrmlScene)."""
+    request.getfixturevalue("spatial")
     sys.modules.pop("SynthPairs", None)
     yield importlib.import_module("SynthPairs")
     sys.modules.pop("SynthPairs", None)
