@@ -58,6 +58,7 @@ from MidlineShiftLib.midline_job import (
     exportTable,
     jumpSlicesToMaximum,
     prepareMidlineJob,
+    reconnectCorrections,
 )
 
 from DiffusionRegCore import BackendTask, JobModuleLogic, JobModuleWidget, JobPanel, SamplePair
@@ -163,6 +164,11 @@ class MidlineShiftWidget(JobModuleWidget):
     def setupModule(self) -> None:
         self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
         self.ui.showNormalAnatomyCheckBox.connect("toggled(bool)", self.onShowNormalAnatomy)
+        # A loaded scene has the lines and tables but not their observers: corrections resume.
+        self.addObserver(
+            slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, lambda caller, event: reconnectCorrections(slicer.mrmlScene)
+        )
+        reconnectCorrections(slicer.mrmlScene)
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())

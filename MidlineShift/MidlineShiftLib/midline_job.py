@@ -66,9 +66,14 @@ AUTOMATIC_COLUMN = "automatic_mls_mm"
 MANUAL_COLUMN = "manual_mls_mm"
 FLAG_COLUMN = "flag"
 FLAG_TEXT = "FLAG"
+#: Flag threshold (mm) of a table saved without its ``MidlineShift.flagMm`` attribute (the
+#: backend's default, ``MidlineInference.flag_mm``; a run always records its model's value).
+DEFAULT_FLAG_MM = 5.0
 #: Backend CSV columns kept in the table (the landmark coordinates are in the markups instead).
 KEPT_COLUMNS = ("slice", "z_template_mm", "mls_mm", "side")
 ATTRIBUTE_PREFIX = "MidlineShift."
+#: Reference from each landmark line to its table (kept in a saved scene: see :func:`reconnectCorrections`).
+TABLE_REFERENCE_ROLE = "MidlineShiftTable"
 
 #: Magnitude map display: ``|u|`` in mm mapped over this range (0 dark, 10 mm and more bright):
 #: twice the usual 5 mm flag, so a flagged shift sits in the upper half of the colour bar.
@@ -321,11 +326,16 @@ def updateFlag(tableNode, row: int, flagMm: float) -> None:
     tableNode.SetCellText(row, _column(tableNode, FLAG_COLUMN), FLAG_TEXT if value >= flagMm else "")
 
 
+#: The corrections observing the lines of each table (table node ID -> ManualCorrections): one per table.
+_ACTIVE: dict = {}
+
+
 class ManualCorrections:
     """Keeps each slice's manual MLS in the table up to date while its points are moved.
 
     Observes every line (``PointModifiedEvent``); a change of a slice's falx points or its
-    shifted-structure point writes ``manual_mls_mm`` (3 decimals, mm) and the row's flag.
+    shifted-structure point writes ``manual_mls_mm`` (3 decimals, mm) and the row's flag. A new
+    one for a table replaces (stops) the previous one, so a table is never updated twice.
     """
 
     def __init__(self, tableNode, slices: list[SliceLines], flagMm: float) -> None:
@@ -333,10 +343,14 @@ class ManualCorrections:
         self.flagMm = flagMm
         self.slices = {lines.index: lines for lines in slices}
         self._observations = []
+        previous = _ACTIVE.pop(tableNode.GetID(), None)
+        if previous is not None:
+            previous.stop()
         for lines in slices:
             for node in (lines.falxNode, lines.shiftNode):
                 tag = node.AddObserver(vtkMRMLMarkupsNode.PointModifiedEvent, self._callback(lines.index))
                 self._observations.append((node, tag))
+        _ACTIVE[tableNode.GetID()] = self
 
     def _callback(self, index: int):
         return lambda caller, event: self.update(index)
@@ -357,6 +371,27 @@ class ManualCorrections:
         for node, tag in self._observations:
             node.RemoveObserver(tag)
         self._observations = []
+        if _ACTIVE.get(self.tableNode.GetID()) is self:
+            del _ACTIVE[self.tableNode.GetID()]
+
+
+def reconnectCorrections(scene) -> list[ManualCorrections]:
+    """Observe the landmark lines of every midline table in ``scene`` again (e.g. after loading a
+    saved scene, where observers are not kept): lines are found by their table reference and
+    their ``MidlineShift.slice`` / ``.role`` attributes."""
+    linesOf: dict[str, dict[int, dict[str, Any]]] = {}
+    for node in mrml_io.nodesOfClass(scene, "vtkMRMLMarkupsLineNode"):
+        table = node.GetNodeReference(TABLE_REFERENCE_ROLE)
+        index, role = node.GetAttribute(ATTRIBUTE_PREFIX + "slice"), node.GetAttribute(ATTRIBUTE_PREFIX + "role")
+        if table is not None and index is not None and role in ("falx", "shift"):
+            linesOf.setdefault(table.GetID(), {}).setdefault(int(index), {})[role] = node
+    corrections = []
+    for tableID, bySlice in linesOf.items():
+        table = scene.GetNodeByID(tableID)
+        slices = [SliceLines(i, r["falx"], r["shift"]) for i, r in sorted(bySlice.items()) if {"falx", "shift"} <= set(r)]
+        flagMm = float(table.GetAttribute(ATTRIBUTE_PREFIX + "flagMm") or DEFAULT_FLAG_MM)
+        corrections.append(ManualCorrections(table, slices, flagMm))
+    return corrections
 
 
 # --- field -------------------------------------------------------------------------------------
@@ -469,6 +504,8 @@ def prepareMidlineJob(
             ("model", str(report.get("model", ""))),
         ):
             table.SetAttribute(ATTRIBUTE_PREFIX + key, value)
+        for node in result.markupsNodes:
+            node.SetNodeReferenceID(TABLE_REFERENCE_ROLE, table.GetID())
         result.corrections = ManualCorrections(table, slices, flagMm)
         if report.get("hu_offset_removed"):
             result.notes.append(f"'{ct.GetName()}' is stored as HU + 1024: 1024 was subtracted before measuring")

@@ -249,6 +249,29 @@ def test_moving_points_records_the_manual_measurement_of_a_hand_calculation(meas
     assert others == [""] * len(others), "only the edited slice gets a manual value"
 
 
+def test_corrections_reconnect_from_the_scene(measured) -> None:
+    """After a saved scene is loaded the observers are gone: the lines are found again by their
+    table reference and attributes, and one set of observers per table updates it."""
+    job = sys.modules["MidlineShiftLib.midline_job"]
+    result = measured.result
+    result.corrections.stop()
+    lines = result.slices[-1]
+    table = result.tableNode
+    row = job.rowOfSlice(table, lines.index)
+    manual = table.GetColumnIndex("manual_mls_mm")
+    lines.shiftNode.SetNthControlPointPositionWorld(0, 0.0, 0.0, 0.0)
+    assert table.GetCellText(row, manual) == "", "stopped: nothing observes the lines"
+
+    (corrections,) = job.reconnectCorrections(measured.scene)
+    assert corrections.tableNode is table and sorted(corrections.slices) == [s.index for s in result.slices]
+    (again,) = job.reconnectCorrections(measured.scene)
+    assert again is not corrections and corrections._observations == [], "replaced, not doubled"
+    assert list(job._ACTIVE.values()) == [again]
+    lines.falxNode.SetNthControlPointPositionWorld(0, 3.0, -40.0, 0.0)
+    lines.falxNode.SetNthControlPointPositionWorld(1, 3.0, 40.0, 0.0)
+    assert table.GetCellText(row, manual) == "3.000"
+
+
 def test_perpendicular_distance_refuses_a_falx_line_without_length(measured) -> None:
     job = sys.modules["MidlineShiftLib.midline_job"]
     assert job.perpendicularDistanceMm((3.0, 4.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 9.0)) == pytest.approx(5.0)
