@@ -944,12 +944,16 @@ class JobModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     :meth:`setupModule`, :meth:`onParametersChanged`, :meth:`onModelSelection`,
     :meth:`reasonNotToRun`, :meth:`startRegistration` and :meth:`onResult`. The parameter node has
     ``fixedVolume``, ``movingVolume``, ``modality``, ``model``, ``outputTransform`` and ``showResult``.
+    A module that is not a registration (MidlineShift) sets ``runText`` and ``firstVolumeParameter``
+    and overrides :meth:`onResult` and :meth:`onLoadSampleData`; its logic overrides ``start``.
     """
 
     task: str = ""
     requester: str = ""
     #: Text of the kit's run button ("" for "Register"), e.g. "Measure".
     runText: str = ""
+    #: The parameter-node volume that gets the scene's first scalar volume while it is empty.
+    firstVolumeParameter: str = "fixedVolume"
     libModules: tuple[str, ...] = ()
     sample: SamplePair | None = None
     sampleModality: str = ""
@@ -1031,10 +1035,10 @@ class JobModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- parameter node ---------------------------------------------------------------
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.fixedVolume:
+        if not getattr(self._parameterNode, self.firstVolumeParameter):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
-                self._parameterNode.fixedVolume = first
+                setattr(self._parameterNode, self.firstVolumeParameter, first)
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:

@@ -150,6 +150,7 @@ class MidlineShiftWidget(JobModuleWidget):
     task = TASK
     requester = _("Midline Shift")
     runText = _("Measure")
+    firstVolumeParameter = "inputVolume"
     libModules = ("MidlineShiftLib.midline_job",)
     sample = SAMPLE
     sampleModality = MODALITY
@@ -169,13 +170,6 @@ class MidlineShiftWidget(JobModuleWidget):
             slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, lambda caller, event: reconnectCorrections(slicer.mrmlScene)
         )
         reconnectCorrections(slicer.mrmlScene)
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
-                self._parameterNode.inputVolume = first
 
     def onSceneStartClose(self, caller, event) -> None:
         super().onSceneStartClose(caller, event)
