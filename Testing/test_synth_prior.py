@@ -94,6 +94,23 @@ def test_loss_equals_hand_computation():
     assert stats["bits_per_token"] == pytest.approx(nats / n_masked / math.log(2), rel=1e-5)
 
 
+def test_loss_through_the_engines_ddp_wrapper(tmp_path):
+    """The training engine wraps the network in DistributedDataParallel (gloo, one rank here)."""
+    import torch.distributed as dist
+
+    model = tiny_model(2)
+    tokens = torch.randint(0, K, (5, N), generator=seeded(3))
+    plain, _ = weighted_elbo_loss(model, tokens, seeded(7), 4)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped, _ = weighted_elbo_loss(torch.nn.parallel.DistributedDataParallel(model), tokens, seeded(7), 4)
+        wrapped.backward()
+    finally:
+        dist.destroy_process_group()
+    assert wrapped.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
 def test_loss_without_masked_tokens_is_zero_and_differentiable():
     model = tiny_model()
     tokens = torch.randint(0, K, (1, N), generator=seeded(0))

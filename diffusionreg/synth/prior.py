@@ -65,7 +65,7 @@ class AbsorbingTransformer(nn.Module):
 
 
 def weighted_elbo_loss(
-    model: AbsorbingTransformer, tokens: torch.Tensor, generator: torch.Generator, diffusion_steps: int
+    model: nn.Module, tokens: torch.Tensor, generator: torch.Generator, diffusion_steps: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The reweighted ELBO of spec 1.5 for clean token grids ``tokens`` (B, N), in bits per token.
 
@@ -75,17 +75,23 @@ def weighted_elbo_loss(
     ``generator`` in this order: ``randint(1, T + 1, (B,))``, then ``rand(B, N)`` (masked where
     ``rand < t/T``), so a seed fixes the corruption whatever device the model runs on.
 
+    ``model`` is an :class:`AbsorbingTransformer` or the DistributedDataParallel wrapper the
+    training engine puts around it; ``tokens`` may live on any device (moved to the model's).
+
     Returns the scalar loss and float stats: ``bits_per_token`` (mean cross-entropy in bits over
     the masked positions, 0 if none) and ``masked_fraction``.
     """
     if diffusion_steps < 1:
         raise ValueError(f"diffusion_steps must be >= 1, got {diffusion_steps}")
+    # DDP exposes the wrapped network as .module; its forward must still be the one called (gradient sync).
+    mask_id = getattr(model, "module", model).mask_id
+    tokens = tokens.to(next(model.parameters()).device)
     batch, count = tokens.shape
     t = torch.randint(1, diffusion_steps + 1, (batch,), generator=generator)
     tau = t.to(torch.float32) / diffusion_steps
     masked = torch.rand((batch, count), generator=generator) < tau[:, None]
     tau, masked = tau.to(tokens.device), masked.to(tokens.device)
-    corrupted = torch.where(masked, torch.full_like(tokens, model.mask_id), tokens)
+    corrupted = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
     logits = model(corrupted)
     # Float32 cross-entropy even under autocast: a sum over thousands of positions.
     ce = F.cross_entropy(logits.float().transpose(1, 2), tokens, reduction="none")  # (B, N) nats
