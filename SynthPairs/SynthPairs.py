@@ -1,19 +1,21 @@
-"""SynthPairs: deformable, inverse-consistent registration of two volumes in a panel.
+"""SynthPairs: deformable, inverse-consistent registration of two volumes, and synthetic pairs to browse.
 
-The module is thin. Its own parts are the inputs/outputs/options panel (``Resources/UI``), the
-parameter node, and :class:`SynthPairsLogic`, which turns them into a ``DeformableOptions`` job
-(``SynthPairsLib/deformable_job.py``: export, command line, result import, "register as
-displayed", the chained affine run) and shows the result. Everything else (model and device
-selectors, dependency install, Register <-> Cancel, progress, log) is DiffusionRegCore's panel
-kit. Scripting::
+The module is thin. Its own parts are two panels (``Resources/UI``: the Register part and the
+"Generate pairs" section), the parameter node, and :class:`SynthPairsLogic`, which turns them
+into jobs: a ``DeformableOptions`` registration (``SynthPairsLib/deformable_job.py``: export,
+command line, result import, "register as displayed", the chained affine run) and a
+``GenerateOptions`` generation (``SynthPairsLib/generate_job.py``: ``diffusionreg synth`` runs,
+the pairs in a subject-hierarchy folder with their figures in a table). Everything else (model
+and device selectors, dependency install, Run <-> Cancel, progress, log) is DiffusionRegCore's
+panel kit, once per part. Scripting::
 
     from SynthPairs import SynthPairsLogic
     logic = SynthPairsLogic()
     result = logic.register(fixedNode, movingNode, modality="lung-vessels")
     result.transformNode, result.inverseTransformNode, result.jacobianNode, result.summary()
 
-The "Generate pairs" half of the module (issue 14) needs the pair generator backend
-(``diffusionreg synth``, issue 12) and is not here yet.
+    pairs = logic.generatePairs(4, seed=0)  # the installed pair generator, its sampling defaults
+    pairs.pairs[0].fixedNode, pairs.pairs[0].movingNode, pairs.tableNode, pairs.summary()
 """
 
 import os
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import qt
 import slicer
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
@@ -65,9 +68,24 @@ from SynthPairsLib.deformable_job import (
     qualityChoices,
     qualityReason,
 )
+from SynthPairsLib.generate_job import (
+    MAX_PAIRS,
+    SAMPLING_DEFAULT,
+    GeneratedPair,
+    GeneratedPairs,
+    GenerateOptions,
+    GenerationRun,
+    GeneratorChoice,
+    generatorToRun,
+    prepareGeneration,
+    samplingDefaults,
+    showPair,
+)
+from SynthPairsLib.generate_job import TASK as GENERATE_TASK
 
 from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleLogic, JobModuleWidget, JobPanel, SamplePair
 from DiffusionRegCoreLib import model_choice
+from DiffusionRegCoreLib.job import runJob
 
 #: The affine task whose installed models "run the affine first" can use.
 AFFINE_TASK = "affine"
@@ -90,6 +108,10 @@ SAMPLE = SamplePair(
     Path(__file__).resolve().parent / "Resources" / "Icons" / f"{SAMPLE_NAME}.png",
     SAMPLE_CATEGORY,
 )
+#: Limits of the Generate boxes (the seed box is a 32-bit Qt spin box).
+SEED_MAXIMUM = 2**31 - 1
+TEMPERATURE_MAXIMUM = 10.0
+STEPS_MAXIMUM = 100000
 
 
 #
@@ -109,8 +131,10 @@ class SynthPairs(ScriptedLoadableModule):
             "ICON lung vessels, and any installed deformable model that fits). The result is a grid transform "
             "(the moving volume is shown through it; the fixed volume never moves), its inverse as a second grid "
             "transform, and the Jacobian determinant map (1 white, shrinking blue, growing red, folding yellow). "
-            "'Run the affine first' starts from a Spatial Diffusion Registration result. The computation runs in a "
-            "separate process; Cancel stops it. See docs/slicer.md of the DiffusionReg repository."
+            "'Run the affine first' starts from a Spatial Diffusion Registration result. 'Generate pairs' draws "
+            "synthetic lung-vessel pairs from a trained generator, to browse pair by pair with their novelty and "
+            "realism figures and to register. The computations run in a separate process; Cancel stops them. See "
+            "docs/slicer.md of the DiffusionReg repository."
         )
         self.parent.acknowledgementText = _(
             "Deformable registration in the DiffusionReg extension (SITReg; two-step ICON as in 'Unleashing "
@@ -138,6 +162,12 @@ class SynthPairsParameterNode:
     quality - speed/accuracy preset of the model's config ("default": the model's own settings).
     instanceOptimization, refineIterations - -1 for the chosen quality's number, 0 to switch off.
     showResult - put moving under the transform and show the overlay when done.
+
+    Generate pairs (GenerateOptions):
+    generateCount, generateSeed - pairs 0..count-1 of the seed (pair i of a seed is always the same).
+    generateTemperature, generateSteps - sampling; 0 for the generator config's own value.
+    generateOutputFolder - existing folder for the files and manifest.json ("" = the scene only).
+    keepPairsOnCancel - a cancel keeps the pairs finished so far.
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -157,6 +187,12 @@ class SynthPairsParameterNode:
     instanceOptimization: Annotated[int, WithinRange(MODEL_DEFAULT, 100000)] = MODEL_DEFAULT
     refineIterations: Annotated[int, WithinRange(MODEL_DEFAULT, 100000)] = MODEL_DEFAULT
     showResult: bool = True
+    generateCount: Annotated[int, WithinRange(1, MAX_PAIRS)] = 4
+    generateSeed: Annotated[int, WithinRange(0, SEED_MAXIMUM)] = 0
+    generateTemperature: Annotated[float, WithinRange(float(SAMPLING_DEFAULT), TEMPERATURE_MAXIMUM)] = float(SAMPLING_DEFAULT)
+    generateSteps: Annotated[int, WithinRange(SAMPLING_DEFAULT, STEPS_MAXIMUM)] = SAMPLING_DEFAULT
+    generateOutputFolder: str = ""
+    keepPairsOnCancel: bool = False
 
 
 #
@@ -165,17 +201,62 @@ class SynthPairsParameterNode:
 
 
 class SynthPairsWidget(JobModuleWidget):
-    """The Register panel's inputs, outputs, options and result line (``Resources/UI``); the rest is
-    DiffusionRegCore's :class:`JobModuleWidget` and :class:`JobPanel`."""
+    """The Register panel's inputs, outputs, options and result line (``Resources/UI/SynthPairs.ui``)
+    and the "Generate pairs" section (``SynthPairsGenerate.ui``, with a second kit panel for the
+    generator); the rest is DiffusionRegCore's :class:`JobModuleWidget` and :class:`JobPanel`."""
 
     task = TASK
     requester = _("SynthPairs")
-    libModules = ("SpatialDiffusionRegLib.affine_job", "SynthPairsLib.deformable_job")
+    libModules = ("SpatialDiffusionRegLib.affine_job", "SynthPairsLib.deformable_job", "SynthPairsLib.generate_job")
     sample = SAMPLE
     sampleModality = SAMPLE_MODALITY
+    #: The Generate section's kit panel (generator model, device, Generate <-> Cancel, progress, log).
+    generatePanel: JobPanel | None = None
+    #: The pairs the slider browses (the last generation).
+    generated: GeneratedPairs | None = None
 
     def createLogic(self):
         return SynthPairsLogic()
+
+    def setup(self) -> None:
+        super().setup()
+        self.setupGenerate()
+        self.setParameterNode(self._parameterNode)  # binds the Generate section's boxes too
+
+    def setupGenerate(self) -> None:
+        """The Generate section below the Register part, its own kit panel inside it."""
+        section = slicer.util.loadUI(self.resourcePath("UI/SynthPairsGenerate.ui"))
+        self.layout.insertWidget(self.layout.count() - 1, section)  # above the stretch
+        for name, child in vars(slicer.util.childWidgetVariables(section)).items():
+            setattr(self.ui, name, child)
+        section.setMRMLScene(slicer.mrmlScene)
+        self.generatePanel = JobPanel(
+            qt.QVBoxLayout(self.ui.generatePanelWidget),
+            GENERATE_TASK,
+            self.generateReason,
+            self.startGeneration,
+            self.logic.requirementFiles(),
+            self.requester,
+            _("Generate"),
+            onResult=self.showGenerated,
+            logic=self.logic.coreLogic,
+            onModelChanged=self.onGeneratorChanged,
+        )
+        self.ui.browseOutputFolderButton.connect("clicked(bool)", self.onBrowseOutputFolder)
+        self.ui.pairSlider.connect("valueChanged(int)", self.onPairChanged)
+        self.ui.registerThisPairButton.connect("clicked(bool)", self.onRegisterThisPair)
+        self.onGeneratorChanged()
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self.generatePanel is not None:
+            self.generatePanel.cancelRunning()
+
+    def onSceneStartClose(self, caller, event) -> None:
+        super().onSceneStartClose(caller, event)
+        if self.generatePanel is not None:
+            self.generatePanel.cancelRunning()
+            self.showGenerated(None)
 
     def setupModule(self) -> None:
         self.ui.affineModalityComboBox.connect("currentIndexChanged(int)", self.onAffineModalityChanged)
@@ -185,6 +266,8 @@ class SynthPairsWidget(JobModuleWidget):
     def enter(self) -> None:
         super().enter()
         self.populateAffineModalities()
+        if self.generatePanel is not None:
+            self.generatePanel.populateModels()
 
     def setParameterNode(self, inputParameterNode) -> None:
         super().setParameterNode(inputParameterNode)
@@ -195,6 +278,8 @@ class SynthPairsWidget(JobModuleWidget):
 
     def onParametersChanged(self) -> None:
         self.ui.affineModalityComboBox.enabled = self._parameterNode.runAffineFirst
+        if self.generatePanel is not None:
+            self.generatePanel.updateRunButton()
 
     def onModelSelection(self) -> None:
         """The kit's selectors choose modality and model; the quality box offers that model's presets."""
@@ -283,6 +368,104 @@ class SynthPairsWidget(JobModuleWidget):
         if self._parameterNode:
             self._parameterNode.outputInverseTransform = result.inverseTransformNode
             self._parameterNode.outputJacobian = result.jacobianNode
+
+    # --- generate pairs ------------------------------------------------------------------
+    def generateOptions(self) -> GenerateOptions:
+        """The generation as the Generate section shows it (the generator: its kit panel's choice)."""
+        p = self._parameterNode
+        return GenerateOptions(
+            count=p.generateCount,
+            seed=p.generateSeed,
+            model=self.generatePanel.model if self.generatePanel is not None else "",
+            temperature=p.generateTemperature,
+            steps=p.generateSteps,
+            outputFolder=(p.generateOutputFolder or "").strip(),
+            keepOnCancel=p.keepPairsOnCancel,
+            device=self.generatePanel.device if self.generatePanel is not None else "auto",
+        )
+
+    def generateReason(self) -> str:
+        if self._parameterNode is None:
+            return _("No parameter node")
+        return self.logic.generationReason(self.generateOptions())
+
+    def onGeneratorChanged(self) -> None:
+        """The steps and temperature boxes' lowest value says the chosen generator's own, e.g. 'model default (256)'."""
+        if self.generatePanel is None:  # called while the kit builds its selectors
+            return
+        defaults = self.logic.samplingDefaults(self.generatePanel.model)
+        label = _("model default")
+        for box, key in ((self.ui.stepsSpinBox, "steps"), (self.ui.temperatureSpinBox, "temperature")):
+            box.specialValueText = f"{label} ({defaults[key]})" if key in defaults else label
+
+    def onBrowseOutputFolder(self) -> None:
+        current = self._parameterNode.generateOutputFolder if self._parameterNode else ""
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the generated pairs"), current)
+        if folder and self._parameterNode:
+            self._parameterNode.generateOutputFolder = folder
+
+    def startGeneration(self, panel: JobPanel) -> BackendTask:
+        task = self.logic.startGeneration(
+            self.generateOptions(),
+            keepTemporaryFiles=panel.keepTemporaryFiles,
+            onProgress=panel.onProgress,
+            onLog=panel.log,
+            onFinished=self.onGenerationFinished,
+        )  # raises when the run cannot start: the labels stay
+        self.ui.generateResultLabel.text = _("Generating...")
+        return task
+
+    def onGenerationFinished(self, task: BackendTask, generated: GeneratedPairs | None) -> None:
+        """Back to idle (a completed run's pairs come through the panel's onResult); after a cancel
+        the kept pairs, if any, are shown."""
+        self.generatePanel.onFinished(task)
+        if task.state == "completed":
+            return
+        if generated is not None:
+            self.showGenerated(generated)
+        else:
+            self.ui.generateResultLabel.text = _("No pairs ({state}).").format(state=task.state)
+
+    def showGenerated(self, generated: GeneratedPairs | None) -> None:
+        """Browse ``generated`` (the slider, the table, "Register this pair"); None clears them."""
+        self.generated = generated
+        slider = self.ui.pairSlider
+        slider.blockSignals(True)
+        slider.minimum, slider.maximum, slider.value = 0, max(len(generated.pairs) - 1, 0) if generated else 0, 0
+        slider.blockSignals(False)
+        slider.enabled = self.ui.registerThisPairButton.enabled = generated is not None and bool(generated.pairs)
+        self.ui.pairTableView.setMRMLTableNode(generated.tableNode if generated else None)
+        if generated is None:
+            self.ui.pairLabel.text = _("no pairs yet")
+            self.ui.generateResultLabel.text = _("No pairs generated yet.")
+            return
+        for note in generated.notes:
+            self.generatePanel.log(note)
+        self.generatePanel.log(generated.summary())
+        reference = generated.manifest.get("training_reference") or {}
+        text = generated.summary()
+        if reference:
+            figures = ", ".join(f"{key.replace('_', ' ')} {value:.3f}" for key, value in reference.items())
+            text += _(". Training pairs: {figures}.").format(figures=figures)
+        self.ui.generateResultLabel.text = text
+        if generated.pairs:
+            self.onPairChanged(0)
+
+    def onPairChanged(self, position: int) -> None:
+        if self.generated is None or not self.generated.pairs:
+            return
+        pair = self.logic.showPair(self.generated, int(position), fit=int(position) == 0)
+        self.ui.pairLabel.text = _("pair {index:03d} ({n} of {total})").format(
+            index=pair.index, n=int(position) + 1, total=len(self.generated.pairs)
+        )
+
+    def onRegisterThisPair(self) -> None:
+        """The pair shown becomes the Register part's fixed and moving volumes (lung-vessels model)."""
+        if self.generated is None or not self._parameterNode:
+            return
+        pair = self.generated.pairs[int(self.ui.pairSlider.value)]
+        self.logic.useForRegistration(self._parameterNode, pair)
+        self.panel.selectModality(self._parameterNode.modality)
 
 
 #
@@ -423,6 +606,131 @@ class SynthPairsLogic(JobModuleLogic):
             placeMoving=showResult,
         )
         return self.run(options, timeout, keepTemporaryFiles, onProgress, onLog)
+
+    # --- generate pairs ---------------------------------------------------------------------
+    def generatorChoice(self, model: str = "") -> tuple[GeneratorChoice | None, str]:
+        """The installed generator ``model`` names ("" the default), or ``(None, reason)``."""
+        return generatorToRun(self.coreLogic.modelManager().models(GENERATE_TASK), model)
+
+    def samplingDefaults(self, model: str = "") -> dict:
+        """The generator's sampling defaults (config.json ``sampling``: steps, temperature); {} without one."""
+        choice = self.generatorChoice(model)[0]
+        return samplingDefaults(choice.config) if choice is not None else {}
+
+    def generationReason(self, options: GenerateOptions) -> str:
+        """Why ``options`` cannot run ("" when it can), e.g. "No pair generator is installed"."""
+        return options.isValid()[1] or self.generatorChoice(options.model)[1]
+
+    def prepareGeneration(self, options: GenerateOptions, keepTemporaryFiles: bool = False) -> GenerationRun:
+        """The generation for ``options`` (the generator resolved); raises ValueError with the reason it cannot run."""
+        reason = self.generationReason(options)
+        if reason:
+            raise ValueError(reason)
+        choice = self.generatorChoice(options.model)[0]
+        core = self.coreLogic
+        python, env = core.pythonExecutable(), core.backendEnvironment()  # may fail: before any folder exists
+        options = GenerateOptions(**{**options.__dict__, "model": choice.argument})
+        name = f"Synthetic pairs ({choice.label}, seed {int(options.seed)})"
+        return prepareGeneration(options, slicer.mrmlScene, core.createWorkFolder, python, env, name, keepTemporaryFiles)
+
+    def startGeneration(
+        self,
+        options: GenerateOptions,
+        keepTemporaryFiles: bool = False,
+        show: bool = True,
+        onProgress=None,
+        onLog=None,
+        onFinished=None,
+    ) -> BackendTask:
+        """Start generating in the background. ``onFinished(task, generated)``: ``generated`` is the
+        pairs loaded (also the kept ones after a cancel with ``keepOnCancel``), else None."""
+        run = self.prepareGeneration(options, keepTemporaryFiles)
+
+        def finished(task: BackendTask) -> None:
+            try:
+                generated = run.conclude(task.outcome)
+            except Exception as error:  # the kept pairs could not be saved or loaded
+                generated = None
+                if onLog:
+                    onLog(f"Keeping the finished pairs failed: {error}")
+            if generated is not None and generated.pairs and show:
+                self.showPair(generated, 0)
+            if onFinished:
+                onFinished(task, generated)
+
+        return self.coreLogic.startJob(
+            run.firstJob(), keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog, onFinished=finished
+        )
+
+    def generatePairs(
+        self,
+        count: int,
+        seed: int = 0,
+        model: str = "",
+        temperature: float = SAMPLING_DEFAULT,
+        steps: int = SAMPLING_DEFAULT,
+        outputFolder: str = "",
+        keepOnCancel: bool = False,
+        device: str | None = None,
+        keepTemporaryFiles: bool = False,
+        show: bool = True,
+        timeout: float | None = None,
+        onProgress=None,
+        onLog=None,
+    ) -> GeneratedPairs:
+        """Draw ``count`` synthetic (fixed, moving) lung-vessel pairs and wait (Slicer stays responsive).
+
+        Returns a ``GeneratedPairs``: ``pairs`` (each ``index``, ``fixedNode``, ``movingNode``) in a
+        subject-hierarchy folder (``folderItem``), the ``tableNode`` of their novelty and realism
+        figures, the ``manifest`` and ``summary()``. ``model``: "" for the installed generator, a
+        registered name, an imported model's path or a model folder. ``temperature``, ``steps``: 0
+        for the generator's config.json values. ``outputFolder``: an existing folder that receives
+        the files and manifest.json ("" keeps the pairs in the scene only). ``keepOnCancel``: a
+        cancel (or ``timeout`` seconds per backend run) returns the pairs finished so far (then
+        made one backend run per pair) instead of raising. Raises ValueError for unusable options
+        (no generator installed included) and RuntimeError when the run fails or is cancelled.
+        """
+        options = GenerateOptions(
+            count=count,
+            seed=seed,
+            model=str(model or ""),
+            temperature=temperature,
+            steps=steps,
+            outputFolder=str(outputFolder or ""),
+            keepOnCancel=keepOnCancel,
+            device=device or self.coreLogic.savedDevice(),
+        )
+        run = self.prepareGeneration(options, keepTemporaryFiles)
+        outcome = runJob(
+            run.firstJob(),
+            self.coreLogic.processFactory,
+            timeout,
+            keepTemporaryFiles,
+            onProgress,
+            onLog,
+            idle=slicer.app.processEvents,
+        )
+        generated = run.conclude(outcome)
+        if generated is None:
+            raise RuntimeError(f"generating pairs {outcome.state}: {outcome.error or 'no pair was kept'}")
+        if show and generated.pairs:
+            self.showPair(generated, 0)
+        return generated
+
+    @staticmethod
+    def showPair(generated: GeneratedPairs, position: int, fit: bool = True) -> GeneratedPair:
+        """Pair number ``position`` in the slice views: fixed magenta, moving green, added (overlap white)."""
+        pair = generated.pairs[position]
+        slicer.util.setSliceViewerLayers(background=pair.fixedNode, foreground=pair.movingNode, foregroundOpacity=1.0, fit=fit)
+        return showPair(slicer.mrmlScene, generated, position)
+
+    @staticmethod
+    def useForRegistration(parameterNode, pair: GeneratedPair) -> None:
+        """'Register this pair': the pair's scans become the Register part's fixed and moving volumes,
+        with the lung-vessels model's modality (generated pairs are lung vessel maps)."""
+        parameterNode.fixedVolume = pair.fixedNode
+        parameterNode.movingVolume = pair.movingNode
+        parameterNode.modality = SAMPLE_MODALITY
 
     # --- sample data ----------------------------------------------------------------------
     @staticmethod

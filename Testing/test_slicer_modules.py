@@ -1131,11 +1131,25 @@ def test_each_output_selector_offers_one_way_to_create_a_node(module: str) -> No
             assert creators <= 1, f"{widget.get('name')}: {creators} 'create new' entries"
 
 
+#: The panels of random methods, where a seed belongs: SynthPairs' pair generator (pair i of seed s).
+SEEDED_UIS = {"SynthPairs": "SynthPairsGenerate.ui"}
+
+
 @pytest.mark.parametrize("module", ["SpatialDiffusionReg", "SynthPairs", "MidlineShift"])
 def test_no_random_seed_control_on_a_deterministic_method(module: str) -> None:
+    """Registration and measurement are deterministic: no seed in their panels. A seed parameter
+    exists only where a random method's .ui binds it (SynthPairs' Generate section)."""
     ui = (REPO / module / "Resources" / "UI" / f"{module}.ui").read_text(encoding="utf-8")
     assert "seed" not in ui.lower()
-    assert "seed" not in _parameter_fields(REPO / module / f"{module}.py")
+    seeded = {
+        prop.findtext("string")
+        for name in ([SEEDED_UIS[module]] if module in SEEDED_UIS else [])
+        for prop in ET.parse(REPO / module / "Resources" / "UI" / name).getroot().iter("property")
+        if prop.get("name") == "SlicerParameterName" and "seed" in (prop.findtext("string") or "").lower()
+    }
+    fields = {name for name in _parameter_fields(REPO / module / f"{module}.py") if "seed" in name.lower()}
+    assert fields == seeded, f"seed parameters {fields} outside a generation panel ({seeded})"
+    assert (module in SEEDED_UIS) == bool(seeded)
 
 
 @pytest.mark.parametrize("module", SAMPLE_MODULES)
