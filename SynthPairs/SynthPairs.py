@@ -70,6 +70,7 @@ from SynthPairsLib.deformable_job import (
 )
 from SynthPairsLib.generate_job import (
     MAX_PAIRS,
+    OVERLAY_OPACITY,
     SAMPLING_DEFAULT,
     GeneratedPair,
     GeneratedPairs,
@@ -719,9 +720,11 @@ class SynthPairsLogic(JobModuleLogic):
 
     @staticmethod
     def showPair(generated: GeneratedPairs, position: int, fit: bool = True) -> GeneratedPair:
-        """Pair number ``position`` in the slice views: fixed magenta, moving green, added (overlap white)."""
+        """Pair number ``position`` in the slice views: fixed magenta, moving green blended over it."""
         pair = generated.pairs[position]
-        slicer.util.setSliceViewerLayers(background=pair.fixedNode, foreground=pair.movingNode, foregroundOpacity=1.0, fit=fit)
+        slicer.util.setSliceViewerLayers(
+            background=pair.fixedNode, foreground=pair.movingNode, foregroundOpacity=OVERLAY_OPACITY, fit=fit
+        )
         return showPair(slicer.mrmlScene, generated, position)
 
     @staticmethod
@@ -747,7 +750,8 @@ class SynthPairsLogic(JobModuleLogic):
 class SynthPairsTest(ScriptedLoadableModuleTest):
     """Runs in Slicer (Reload and Test, or ctest). The registration test registers the sample lung
     pair end to end on the CPU and checks the result (grid transforms, folding 0, fixed never
-    moves); without PyTorch/MONAI or the lung-vessels model it is skipped with a message saying
+    moves); the generation test draws two pairs with the installed generator and checks the nodes
+    and the table. Without PyTorch/MONAI or the model a test is skipped with a message saying
     what is missing (it never installs anything)."""
 
     def setUp(self):
@@ -759,6 +763,8 @@ class SynthPairsTest(ScriptedLoadableModuleTest):
         self.test_parameterNode()
         self.setUp()
         self.test_registration()
+        self.setUp()
+        self.test_generatePairs()
 
     def test_parameterNode(self):
         self.delayDisplay("Parameter node round trip")
@@ -775,7 +781,8 @@ class SynthPairsTest(ScriptedLoadableModuleTest):
         self.assertEqual(options.instanceOptimization, MODEL_DEFAULT)
         self.delayDisplay("Test passed")
 
-    def _skipReason(self) -> str:
+    @staticmethod
+    def _dependencyReason() -> str:
         from DiffusionRegCoreLib import install
 
         if install.installedVersion("torch") is None:
@@ -786,6 +793,12 @@ class SynthPairsTest(ScriptedLoadableModuleTest):
         plan = DiffusionRegCoreLogic().dependencyPlan(SynthPairsLogic().requirementFiles())
         if plan.pipRequirements:
             return "missing Python packages: " + ", ".join(plan.pipRequirements) + " (press Install dependencies)"
+        return ""
+
+    def _skipReason(self) -> str:
+        reason = self._dependencyReason()
+        if reason:
+            return reason
         reason = SynthPairsLogic().modelReason(DeformableOptions(modality=SAMPLE_MODALITY))
         if reason:
             return reason
@@ -819,4 +832,20 @@ class SynthPairsTest(ScriptedLoadableModuleTest):
         np.testing.assert_allclose(mrml_io.volumeIjkToRas(fixed), fixedBefore, atol=1e-9)  # the fixed volume never moves
         self.assertEqual(result.jacobianNode.GetImageData().GetDimensions(), fixed.GetImageData().GetDimensions())
         self.assertGreater(float(slicer.util.arrayFromVolume(result.jacobianNode).min()), 0.0)
+        self.delayDisplay(f"Test passed: {result.summary()}")
+
+    def test_generatePairs(self):
+        logic = SynthPairsLogic()
+        reason = self._dependencyReason() or logic.generatorChoice()[1]
+        if reason:
+            self.delayDisplay(f"Skipping the generation test: {reason}")
+            self.skipTest(reason)
+        self.delayDisplay("Generating two pairs with the installed generator (CPU)")
+        result = logic.generatePairs(2, seed=0, device="cpu", timeout=3600)
+        self.assertEqual([pair.index for pair in result.pairs], [0, 1])
+        self.assertEqual(result.tableNode.GetNumberOfRows(), 2)
+        for pair in result.pairs:
+            values = slicer.util.arrayFromVolume(pair.movingNode)
+            self.assertTrue(0.0 <= float(values.min()) and float(values.max()) <= 1.0)
+            self.assertEqual(slicer.util.arrayFromVolume(pair.fixedNode).shape, values.shape)  # the generator's frame
         self.delayDisplay(f"Test passed: {result.summary()}")

@@ -17,8 +17,8 @@ everything that is kept is known are the files moved into the output folder (wit
 
 - a subject-hierarchy folder holding one sub-folder per pair with its fixed and moving volume
   (read with Slicer's storage node: LPS on disk -> RAS, the positions the backend wrote);
-- the volumes in two colours (fixed magenta, moving green: :func:`showPair` adds them in the
-  slice views, so overlapping vessels are white), window [0, 1];
+- the volumes in two colours (fixed magenta, moving green: :func:`showPair` blends them half and
+  half in the slice views, so overlapping vessels are grey), window [0, 1];
 - a table node with each pair's novelty and realism figures from the manifest, the training
   pairs' reference figures as its attributes.
 
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import vtk
-from slicer import vtkMRMLSliceCompositeNode
 
 from DiffusionRegCoreLib import command, mrml_io, results
 from DiffusionRegCoreLib.job import JobOptions, JobOutcome, PreparedJob, stageWeightsOfStep
@@ -58,13 +57,17 @@ KEEP_PAIRS_PER_RUN = 1
 #: compact generator: sampling dominates; "read" loads torch and the model, "write" renames).
 STAGE_WEIGHTS = {"read": 0.1, "generate": 0.85, "write": 0.05}
 MANIFEST = "manifest.json"
-#: Colours of the two scans: added in the slice views, overlapping vessels are white.
+#: Colours of the two scans (blended half and half: fixed only purple, moving only green, both grey).
 FIXED_COLOR_NAME = "DiffusionReg synthetic fixed (magenta)"
 MOVING_COLOR_NAME = "DiffusionReg synthetic moving (green)"
 FIXED_RGB = (1.0, 0.0, 1.0)
 MOVING_RGB = (0.0, 1.0, 0.0)
 #: The window of the vessel-probability volumes.
 PROBABILITY_RANGE = (0.0, 1.0)
+#: Foreground opacity of the moving scan over the fixed one (the kit's overlay opacity). Slicer's
+#: additive compositing would show overlap white, but it is a view setting that would stay for
+#: everything shown later, so the views keep their alpha blending.
+OVERLAY_OPACITY = 0.5
 #: Table columns from the manifest: (section, key, unit, description), in this order; a key a
 #: manifest lacks (the displacement figures without a realism model) is left out.
 FIGURE_COLUMNS = (
@@ -389,16 +392,15 @@ def importPairs(
     return GeneratedPairs(pairs, table, top, dict(manifest), requested, outputFolder, seconds)
 
 
-def showPair(scene, generated: GeneratedPairs, position: int, opacity: float = 1.0) -> GeneratedPair:
+def showPair(scene, generated: GeneratedPairs, position: int) -> GeneratedPair:
     """Show pair number ``position`` (0-based, in index order) in every slice view: fixed as the
-    background (magenta), moving as the foreground (green) added to it, so overlapping vessels are
-    white. Returns the pair shown."""
+    background (magenta), moving as the foreground (green) at :data:`OVERLAY_OPACITY`. Returns the
+    pair shown."""
     pair = generated.pairs[position]
     for composite in mrml_io.nodesOfClass(scene, "vtkMRMLSliceCompositeNode"):
         composite.SetBackgroundVolumeID(pair.fixedNode.GetID())
         composite.SetForegroundVolumeID(pair.movingNode.GetID())
-        composite.SetForegroundOpacity(opacity)
-        composite.SetCompositing(vtkMRMLSliceCompositeNode.Add)
+        composite.SetForegroundOpacity(OVERLAY_OPACITY)
     return pair
 
 

@@ -245,7 +245,7 @@ def test_pairs_load_where_the_backend_wrote_them_with_the_manifest_figures(
     assert float(table.GetAttribute("SynthPairs.training_overlap_dice")) == pytest.approx(reference["overlap_dice"])
     assert table.GetAttribute("SynthPairs.seed") == "5"
 
-    # Two colours: fixed magenta, moving green, window [0, 1]; the slice views add them.
+    # Two colours: fixed magenta, moving green, window [0, 1]; the slice views blend them.
     for node, rgb in ((result.pairs[1].fixedNode, generate.FIXED_RGB), (result.pairs[1].movingNode, generate.MOVING_RGB)):
         display = node.GetDisplayNode()
         color = scene.GetNodeByID(display.GetColorNodeID())
@@ -258,7 +258,8 @@ def test_pairs_load_where_the_backend_wrote_them_with_the_manifest_figures(
         shown.fixedNode.GetID(),
         shown.movingNode.GetID(),
     )
-    assert composite.GetCompositing() == slicer_core.vtkMRMLSliceCompositeNode.Add
+    assert composite.GetForegroundOpacity() == generate.OVERLAY_OPACITY
+    assert composite.GetCompositing() == slicer_core.vtkMRMLSliceCompositeNode.Alpha  # the view setting is left alone
     assert "2 pairs (seed 5, best)" in result.summary()
 
 
@@ -344,3 +345,24 @@ def test_the_panel_says_no_generator_is_installed_and_shows_the_sampling_default
     assert logic.generationReason(options) == ""
     assert logic.samplingDefaults("") == {"steps": 8, "temperature": 0.9, "batch_size": 2}
     assert logic.samplingDefaults("tiny-pairs")["temperature"] == 0.9
+
+    # The panel: its boxes' lowest value names the generator's own numbers; the reason it cannot run.
+    widget = module.SynthPairsWidget.__new__(module.SynthPairsWidget)
+    widget.logic, widget.ui = logic, types.SimpleNamespace(stepsSpinBox=_Widget(), temperatureSpinBox=_Widget())
+    widget.generatePanel = types.SimpleNamespace(model="", device="cpu")
+    widget._parameterNode = module.SynthPairsParameterNode()
+    widget.onGeneratorChanged()
+    assert (widget.ui.stepsSpinBox.specialValueText, widget.ui.temperatureSpinBox.specialValueText) == (
+        "model default (8)",
+        "model default (0.9)",
+    )
+    options = widget.generateOptions()
+    assert (options.count, options.seed, options.temperature, options.steps, options.outputFolder) == (4, 0, 0.0, 0, "")
+    assert widget.generateReason() == ""
+    widget._parameterNode.generateOutputFolder = str(tmp_path / "nowhere")
+    assert widget.generateReason() == f"The output folder {tmp_path / 'nowhere'} does not exist"
+    monkeypatch.setenv("DIFFUSIONREG_MODELS", str(tiny_registry))
+    widget._parameterNode.generateOutputFolder = ""
+    assert widget.generateReason() == "No pair generator is installed"
+    widget.onGeneratorChanged()
+    assert widget.ui.stepsSpinBox.specialValueText == "model default"
