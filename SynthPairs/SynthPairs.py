@@ -20,6 +20,7 @@ panel kit, once per part. Scripting::
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -630,7 +631,7 @@ class SynthPairsLogic(JobModuleLogic):
         choice = self.generatorChoice(options.model)[0]
         core = self.coreLogic
         python, env = core.pythonExecutable(), core.backendEnvironment()  # may fail: before any folder exists
-        options = GenerateOptions(**{**options.__dict__, "model": choice.argument})
+        options = replace(options, model=choice.argument)
         name = f"Synthetic pairs ({choice.label}, seed {int(options.seed)})"
         return prepareGeneration(options, slicer.mrmlScene, core.createWorkFolder, python, env, name, keepTemporaryFiles)
 
@@ -659,9 +660,13 @@ class SynthPairsLogic(JobModuleLogic):
             if onFinished:
                 onFinished(task, generated)
 
-        return self.coreLogic.startJob(
-            run.firstJob(), keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog, onFinished=finished
-        )
+        try:
+            return self.coreLogic.startJob(
+                run.firstJob(), keepTemporaryFiles=keepTemporaryFiles, onProgress=onProgress, onLog=onLog, onFinished=finished
+            )
+        except Exception:
+            run.discard()  # nothing started: no staging folder left behind
+            raise
 
     def generatePairs(
         self,
@@ -702,15 +707,19 @@ class SynthPairsLogic(JobModuleLogic):
             device=device or self.coreLogic.savedDevice(),
         )
         run = self.prepareGeneration(options, keepTemporaryFiles)
-        outcome = runJob(
-            run.firstJob(),
-            self.coreLogic.processFactory,
-            timeout,
-            keepTemporaryFiles,
-            onProgress,
-            onLog,
-            idle=slicer.app.processEvents,
-        )
+        try:
+            outcome = runJob(
+                run.firstJob(),
+                self.coreLogic.processFactory,
+                timeout,
+                keepTemporaryFiles,
+                onProgress,
+                onLog,
+                idle=slicer.app.processEvents,
+            )
+        except Exception:
+            run.discard()  # the backend could not start: no staging folder left behind
+            raise
         generated = run.conclude(outcome)
         if generated is None:
             raise RuntimeError(f"generating pairs {outcome.state}: {outcome.error or 'no pair was kept'}")

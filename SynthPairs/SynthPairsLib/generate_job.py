@@ -493,18 +493,25 @@ class GenerationRun:
         manifest = mergeManifests(self.finished)
         runs = [self.staging.path / f"run_{n:03d}" for n in range(len(self.finished))]
         folder = Path(self.options.outputFolder) if self.options.outputFolder else None
+        written: list[Path] = []
         try:
             if folder is not None:
                 reason = outputFolderReason(folder, [p["index"] for p in manifest["pairs"]])
                 if reason:  # something appeared there while the backend ran
                     raise OSError(reason)
-                for run in runs:
-                    for record in json.loads((run / MANIFEST).read_text(encoding="utf-8"))["pairs"]:
+                try:
+                    for record in manifest["pairs"]:
+                        run = next(r for r in runs if (r / record["fixed"]).exists())
                         for key in ("fixed", "moving"):
                             _move(run / record[key], folder / record[key])
-                temporary = folder / f".{MANIFEST}.part"
-                temporary.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-                os.replace(temporary, folder / MANIFEST)
+                            written.append(folder / record[key])
+                    temporary = folder / f".{MANIFEST}.part"
+                    temporary.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+                    os.replace(temporary, folder / MANIFEST)
+                except Exception:
+                    for path in written:  # all or none: the folder as it was
+                        path.unlink(missing_ok=True)
+                    raise
                 source = folder
             else:
                 source = self.staging.path / "pairs"

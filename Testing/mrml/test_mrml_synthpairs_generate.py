@@ -71,10 +71,11 @@ def generate(request):
     return importlib.import_module("SynthPairsLib.generate_job")
 
 
-def _run(generate, corelib, scene, options, tmp_path: Path, cancelRun: int | None = None):
+def _run(generate, corelib, scene, options, tmp_path: Path, cancelRun: int | None = None, duringRun=None):
     """The module's path: prepareGeneration -> runJob (real processes) -> conclude.
 
     ``cancelRun``: the backend run (0-based) cancelled as soon as it starts drawing pairs.
+    ``duringRun()``: called once, when the first backend run starts drawing.
     Returns ``(result, outcome, backend runs started, progress events)``.
     """
     counter = {"n": 0}
@@ -92,6 +93,8 @@ def _run(generate, corelib, scene, options, tmp_path: Path, cancelRun: int | Non
         def progress(event):
             if number == cancelRun and event.stage.endswith("generate"):
                 holder["process"].cancel()
+            if duringRun is not None and number == 0 and event.stage == "generate" and not holder.get("called"):
+                holder["called"] = duringRun() or True
             if onProgress:
                 onProgress(event)
 
@@ -102,7 +105,7 @@ def _run(generate, corelib, scene, options, tmp_path: Path, cancelRun: int | Non
     run = generate.prepareGeneration(options, scene, createWorkFolder, sys.executable, env)
     events, lines = [], []
     outcome = corelib.job.runJob(run.firstJob(), factory, 300, False, events.append, lines.append)
-    if cancelRun is None:
+    if cancelRun is None and duringRun is None:
         assert outcome.state == "completed", f"{outcome.error}\n" + "\n".join(lines)
     result = run.conclude(outcome)
     assert not run.staging.path.exists(), "the staging folder is removed"
@@ -366,3 +369,17 @@ def test_the_panel_says_no_generator_is_installed_and_shows_the_sampling_default
     assert widget.generateReason() == "No pair generator is installed"
     widget.onGeneratorChanged()
     assert widget.ui.stepsSpinBox.specialValueText == "model default"
+
+
+def test_a_file_that_appears_in_the_output_folder_meanwhile_is_not_overwritten(
+    generate, corelib, scene, generator, tmp_path
+) -> None:
+    out = tmp_path / "pairs"
+    out.mkdir()
+    options = _options(generate, generator, count=2, outputFolder=str(out))
+    intruder = out / "pair_001_fixed.nii.gz"
+    before = len(_volume_nodes(scene))
+    result, outcome, _, _ = _run(generate, corelib, scene, options, tmp_path, duringRun=lambda: intruder.write_bytes(b"mine"))
+    assert result is None and outcome.state == "failed" and "already holds pair_001_fixed.nii.gz" in outcome.error
+    assert sorted(p.name for p in out.iterdir()) == ["pair_001_fixed.nii.gz"] and intruder.read_bytes() == b"mine"
+    assert len(_volume_nodes(scene)) == before
