@@ -38,6 +38,7 @@ _COMMAND_MODULES = (
     "diffusionreg.model_commands",
     "diffusionreg.batch.command",
     "diffusionreg.midline.commands",
+    "diffusionreg.synth.commands",
 )
 
 

@@ -418,6 +418,16 @@ def crop_or_pad(image: Image, start: Sequence[int], shape: Sequence[int], fill: 
     return Image(output, affine)
 
 
+def as_probability(array: np.ndarray) -> np.ndarray:
+    """A label map (integer values: > 0 is foreground) or a probability map (floats, clipped to
+    [0, 1]) as float32 foreground probability. Soft maps stay soft: ``> 0`` would make every
+    voxel of a decoded probability map foreground."""
+    a = np.asarray(array)
+    if np.issubdtype(a.dtype, np.integer) or np.array_equal(a, np.round(a)):
+        return (a > 0).astype(np.float32)
+    return np.clip(a, 0.0, 1.0).astype(np.float32)
+
+
 def require_same_grid(a: Image, b: Image, what_a: str, what_b: str, tolerance_mm: float = 1e-3) -> None:
     """Raise :class:`InputError` unless two images share one grid (e.g. an image and its labels)."""
     if not a.grid.same_as(b.grid, tolerance_mm):

@@ -47,4 +47,4 @@ EXIT_BAD_INPUT = 2  # one line on stderr names the problem; nothing written
 EXIT_CANCELLED = 130  # Ctrl-C or SIGTERM (the Slicer runner's Cancel)
 
 # --- registry --------------------------------------------------------------------------------
-TASKS = ("affine", "deformable", "midline")
+TASKS = ("affine", "deformable", "midline", "synth")

@@ -70,11 +70,11 @@ def modelsRegistryPath() -> Path:
 
 #: Backend modules that import only the standard library, so the Slicer side can use them
 #: before the backend's dependencies (torch, ...) are installed.
-TORCH_FREE_BACKEND_MODULES = ("registry", "vocabulary")
+TORCH_FREE_BACKEND_MODULES = ("registry", "vocabulary", "synth.manifest")
 
 
 def backendModule(name: str):
-    """A torch-free module of the backend package (``registry``, ``vocabulary``): the one the
+    """A torch-free module of the backend package (``registry``, ``vocabulary``, ``synth.manifest``): the one the
     worker will run, i.e. from :func:`backendRoot`, loaded from its file when the ``diffusionreg``
     package there is not importable (a source checkout added only as Slicer module paths)."""
     import importlib
@@ -83,14 +83,14 @@ def backendModule(name: str):
 
     if name not in TORCH_FREE_BACKEND_MODULES:
         raise ValueError(f"{name} is not one of the torch-free backend modules {TORCH_FREE_BACKEND_MODULES}")
-    source = backendRoot() / "diffusionreg" / f"{name}.py"
+    source = backendRoot() / "diffusionreg" / (name.replace(".", "/") + ".py")
     try:
         module = importlib.import_module(f"diffusionreg.{name}")
         if Path(module.__file__).resolve() == source.resolve():
             return module
     except ImportError:
         pass
-    key = f"_diffusionreg_bundled_{name}"
+    key = f"_diffusionreg_bundled_{name.replace('.', '_')}"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, source)
         module = importlib.util.module_from_spec(spec)

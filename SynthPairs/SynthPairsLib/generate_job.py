@@ -243,22 +243,10 @@ def outputFolderReason(folder: Path, indices: Sequence[int]) -> str:
 # --- manifests -------------------------------------------------------------------------------
 def mergeManifests(parts: Sequence[Mapping]) -> dict:
     """One manifest for the pairs of several backend runs of one generation (same model, seed and
-    sampling): the first run's header, every pair in index order, and the summary over them all,
-    with the backend's definitions (``diffusionreg.synth.generate.manifest``). One part is returned as is."""
-    if not parts:
-        raise ValueError("no finished run to merge")
-    if len(parts) == 1:
-        return dict(parts[0])
-    pairs = sorted((p for part in parts for p in part["pairs"]), key=lambda p: p["index"])
-    novelty = [max(p["novelty"]["nearest_dice_fixed"], p["novelty"]["nearest_dice_moving"]) for p in pairs]
-    summary = {
-        "pairs": len(pairs),
-        "memorised": int(sum(bool(p["novelty"]["memorised"]) for p in pairs)),
-        "nearest_dice_max": max(novelty),
-        "nearest_dice_mean": sum(novelty) / len(novelty),
-        "seconds_per_pair": sum(p["seconds"] for p in pairs) / len(pairs),
-    }
-    return {**parts[0], "summary": summary, "pairs": pairs}
+    sampling), with the backend's own definitions (``diffusionreg/synth/manifest.py``)."""
+    from DiffusionRegCoreLib.paths import backendModule
+
+    return backendModule("synth.manifest").merge(parts)
 
 
 # --- the result ------------------------------------------------------------------------------

@@ -85,6 +85,18 @@ def add_commands(commands, train_commands, common) -> None:
     t.add_argument(
         "--val-pairs", nargs="+", default=None, help="validation pairs (folders with case_XXX_landmarks_voxel.csv give TRE)"
     )
+    t.add_argument(
+        "--synthetic-pairs",
+        nargs="+",
+        default=None,
+        help="folders of generated pairs (diffusionreg synth: pair_NNN_fixed/_moving), mixed with --pairs",
+    )
+    t.add_argument(
+        "--synthetic-fraction",
+        type=float,
+        default=None,
+        help="share of training steps drawn from --synthetic-pairs (default: the config's, 0.5)",
+    )
     t.add_argument("--config", default="compact", help="preset name (compact, full, lung-icon, ...) or JSON")
     t.add_argument(
         "--modality",
@@ -102,9 +114,13 @@ def _run_train(args: argparse.Namespace, progress) -> int:
     from .config import get_config
     from .training import TrainOptions, train
 
-    cfg = with_overrides(get_config(args.config, args.method), seed=args.seed, lr=args.lr)
+    cfg = with_overrides(
+        get_config(args.config, args.method), seed=args.seed, lr=args.lr, synthetic_fraction=args.synthetic_fraction
+    )
     train(
-        TrainOptions(pairs=args.pairs, config=cfg, val_pairs=args.val_pairs, modality=args.modality),
+        TrainOptions(
+            pairs=args.pairs, config=cfg, val_pairs=args.val_pairs, modality=args.modality, synthetic_pairs=args.synthetic_pairs
+        ),
         RunOptions.from_args(args),
         progress,
     )

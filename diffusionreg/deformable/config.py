@@ -9,7 +9,7 @@ refinement). It is stored as ``config.json`` beside the weights.
 Presets (``get_config(name)``):
 
 * ``compact-sitreg``, ``compact-icon``: CPU sizes (a few hundred K parameters, 64-96^3 grids).
-* ``lung-icon``: the compact lung-vessel model (ICON, binary vessel maps, 3 mm grid).
+* ``lung-icon``: the compact lung-vessel model (ICON, vessel label or probability maps, 3.6 mm grid).
 * ``full-lumir``, ``full-oasis``, ``full-lung250m``: SITReg as the reference configs
   (LUMIR 2024: 6 levels 12..128 features, 12..256 head channels, GN 4, 160x224x192 at 1 mm,
   window 11, lr 4e-4; OASIS aligned: 4 levels, 8/40/40/40, 16/72/72/72, GN 2 none in heads;
@@ -33,7 +33,7 @@ from .field_refine import FieldRefineConfig
 from .quality import QUALITIES, QualityPreset
 
 METHODS = ("sitreg", "icon")
-NORMALISATIONS = ("binary", "minmax", "percentile", "clip", "none")
+NORMALISATIONS = ("binary", "probability", "minmax", "percentile", "clip", "none")
 
 
 @dataclass
@@ -154,6 +154,7 @@ class DeformableConfig:
     augment_affine_prob: float = 0.9
     augment_elastic_mm: float = 4.0  # std of a smooth random deformation (0 = off)
     augment_intensity: bool = True  # random gamma / scale (not for binary inputs)
+    synthetic_fraction: float = 0.5  # share of training pairs drawn from --synthetic-pairs when given
     # --- registration defaults -----------------------------------------------------------
     inference: DeformableInference = field(default_factory=DeformableInference)
 
@@ -186,6 +187,8 @@ class DeformableConfig:
                 raise InputError(f"grid_shape {self.grid_shape} must be divisible by {factor} for ICON")
         if self.spacing_mm <= 0:
             raise InputError("spacing_mm must be positive")
+        if not 0.0 <= self.synthetic_fraction <= 1.0:
+            raise InputError(f"synthetic_fraction must be within 0..1, got {self.synthetic_fraction}")
         self.inference.validate()
 
 
@@ -207,7 +210,7 @@ def _presets() -> dict[str, DeformableConfig]:
         method="icon",
         grid_shape=(80, 64, 80),
         spacing_mm=3.6,
-        normalisation="binary",
+        normalisation="probability",
         similarity="l1",
         regularisation_weight=0.5,
         icon=ICONConfig(exp_factor=2),

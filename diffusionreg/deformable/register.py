@@ -34,7 +34,16 @@ import torch.nn as nn
 
 from diffusionreg import fields, spaces
 from diffusionreg.errors import InputError, ParameterError
-from diffusionreg.image import Grid, Image, centred_grid, check_registrable, nearest_axis_direction, resample, resized_grid
+from diffusionreg.image import (
+    Grid,
+    Image,
+    as_probability,
+    centred_grid,
+    check_registrable,
+    nearest_axis_direction,
+    resample,
+    resized_grid,
+)
 from diffusionreg.spaces import apply_affine
 from diffusionreg.transforms import AffineTransform, DisplacementFieldTransform, compose
 
@@ -117,6 +126,8 @@ def normalise(array: np.ndarray, cfg: DeformableConfig) -> np.ndarray:
     mode = cfg.normalisation
     if mode == "binary":
         return (a > 0).astype(np.float32)
+    if mode == "probability":
+        return as_probability(a)
     a = a.astype(np.float32)
     if mode == "none":
         return a

@@ -69,10 +69,12 @@ def list_pairs(items: list[str]) -> list[tuple[Path, Path, Path | None]]:
             byname = {p.name: p for p in files}
             found = False
             for p in files:
-                m = re.match(r"(.*)_1(\.nii\.gz|\.nii|\.nrrd|\.mha)$", p.name)
-                if m and f"{m.group(1)}_2{m.group(2)}" in byname:
+                # case_XXX_1 / case_XXX_2 (Lung250M-4B) or pair_NNN_fixed / pair_NNN_moving (diffusionreg synth)
+                m = re.match(r"(.*)_(1|fixed)(\.nii\.gz|\.nii|\.nrrd|\.mha)$", p.name)
+                partner = m and f"{m.group(1)}_{'2' if m.group(2) == '1' else 'moving'}{m.group(3)}"
+                if m and partner in byname:
                     lm = path / f"{m.group(1)}_landmarks_voxel.csv"
-                    pairs.append((p, byname[f"{m.group(1)}_2{m.group(2)}"], lm if lm.exists() else None))
+                    pairs.append((p, byname[partner], lm if lm.exists() else None))
                     found = True
             if not found:
                 singles.extend(files)
@@ -195,6 +197,14 @@ class TrainOptions:
     config: DeformableConfig
     val_pairs: list[str] | None = None
     modality: str = "any"  # registry modality of the best model
+    synthetic_pairs: list[str] | None = None  # generated pairs, drawn with probability config.synthetic_fraction
+
+
+def _choose_source(real: list[LoadedPair], synthetic: list[LoadedPair], cfg: DeformableConfig, gen: torch.Generator):
+    """The pairs of this step: synthetic ones with probability ``synthetic_fraction`` (when any)."""
+    if synthetic and float(torch.rand((), generator=gen)) < cfg.synthetic_fraction:
+        return synthetic
+    return real
 
 
 def _batch(data: list[LoadedPair], cfg: DeformableConfig, gen: torch.Generator) -> list[torch.Tensor]:
@@ -222,6 +232,7 @@ def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None)
     cfg = opts.config
     rank, _ = rank_and_world()
     data = [load_pair(a, b, lm, cfg) for a, b, lm in list_pairs(opts.pairs)]
+    synthetic = [load_pair(a, b, None, cfg) for a, b, _ in list_pairs(opts.synthetic_pairs)] if opts.synthetic_pairs else []
     val_list = list_pairs(opts.val_pairs) if opts.val_pairs else []
     val = [load_pair(a, b, lm, cfg) for a, b, lm in val_list] if rank == 0 else []
 
@@ -236,13 +247,15 @@ def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None)
         modality=opts.modality,
         optimizer=torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999)),
         train_module=_LossModule(net, cfg),
-        step=lambda module, gen: module(*_batch(data, cfg, gen)),
+        step=lambda module, gen: module(*_batch(_choose_source(data, synthetic, cfg, gen), cfg, gen)),
         validate=(lambda model: validate(model, cfg, val)) if opts.val_pairs else None,
         score=lambda m: m.get("val_tre_mm", m["val_l1"]),
         description=(
-            f"{cfg.method}, config {cfg.name}: {len(data)} pairs, {len(val_list)} validation pairs, {n_params} parameters"
+            f"{cfg.method}, config {cfg.name}: {len(data)} pairs"
+            + (f" + {len(synthetic)} synthetic pairs (drawn with probability {cfg.synthetic_fraction})" if synthetic else "")
+            + f", {len(val_list)} validation pairs, {n_params} parameters"
         ),
-        data=list(opts.pairs),
+        data=list(opts.pairs) + list(opts.synthetic_pairs or []),
         val_data=list(opts.val_pairs or []),
         weights_metadata={"method": cfg.method},
     )

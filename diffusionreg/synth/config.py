@@ -9,7 +9,7 @@ Two presets:
 
 * ``compact``: a CPU size. The frame is 96x80x96 voxels at 3 mm (288x240x288 mm, the whole lung
   field of every Lung250M-4B case), three stride-2 stages (8x) give 12x10x12 = 1,440 tokens; MONAI
-  VQ-VAE widths 16/32/64, 256 codes of dimension 32; transformer width 128, 6 layers. Its voxels
+  VQ-VAE widths 16/32/64, 256 codes of dimension 32; transformer width 64, 4 layers. Its voxels
   are finer than the compact registration network's grid (3.6 mm), which is what it feeds.
 * ``full``: the paper's sizes: 256x208x256 at 1 mm, four stride-2 stages (16x) -> 16x13x16 =
   3,328 tokens, 1,024 codes of dimension 384, transformer width 512, 12 layers, 16 heads, FFN 1,024.
@@ -39,7 +39,7 @@ class FrameConfig:
     shape: tuple[int, int, int] = (96, 80, 96)
     spacing_mm: float = 3.0
     offset_voxels: tuple[int, int, int] = (0, 3, 0)
-    max_extent_voxels: tuple[int, int, int] = (0, 0, 0)  # >0: truncate an axis first (the reference's case 035)
+    max_extent_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # > 0: frame only the first mm of an axis
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,12 @@ class VQAEConfig:
 class PriorConfig:
     """The absorbing-diffusion transformer over the flattened token grid (spec 1.5)."""
 
-    width: int = 128
-    depth: int = 6
+    width: int = 64
+    depth: int = 4
     heads: int = 4
-    ffn: int = 512
-    dropout: float = 0.1
+    ffn: int = 256
+    dropout: float = 0.1  # residual and feed-forward paths (PyTorch's default, as the reference)
+    attention_dropout: float = 0.0  # on the attention weights (samb-t: 0; see prior.py)
     norm_first: bool = True  # pre-LayerNorm (the issue asks for it; the reference is post-LN)
     diffusion_steps: int = 256  # T of the masking process
     batch_size: int = 8
@@ -99,6 +100,10 @@ class SynthConfig:
     vqae: VQAEConfig = field(default_factory=VQAEConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # written by training beside the weights:
+    stage: str = "untrained"  # "vqae" (a VQ-AE alone) or "generator" (VQ-AE + prior)
+    canonical_affine: tuple[tuple[float, ...], ...] = ()  # frame voxel -> LPS mm of generated volumes
+    training_figures: dict[str, float] = field(default_factory=dict)  # realism reference of the training pairs
 
     @property
     def token_grid(self) -> tuple[int, int, int]:
@@ -144,7 +149,7 @@ def compact() -> SynthConfig:
 def full() -> SynthConfig:
     return SynthConfig(
         name="full",
-        frame=FrameConfig(shape=(256, 208, 256), spacing_mm=1.0, offset_voxels=(0, 8, 0), max_extent_voxels=(0, 0, 280)),
+        frame=FrameConfig(shape=(256, 208, 256), spacing_mm=1.0, offset_voxels=(0, 8, 0), max_extent_mm=(0.0, 0.0, 280.0)),
         vqae=VQAEConfig(
             channels=(48, 64, 128, 256),
             num_res_channels=(48, 64, 128, 256),
@@ -155,7 +160,9 @@ def full() -> SynthConfig:
             batch_size=8,
             lr=5e-4,
         ),
-        prior=PriorConfig(width=512, depth=12, heads=16, ffn=1024, batch_size=8, lr=1e-4, warmup_steps=500),
+        prior=PriorConfig(
+            width=512, depth=12, heads=16, ffn=1024, attention_dropout=0.1, batch_size=8, lr=1e-4, warmup_steps=500
+        ),
     )
 
 

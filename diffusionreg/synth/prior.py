@@ -45,6 +45,10 @@ class AbsorbingTransformer(nn.Module):
             batch_first=True,
             norm_first=prior.norm_first,
         )
+        # PyTorch applies the layer's dropout to the attention weights too. On the CPU that (N x N per
+        # head) dropout costs ten times the rest of a training step, and samb-t's transformer uses none:
+        # dropout stays on the residual and feed-forward paths only.
+        layer.self_attn.dropout = prior.attention_dropout
         # Nested tensors only help with padding masks, which a fixed grid never has.
         self.encoder = nn.TransformerEncoder(layer, prior.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(prior.width)
