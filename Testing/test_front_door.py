@@ -21,7 +21,7 @@ SAMPLE = ROOT / "Resources" / "Sample"
 FIXED, MOVING = SAMPLE / "sample_fixed.nii.gz", SAMPLE / "sample_moving.nii.gz"
 
 REGISTRATION_OPTIONS = {
-    "affine": ("steps", "bidirectional", "initialize", "refine_iterations"),
+    "affine": ("steps", "bidirectional", "initialize", "refine_iterations", "pose_search"),
     "deformable": ("instance_optimization", "refine_iterations", "quality"),
 }
 

@@ -11,6 +11,15 @@ failure = error > 2 mm. Every method runs with the same thread count.
 
     .venv/bin/python bench/affine.py --threads 1 [--methods ours,ants,sitk] [--synthetic 10]
 
+Pose sweep (issue 16, ``--pose-sweep``): each subject of ``--pose-subjects`` moved by a rotation of
+each angle of ``--pose-angles`` about an oblique axis (one random axis per subject and angle),
+a 10-30 mm translation and a per-axis scale of 0.9-1.1, with the same bias field, noise and
+field-of-view cut as the synthetic cases; error and failure as above. Written to
+bench/out/affine_pose.md (and the per-case JSON beside it).
+
+    .venv/bin/python bench/affine.py --threads 1 --real none --synthetic 0 --pose-sweep \
+        --methods ours-default,ants,sitk
+
 Writes bench/out/affine.md, bench/out/affine.json and bench/out/affine_overlay.png.
 Results of each method are cached in bench/out/affine_<method>.json; ``--reuse`` keeps the
 cached results of methods not listed in --methods.
@@ -167,6 +176,36 @@ def synthetic_cases(n: int, seed: int, image):
     return cases
 
 
+def pose_cases(subjects: dict, angles, seed: int):
+    """One known affine per subject and angle: rotation by the angle about a random oblique axis
+    (no component under 0.2 of its length, so never near a coordinate axis), a 10-30 mm translation
+    in a random direction and a per-axis scale of 0.9-1.1."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for name, image in subjects.items():
+        for angle in angles:
+            axis = rng.normal(size=3)
+            while np.min(np.abs(axis)) < 0.2 * np.linalg.norm(axis):
+                axis = rng.normal(size=3)
+            scale = rng.uniform(0.9, 1.1, size=3)
+            d = rng.normal(size=3)
+            trans = d / np.linalg.norm(d) * rng.uniform(10, 30)
+            truth = centred_affine(image.grid.centre_world(), rotation_about_axis(axis, angle) @ np.diag(scale), trans)
+            cases.append(
+                {
+                    "name": f"{name} {angle:.0f} deg",
+                    "subject": name,
+                    "truth": truth,
+                    "angle": float(angle),
+                    "axis": (axis / np.linalg.norm(axis)).tolist(),
+                    "scale": scale.tolist(),
+                    "translation_mm": float(np.linalg.norm(trans)),
+                    "seed": int(rng.integers(1 << 30)),
+                }
+            )
+    return cases
+
+
 def synthetic_moving(image, truth, seed):
     """moving(truth(x)) = image(x) on a fresh 1 mm grid, with a smooth bias field (+-20 %),
     Gaussian noise (2 % of the max) and a 0-15 mm cut of the field of view on one side."""
@@ -204,25 +243,38 @@ def mean_error_mm(est, truth, image) -> float:
 
 # --- methods ---------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, bidirectional=False, model=None, refine=False):
+    def __init__(self, bidirectional=False, model=None, refine=False, pose_search=False):
         from diffusionreg.affine.register import load_model
 
         self.model = load_model(model, "mri")
         self.bidirectional = bidirectional
-        # refine=True: the model's default (diffusion, then the test-time mutual-information refinement);
-        # False: the published method alone.
+        # refine=True: the model's refinement (diffusion, then the test-time mutual-information refinement);
+        # False: the published method alone. pose_search: True/False, or None for the model's default.
         self.refine_iterations = None if refine else 0
+        self.pose_search = pose_search
+        self.last_extra = {}
 
     def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:
         from diffusionreg.affine.register import register_affine
 
         start, cpu0 = time.perf_counter(), time.process_time()
-        mat = register_affine(
-            fixed, moving, self.model, bidirectional=self.bidirectional, refine_iterations=self.refine_iterations
-        ).transform.matrix
+        result = register_affine(
+            fixed,
+            moving,
+            self.model,
+            bidirectional=self.bidirectional,
+            refine_iterations=self.refine_iterations,
+            pose_search=self.pose_search,
+        )
         self.last_seconds = time.perf_counter() - start
         self.last_cpu = time.process_time() - cpu0
-        return mat
+        self.last_extra = {
+            "similarity_nmi": result.similarity,
+            "doubtful": result.doubtful,
+            "starts": len(result.starts),
+            "search_seconds": result.search_seconds,
+        }
+        return result.transform.matrix
 
 
 class Ants:
@@ -292,8 +344,10 @@ def _timed(method, fixed, moving, tmp):
     return mat, wall, getattr(method, "last_cpu", wall)
 
 
-def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log, partial: Path | None = None) -> dict:
-    rows = {"real": [], "synthetic": []}
+def run_method(
+    name, method, subj, real, synth, synth_image, tmp: Path, log, partial: Path | None = None, pose=(), pose_images=None
+) -> dict:
+    rows = {"real": [], "synthetic": [], "pose": []}
 
     def save():
         if partial is not None:
@@ -339,6 +393,27 @@ def run_method(name, method, subj, real, synth, synth_image, tmp: Path, log, par
             f"{name:12s} {case['name']:32s} error {err:6.2f} mm {sec:6.1f} s (cpu {cpu:.1f} s) "
             f"(rot {case['angle']:.0f} deg, |t| {case['translation_mm']:.0f} mm)"
         )
+        save()
+    for case in pose:
+        image = pose_images[case["subject"]]
+        mat, sec, cpu = _timed(method, image, case["moving"], tmp)
+        err = mean_error_mm(mat, case["truth"], image)
+        extra = dict(getattr(method, "last_extra", {}) or {})
+        rows["pose"].append(
+            {
+                "case": case["name"],
+                "subject": case["subject"],
+                "angle": case["angle"],
+                "error_mm": err,
+                "seconds": sec,
+                "cpu_seconds": cpu,
+                "translation_mm": case["translation_mm"],
+                "scale": case["scale"],
+                **extra,
+            }
+        )
+        note = "".join(f" {k} {v:.3f}" if isinstance(v, float) else f" {k} {v}" for k, v in extra.items())
+        log(f"{name:12s} pose {case['name']:26s} error {err:7.2f} mm {sec:6.1f} s (cpu {cpu:.1f} s){note}")
         save()
     return rows
 
@@ -446,6 +521,62 @@ def write_markdown(summaries, cases, args, path: Path, partial_methods=()):
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_pose_markdown(all_rows: dict, labels: dict, order, args, path: Path) -> None:
+    """Pose sweep tables: per angle, each method's mean error and successes; then timings."""
+    methods = [m for m in order if all_rows.get(m, {}).get("pose")]
+    angles = sorted({r["angle"] for m in methods for r in all_rows[m]["pose"]})
+    lines = [
+        "## Pose sweep: any starting rotation (issue 16)",
+        "",
+        f"Command: `nice -n 10 .venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` ({args.threads} thread(s) for "
+        "every method; CPU). Each subject moved by a rotation of the given angle about a random oblique axis, "
+        "a 10-30 mm translation and a per-axis scale of 0.9-1.1, with a bias field, noise and a field-of-view cut; "
+        "error = mean displacement error over brain voxels, success = error < 2 mm.",
+        "",
+        "| start rotation | " + " | ".join(labels[m] for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for angle in angles:
+        cells = []
+        for m in methods:
+            rows = [r for r in all_rows[m]["pose"] if r["angle"] == angle]
+            ok = sum(r["error_mm"] < 2.0 for r in rows)
+            errors = ", ".join(f"{r['error_mm']:.2f}" for r in rows)
+            cells.append(f"{ok}/{len(rows)} ({errors} mm)")
+        lines.append(f"| {angle:.0f}° | " + " | ".join(cells) + " |")
+    total = []
+    for m in methods:
+        rows = all_rows[m]["pose"]
+        total.append(f"**{sum(r['error_mm'] < 2.0 for r in rows)}/{len(rows)}**")
+    lines.append("| **success** | " + " | ".join(total) + " |")
+    lines.append(
+        "| mean wall / CPU s per pair | "
+        + " | ".join(
+            f"{np.mean([r['seconds'] for r in all_rows[m]['pose']]):.1f} / "
+            f"{np.mean([r['cpu_seconds'] for r in all_rows[m]['pose']]):.1f}"
+            for m in methods
+        )
+        + " |"
+    )
+    for m in methods:
+        rows = all_rows[m]["pose"]
+        if rows and "similarity_nmi" in rows[0]:
+            lines += [
+                "",
+                f"{labels[m]}, per case (similarity = final normalised mutual information; starts = "
+                "pose-search starts run through the diffusion; search = wall seconds of the pose search):",
+                "",
+                "| case | error (mm) | similarity | doubtful | starts | search (s) | wall / CPU (s) |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in rows:
+                lines.append(
+                    f"| {r['case']} | {r['error_mm']:.2f} | {r['similarity_nmi']:.3f} | {r['doubtful']} | "
+                    f"{r['starts']} | {r['search_seconds']:.1f} | {r['seconds']:.1f} / {r['cpu_seconds']:.1f} |"
+                )
+    path.write_text("\n".join(lines) + "\n")
+
+
 def overlay(subj, case, results, path: Path):
     import matplotlib
 
@@ -487,6 +618,9 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true", help="reuse cached results of other methods")
     p.add_argument("--real", default="all", help="'all' or 'none'")
+    p.add_argument("--pose-sweep", action="store_true", help="run the pose sweep (issue 16)")
+    p.add_argument("--pose-angles", default="0,45,90,135,180", help="start rotations of the pose sweep (deg)")
+    p.add_argument("--pose-subjects", default="oasisB,oasisA", help="subjects of the pose sweep (oasisB is held out)")
     p.add_argument(
         "--import-log",
         nargs=2,
@@ -514,11 +648,22 @@ def main():
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     for case in synth if wanted else []:  # generated once, shared by every method
         case["moving"] = synthetic_moving(b_img, case["truth"], case["seed"])
+    pose, pose_images = [], {}
+    if args.pose_sweep:
+        files = {"oasisB": "oasis_B_norm.nii.gz", "oasisA": "oasis_A_norm.nii.gz"}
+        for name in args.pose_subjects.split(","):
+            image = read_image(args.data / "brain" / files[name], dtype=np.float32)
+            pose_images[name] = crop_or_pad(image, (40, 30, 30), (176, 190, 200))
+        angles = [float(a) for a in args.pose_angles.split(",")]
+        pose = pose_cases(pose_images, angles, args.seed)
+        for case in pose:
+            case["moving"] = synthetic_moving(pose_images[case["subject"]], case["truth"], case["seed"])
     factories = {
         "none": lambda: None,
         "ours": lambda: Ours(False, args.model),
         "ours-bidir": lambda: Ours(True, args.model),
         "ours-refine": lambda: Ours(False, args.model, refine=True),
+        "ours-default": lambda: Ours(False, args.model, refine=True, pose_search=None),
         "ants": Ants,
         "sitk": Sitk,
     }
@@ -526,17 +671,30 @@ def main():
         "none": "identity (no registration)",
         "ours": "spatial diffusion",
         "ours-bidir": "spatial diffusion (bidir)",
-        "ours-refine": "spatial diffusion + refinement (default)",
+        "ours-refine": "spatial diffusion + refinement (no pose search)",
+        "ours-default": "pose search + spatial diffusion + refinement (default)",
         "ants": "ANTs affine",
         "sitk": "SimpleITK MI",
     }
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    order = ["none", "ours", "ours-bidir", "ours-refine", "ants", "sitk"]
+    order = ["none", "ours", "ours-bidir", "ours-refine", "ours-default", "ants", "sitk"]
     all_rows = {}
     with tempfile.TemporaryDirectory() as tmpd:
         for m in wanted:
             method = factories[m]()
-            rows = run_method(labels[m], method, subj, real, synth, b_img, Path(tmpd), print, OUT / f"affine_{m}.partial.json")
+            rows = run_method(
+                labels[m],
+                method,
+                subj,
+                real,
+                synth,
+                b_img,
+                Path(tmpd),
+                print,
+                OUT / f"affine_{m}.partial.json",
+                pose,
+                pose_images,
+            )
             (OUT / f"affine_{m}.json").write_text(json.dumps(rows, indent=1))
             all_rows[m] = rows
     for m, log in args.import_log or []:
@@ -551,6 +709,11 @@ def main():
             elif (OUT / f"affine_{m}.partial.json").exists():  # an interrupted run
                 all_rows[m] = json.loads((OUT / f"affine_{m}.partial.json").read_text())
                 partial_methods.append(labels[m])
+    if args.pose_sweep:
+        write_pose_markdown(all_rows, labels, order, args, OUT / "affine_pose.md")
+        print((OUT / "affine_pose.md").read_text())
+        if not real and not synth:
+            return
     summaries = [summarise(labels[m], all_rows[m]) for m in order if m in all_rows]
     (OUT / "affine.json").write_text(json.dumps({"summaries": summaries, "rows": all_rows}, indent=1))
     write_markdown(summaries, real, args, OUT / "affine.md", partial_methods)

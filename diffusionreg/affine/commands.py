@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from diffusionreg.errors import InputError
@@ -68,6 +69,16 @@ def add_commands(commands, train_commands, common) -> None:
         help=(
             "Adam steps per level of the test-time mutual-information refinement after the "
             "diffusion; 0 runs the published method alone (default: from the model config)"
+        ),
+    )
+    p.add_argument(
+        "--pose-search",
+        choices=("on", "off"),
+        default=None,
+        help=(
+            "any-pose start: score rotations covering all orientations at low resolution and run the "
+            "diffusion from the best; off with --refine-iterations 0 is the published method "
+            "(default: from the model config)"
         ),
     )
     add_report_options(p)
@@ -170,7 +181,10 @@ def finish_affine(args: argparse.Namespace, outputs, inputs: PairInputs, model, 
         initialize=args.initialize,
         progress=progress,
         refine_iterations=args.refine_iterations,
+        pose_search=None if args.pose_search is None else args.pose_search == "on",
     )
+    if result.doubtful:  # a warning, not an error: the outputs are still written
+        print(f"warning: result doubtful: {result.doubt}", file=sys.stderr)
     write_transform(result.transform, outputs.temporary("--output-transform"))
     if outputs.wants("--output-volume"):
         with progress.stage("resample", total=1) as stage:

@@ -53,6 +53,53 @@ class RefineConfig:
 
 
 @dataclass(frozen=True)
+class PoseSearchConfig:
+    """Any-pose start (:mod:`diffusionreg.affine.pose_search`): candidate rotations scored by
+    normalised mutual information at low resolution, the best polished, ``keep`` of them run
+    through the diffusion and refinement. Absent from a config: off (older models as before)."""
+
+    enabled: bool = False
+    candidates: str = "cube-corners"  # 'cube' (24 rotations) or 'cube-corners' (24 x 9 = 216)
+    corner_offset_deg: float = 35.0  # 'cube-corners': angle of the 8 offsets towards the corners
+    spacing_mm: float = 8.0  # grid of the candidate scoring
+    polish: int = 6  # best candidates polished by the pattern search (3 missed 1 of 20 bench poses)
+    polish_spacing_mm: float = 6.0  # grid of the pattern search
+    rotation_step_deg: float = 16.0  # first pattern-search steps, halved when nothing improves
+    translation_step_mm: float = 8.0
+    min_rotation_step_deg: float = 3.0  # stop below this step (the diffusion and refinement do the rest)
+    max_search_rounds: int = 40  # pattern-search rounds per start (12 poses scored per round)
+    keep: int = 2  # distinct polished starts that go on to the diffusion and refinement
+    distinct_deg: float = 20.0  # two starts closer than this are one
+    # A start after the first runs only when its search score is within this of the best's (or the
+    # results so far are doubtful): near-ties are settled by the full registration, clear losers skipped.
+    runner_up_margin: float = 0.05
+    histogram_bins: int = 24
+    max_field_of_view_mm: float = 320.0  # cube side around the fixed centre: the fixed extent, capped
+
+    def validate(self) -> None:
+        if self.candidates not in ("cube", "cube-corners"):
+            raise InputError(f"inference.pose_search.candidates {self.candidates!r}: use cube or cube-corners")
+        if self.keep < 1 or self.polish < self.keep:
+            raise InputError("inference.pose_search needs keep >= 1 and polish >= keep")
+        if min(self.spacing_mm, self.polish_spacing_mm, self.min_rotation_step_deg) <= 0 or self.histogram_bins < 2:
+            raise InputError("inference.pose_search spacings and steps must be > 0 and histogram_bins >= 2")
+
+
+@dataclass(frozen=True)
+class SimilarityCheck:
+    """The final similarity of a registration and when to call it doubtful.
+
+    Normalised mutual information (2 I / (H_f + H_m)) of the fixed image and the moving image
+    through the result on a ``spacing_mm`` grid; below ``doubtful_below`` the command warns and
+    the JSON report says ``"doubtful": true`` (None: never). Also ranks the pose-search starts."""
+
+    spacing_mm: float = 4.0
+    histogram_bins: int = 24
+    doubtful_below: float | None = None
+    max_field_of_view_mm: float = 320.0
+
+
+@dataclass(frozen=True)
 class AffineInference:
     """Registration defaults of a model: what ``register_affine``, ``diffusionreg affine`` and the
     Slicer panel use when not told otherwise (stored in the model's ``config.json``)."""
@@ -63,8 +110,13 @@ class AffineInference:
     # Test-time refinement after the diffusion (no levels: the published method alone). On by
     # default: it took the benchmark from 10/10 synthetic failures to 0/10 (bench/results/affine.md).
     refine: RefineConfig = field(default_factory=RefineConfig)
+    pose_search: PoseSearchConfig = field(default_factory=PoseSearchConfig)
+    similarity: SimilarityCheck = field(default_factory=SimilarityCheck)
 
     def validate(self) -> None:
+        self.pose_search.validate()
+        if self.similarity.spacing_mm <= 0 or self.similarity.histogram_bins < 2:
+            raise InputError("inference.similarity needs spacing_mm > 0 and histogram_bins >= 2")
         if self.steps is not None and self.steps < 1:
             raise InputError(f"inference.steps must be >= 1 or null, got {self.steps}")
         if self.initialize not in INITIALIZATIONS:

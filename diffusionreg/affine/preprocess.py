@@ -37,6 +37,30 @@ def intensity_window(array: np.ndarray, percentile: float) -> tuple[float, float
     return lo, hi
 
 
+#: Modalities whose network input goes through the Gabor filter bank (gabor.py), in training and
+#: at inference alike; every other modality is not filtered.
+GABOR_MODALITIES = ("oct", "octa")
+
+
+def network_filter(modality: str | None) -> str:
+    """The network's input filter for ``modality``: its name for OCT/OCTA, else 'none'."""
+    return modality if modality in GABOR_MODALITIES else "none"
+
+
+def network_window(array: np.ndarray, cfg: AffineConfig, modality: str | None) -> tuple[float, float]:
+    """Intensity window mapped to [-1, 1] for ``modality``, the same in training and inference.
+
+    OCT/OCTA: the finite minimum and maximum. The Gabor thresholds (gabor.py) are defined on
+    min-max-normalised volumes; clipping at a percentile would stretch the intensities and so
+    shift every threshold. Other modalities: (min, ``cfg.intensity_percentile``-th percentile).
+    """
+    if modality in GABOR_MODALITIES:
+        finite = np.asarray(array)[np.isfinite(array)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        return (lo, hi) if hi > lo else (lo, lo + 1.0)
+    return intensity_window(np.asarray(array), cfg.intensity_percentile)
+
+
 def normalise(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Map [lo, hi] to [-1, 1] (clipped), float32."""
     lo, hi = window
@@ -71,9 +95,14 @@ def foreground_centroid(image: Image, window: tuple[float, float] | None = None)
     return image.affine[:3, :3] @ c + image.affine[:3, 3]
 
 
-def network_grid(cfg: AffineConfig, centre_world, size: int | None = None, spacing: float | None = None) -> Grid:
-    """Cubic identity-direction grid of the network centred at ``centre_world`` (LPS)."""
-    return centred_grid((size or cfg.grid_size,) * 3, spacing or cfg.spacing_mm, np.asarray(centre_world, dtype=np.float64))
+def network_grid(
+    cfg: AffineConfig, centre_world, size: int | None = None, spacing: float | None = None, direction: np.ndarray | None = None
+) -> Grid:
+    """Cubic grid of the network centred at ``centre_world`` (LPS); identity direction unless
+    ``direction`` (3x3 rotation, columns = LPS axes) turns it (a pose-search start)."""
+    return centred_grid(
+        (size or cfg.grid_size,) * 3, spacing or cfg.spacing_mm, np.asarray(centre_world, dtype=np.float64), direction
+    )
 
 
 def to_network(image: Image, grid: Grid, cfg: AffineConfig, window: tuple[float, float] | None = None) -> NetworkInput:

@@ -37,7 +37,8 @@ class RefineResult:
     history: list[float] = field(default_factory=list)
 
 
-def _normalised(image: Image) -> Image:
+def unit_intensities(image: Image) -> Image:
+    """The image with its 0.5-99.5 percentile range mapped to [0, 1] (clipped), float32."""
     array = image.array.astype(np.float32)
     low, high = np.percentile(array[::2, ::2, ::2], [0.5, 99.5])
     return image.with_array(np.clip((array - low) / max(high - low, 1e-6), 0.0, 1.0))
@@ -87,7 +88,7 @@ def refine_affine(
     """
     device = torch.device(device)
     dtype = torch.float32
-    fixed_n, moving_n = _normalised(fixed), _normalised(moving)
+    fixed_n, moving_n = unit_intensities(fixed), unit_intensities(moving)
     pivot = np.asarray(centre_world, dtype=np.float64)
     # Correction parameters: C(x) = pivot + (I + L)(x - pivot) + t, L and t in scaled units.
     linear = torch.zeros(3, 3, dtype=torch.float64, device=device, requires_grad=True)

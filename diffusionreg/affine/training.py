@@ -33,7 +33,7 @@ from diffusionreg.training.options import RunOptions
 from .artifacts import apply_artifacts
 from .config import AffineConfig
 from .network import AffineDiffusionNet, count_parameters
-from .preprocess import foreground_centroid, network_grid, to_network
+from .preprocess import foreground_centroid, network_filter, network_grid, network_window, to_network
 from .reverse import reverse_process
 from .sampling import (
     euler_rotation,
@@ -67,14 +67,22 @@ def list_volumes(paths) -> list[Path]:
     return out
 
 
-def load_subject(path: Path, cfg: AffineConfig) -> torch.Tensor:
+def load_subject(path: Path, cfg: AffineConfig, modality: str = "mri") -> torch.Tensor:
     """(1, 2S, 2S, 2S) tensor in [-1, 1] at half the network spacing (same field of view as
     the network grid), centred on the intensity centroid, canonical LPS orientation.
-    Anti-aliased for the network spacing."""
+    Anti-aliased for the network spacing; intensity window as at inference (``network_window``)."""
     image = read_image(path, what="training volume", dtype=np.float32)
-    centre = foreground_centroid(image)
+    window = network_window(image.array, cfg, modality)
+    centre = foreground_centroid(image, window)
     grid = network_grid(cfg, centre, size=2 * cfg.grid_size, spacing=cfg.spacing_mm / 2)
-    return torch.from_numpy(to_network(image, grid, cfg).array)[None]
+    return torch.from_numpy(to_network(image, grid, cfg, window).array)[None]
+
+
+def batch_loss(model: torch.nn.Module, batch, cfg: AffineConfig, modality: str) -> torch.Tensor:
+    """Training loss of a :func:`make_batch` batch: the network sees its input through the same
+    filter as at inference (the Gabor bank for OCT/OCTA, ``network_filter``)."""
+    x, t, cls, target, _ = batch
+    return frobenius_loss(model(x, t, cls if cfg.n_classes > 1 else None, network_filter(modality)), target)
 
 
 def _global_theta(cfg: AffineConfig, gen: torch.Generator) -> torch.Tensor:
@@ -133,13 +141,22 @@ def make_batch(
 
 # --- validation ------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4, steps: int | None = None, seed: int = 1234) -> dict:
+def validate(
+    net,
+    subjects,
+    cfg,
+    sched,
+    n_loss: int = 8,
+    n_recover: int = 4,
+    steps: int | None = None,
+    seed: int = 1234,
+    modality: str = "mri",
+) -> dict:
     """Single-step loss at random t and recovery error (mm) of random known affines
     (magnitude up to 1.2 Sigma(T)) by the reverse process, on held-back volumes."""
     gen = torch.Generator().manual_seed(seed)
     net.eval()
-    x, t, cls, target, _ = make_batch(subjects, cfg, sched, gen, batch_size=n_loss)
-    loss = float(frobenius_loss(net(x, t, cls), target))
+    loss = float(batch_loss(net, make_batch(subjects, cfg, sched, gen, modality, batch_size=n_loss), cfg, modality))
     s = cfg.grid_size
     errs = []
     half_mm = s * cfg.spacing_mm / 2  # normalised unit in mm (cubic grid)
@@ -148,7 +165,7 @@ def validate(net, subjects, cfg, sched, n_loss: int = 8, n_recover: int = 4, ste
         base = F.interpolate(vol[None], size=(s, s, s), mode="trilinear", align_corners=False)
         mat = sample_uniform_affine(1, sched, (s, s, s), generator=gen)
         moving = warp(base, mat)
-        comp, _ = reverse_process(net, base, moving, sched, steps)
+        comp, _ = reverse_process(net, base, moving, sched, steps, preprocess=network_filter(modality))
         truth = torch.linalg.inv(mat)
         # displacement error over brain voxels of the fixed grid
         pts = coordinates(torch_space((s, s, s)), dtype=torch.float64).movedim(1, -1)
@@ -198,16 +215,15 @@ def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None)
     files = [f for f in files if f.resolve() not in val_set]
     if not files:
         raise InputError("every training volume is also a validation volume")
-    subjects = [load_subject(f, cfg) for f in files]
-    val_subjects = [load_subject(f, cfg) for f in val_files] or subjects[:1]
+    subjects = [load_subject(f, cfg, opts.modality) for f in files]
+    val_subjects = [load_subject(f, cfg, opts.modality) for f in val_files] or subjects[:1]
     sched = Schedule.from_config(cfg)
 
     torch.manual_seed(cfg.seed)
     net = AffineDiffusionNet(cfg)
 
     def step(model: torch.nn.Module, gen: torch.Generator):
-        x, t, cls, target, _ = make_batch(subjects, cfg, sched, gen, opts.modality)
-        return frobenius_loss(model(x, t, cls if cfg.n_classes > 1 else None), target), {}
+        return batch_loss(model, make_batch(subjects, cfg, sched, gen, opts.modality), cfg, opts.modality), {}
 
     task = TrainingTask(
         name="affine",
@@ -220,7 +236,7 @@ def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None)
         lr_factor=lambda s: warmup_cosine(s, cfg.warmup_steps, run.steps),
         ema=EMA(net, cfg.ema_beta, cfg.ema_power, cfg.ema_start),
         clip_grad_norm=CLIP_GRAD_NORM,
-        validate=lambda model: validate(model, val_subjects, cfg, sched, n_recover=opts.val_recover),
+        validate=lambda model: validate(model, val_subjects, cfg, sched, n_recover=opts.val_recover, modality=opts.modality),
         score=lambda m: m["recovery_mm_mean"],
         description=(
             f"{len(files)} volumes ({', '.join(f.name for f in files)}); validation: "
