@@ -180,8 +180,23 @@ def test_good_registration_is_not_doubtful_in_the_report(brain, tmp_path, cli):
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["doubtful"] is False and "doubt_reason" not in data and data["similarity_nmi"] > 0.6
-    off = cli("affine", *common, "--pose-search", "off", "--output-transform", str(tmp_path / "o.h5"))
+    off = cli(
+        "affine",
+        *common,
+        "--pose-search",
+        "off",
+        "--output-transform",
+        str(tmp_path / "o.h5"),
+        "--output-json",
+        str(tmp_path / "o.json"),
+    )
     assert off.returncode == 0 and "warning: result doubtful" in off.stderr, "90 deg without the search fails, and says so"
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads((tmp_path / "o.json").read_text(), parse_constant=refuse)  # strict JSON: no NaN
+    assert report["doubtful"] is True and report["starts"][0]["search_score"] is None
 
 
 def test_pose_search_settings_are_strict():

@@ -191,7 +191,8 @@ def register_affine(
         keep_better = similarity if search else None
         result = _register_from(fixed, moving, pose, c_fix, c_mov, initialize, (w_fix, w_mov), keep_better=keep_better, **run)
         result.similarity = float(similarity(result.transform.matrix[None])[0])
-        tried.append({"search_score": pose.score, "similarity": result.similarity, "rotation": pose.rotation.tolist()})
+        searched = pose.score if np.isfinite(pose.score) else None  # None: no search (JSON has no NaN)
+        tried.append({"search_score": searched, "similarity": result.similarity, "rotation": pose.rotation.tolist()})
         if check.doubtful_below is not None and result.similarity < check.doubtful_below:
             result.doubt = (
                 f"normalised mutual information after registration {result.similarity:.3f} is below "
