@@ -179,7 +179,9 @@ class AffineConfig:
     ema_start: int = 100
     seed: int = 42
     # --- preprocessing ------------------------------------------------------------
-    intensity_percentile: float = 99.8  # upper clip before min-max to [-1, 1]
+    intensity_percentile: float = 99.8  # upper clip before min-max to [-1, 1] (OCT/OCTA: none)
+    clahe_kernel_mm: float = 32.0  # venous MRI: CLAHE tile side (spec: 32 voxels at about 1 mm)
+    clahe_clip: float = 0.05  # venous MRI: CLAHE clip limit, fraction of a tile's voxels per bin
     # --- registration defaults ------------------------------------------------------
     inference: AffineInference = field(default_factory=AffineInference)
 

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from diffusionreg.image import Grid, Image, centred_grid, resample
 
+from .clahe import clahe
 from .config import AffineConfig
 
 
@@ -40,6 +41,9 @@ def intensity_window(array: np.ndarray, percentile: float) -> tuple[float, float
 #: Modalities whose network input goes through the Gabor filter bank (gabor.py), in training and
 #: at inference alike; every other modality is not filtered.
 GABOR_MODALITIES = ("oct", "octa")
+#: Modalities whose volumes are contrast-equalised (clahe.py) before the network grid, in training
+#: and at inference alike (spec: venous MRI).
+CLAHE_MODALITIES = ("venous",)
 
 
 def network_filter(modality: str | None) -> str:
@@ -105,11 +109,17 @@ def network_grid(
     )
 
 
-def to_network(image: Image, grid: Grid, cfg: AffineConfig, window: tuple[float, float] | None = None) -> NetworkInput:
+def to_network(
+    image: Image, grid: Grid, cfg: AffineConfig, window: tuple[float, float] | None = None, modality: str | None = None
+) -> NetworkInput:
     """Normalise, anti-alias for ``cfg.spacing_mm`` and resample onto ``grid`` (linear,
-    background -1 outside the image)."""
-    window = window or intensity_window(np.asarray(image.array), cfg.intensity_percentile)
+    background -1 outside the image). Venous MRI is contrast-equalised (CLAHE) on its own voxel
+    grid after the normalisation and before the resampling, as the spec does before padding."""
+    window = window or network_window(image.array, cfg, modality)
     arr = normalise(image.array, window)
+    if modality in CLAHE_MODALITIES:
+        kernel = tuple(max(1, int(round(cfg.clahe_kernel_mm / s))) for s in image.spacing)
+        arr = clahe((arr + 1.0) / 2.0, kernel, cfg.clahe_clip) * 2.0 - 1.0
     arr = antialias(arr, image.spacing, cfg.spacing_mm)
     out = resample(Image(arr, image.affine), grid, interpolation="linear", default=-1.0)
     return NetworkInput(out.array.astype(np.float32), grid, window)

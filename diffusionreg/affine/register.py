@@ -231,8 +231,8 @@ def _register_from(
     cfg = model.cfg
     g_fix = network_grid(cfg, c_fix)
     g_mov = network_grid(cfg, c_mov + pose.translation, direction=pose.rotation)
-    f_in = to_network(fixed, g_fix, cfg, windows[0])
-    m_in = to_network(moving, g_mov, cfg, windows[1])
+    f_in = to_network(fixed, g_fix, cfg, windows[0], modality)
+    m_in = to_network(moving, g_mov, cfg, windows[1], modality)
     dev = model.device
     f_t = torch.from_numpy(f_in.array)[None, None].to(dev)
     m_t = torch.from_numpy(m_in.array)[None, None].to(dev)

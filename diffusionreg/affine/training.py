@@ -70,12 +70,13 @@ def list_volumes(paths) -> list[Path]:
 def load_subject(path: Path, cfg: AffineConfig, modality: str = "mri") -> torch.Tensor:
     """(1, 2S, 2S, 2S) tensor in [-1, 1] at half the network spacing (same field of view as
     the network grid), centred on the intensity centroid, canonical LPS orientation.
-    Anti-aliased for the network spacing; intensity window as at inference (``network_window``)."""
+    Anti-aliased for the network spacing; intensity window and venous CLAHE as at inference
+    (``network_window``, ``to_network``)."""
     image = read_image(path, what="training volume", dtype=np.float32)
     window = network_window(image.array, cfg, modality)
     centre = foreground_centroid(image, window)
     grid = network_grid(cfg, centre, size=2 * cfg.grid_size, spacing=cfg.spacing_mm / 2)
-    return torch.from_numpy(to_network(image, grid, cfg, window).array)[None]
+    return torch.from_numpy(to_network(image, grid, cfg, window, modality).array)[None]
 
 
 def batch_loss(model: torch.nn.Module, batch, cfg: AffineConfig, modality: str) -> torch.Tensor:
