@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from diffusionreg.image import as_probability, read_image
 from diffusionreg.spaces import apply_affine
@@ -294,3 +297,35 @@ def test_deformable_training_takes_generated_pairs(tmp_path, trained_generator, 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "+ 2 synthetic pairs" in done.stderr
+
+
+def test_first_index_makes_the_pairs_a_longer_run_would(tmp_path, trained_generator):
+    """The Slicer panel generates one pair per process (keeping finished pairs on cancel)."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    whole.mkdir(), part.mkdir()
+    common = ["--model", str(trained_generator), "--seed", "9", "--progress", "none"]
+    run_cli("synth", *common, "--count", "3", "--output", str(whole), check=True)
+    run_cli("synth", *common, "--count", "1", "--first-index", "2", "--output", str(part), check=True)
+    assert sorted(p.name for p in part.iterdir()) == ["manifest.json", "pair_002_fixed.nii.gz", "pair_002_moving.nii.gz"]
+    for name in ("pair_002_fixed.nii.gz", "pair_002_moving.nii.gz"):
+        assert np.array_equal(read_image(whole / name).array, read_image(part / name).array)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cancel_during_generation_leaves_the_folder_as_it_was(tmp_path, trained_generator, signum):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pair_000_fixed.nii.gz").write_bytes(b"an earlier file that must survive\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffusionreg", "synth", "--model", str(trained_generator), "--count", "3",
+         "--steps", "2000", "--output", str(out), "--progress", "json", "--overwrite"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", cwd=REPO,
+    )  # fmt: skip
+    for line in process.stdout:
+        if line.startswith("{") and json.loads(line)["stage"] == "generate" and "pair 2/3" in json.loads(line)["message"]:
+            break
+    process.send_signal(signum)
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert sorted(p.name for p in out.iterdir()) == ["pair_000_fixed.nii.gz"]  # no temporaries, nothing new
+    assert (out / "pair_000_fixed.nii.gz").read_bytes() == b"an earlier file that must survive\n"
