@@ -13,7 +13,7 @@ from diffusionreg.affine.config import AffineConfig
 from diffusionreg.affine.network import AffineDiffusionNet
 from diffusionreg.affine.sampling import frobenius_loss
 from diffusionreg.affine.schedule import Schedule
-from diffusionreg.affine.training import TrainOptions, load_subject, make_batch, train
+from diffusionreg.affine.training import TrainingSet, TrainOptions, load_subject, make_batch, train
 from diffusionreg.training.ema import EMA
 from diffusionreg.training.lr import warmup_cosine as lr_factor
 from diffusionreg.training.options import RunOptions
@@ -105,7 +105,7 @@ def test_checkpoint_and_resume(brain, tmp_path):
     cfg = tiny()
     out = tmp_path / "run"
     vol = str(brain / "vxm_test_scan_T1.nii.gz")
-    opts = TrainOptions(data=[vol], config=cfg, val_recover=1)
+    opts = TrainOptions(datasets=[TrainingSet([vol])], config=cfg, val_recover=1)
     s1 = train(opts, RunOptions(output=out, steps=6, val_every=0))
     assert s1["step"] == 6
     state = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -348,6 +348,8 @@ CASES = [
     ("unknown model", _set(AFFINE, "--model", "no-such-model"), [], [], 2, "unknown model"),
     ("unknown modality", _set(AFFINE, "--modality", "xray"), [], [], 2, "invalid choice: 'xray'"),
     ("modality the model lacks (item 10)", _set(AFFINE, "--modality", "oct"), [], [], 2, "was trained for mri only"),
+    ("ct for an mri-only model (issue 16)", _set(AFFINE, "--modality", "ct"), [], [], 2, "--modality ct: model tiny-affine"),
+    ("any for a model without class 0 (issue 16)", _set(AFFINE, "--modality", "any"), [], [], 2, "was trained for mri only"),
     ("unknown device", _set(AFFINE, "--device", "tpu"), [], [], 2, "unknown device 'tpu'"),
     (
         "device torch lacks: mps (item 9)",

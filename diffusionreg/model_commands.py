@@ -85,6 +85,7 @@ def describe(entry: registry.RegistryEntry) -> dict:
         "name": entry.name,
         "task": entry.task,
         "modality": entry.modality,
+        "modalities": list(entry.served),
         "state": entry.state,
         "file": str(entry.file),
         "url": entry.url,

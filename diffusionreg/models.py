@@ -66,7 +66,7 @@ def resolve(
         ordered = sorted(entries, key=lambda e: not e.installed)  # stable: file order otherwise
         for want in (modality, "any"):
             for e in ordered:
-                if e.modality == want:
+                if want in e.served:
                     return e
         raise InputError(
             f"no {task} model registered for modality {modality!r}; pass --model NAME|PATH (registered: {_names(entries)})"
@@ -155,10 +155,18 @@ def load_config_json(entry: ModelEntry) -> dict:
 
 
 def register_entry(
-    name: str, task: str, modality: str, file: Path, config: Path, card: Path | None = None, registry_path: Path | None = None
+    name: str,
+    task: str,
+    modality: str,
+    file: Path,
+    config: Path,
+    card: Path | None = None,
+    registry_path: Path | None = None,
+    modalities: tuple[str, ...] = (),
 ) -> dict:
     """Add or replace the entry of (``name``, ``task``) with the file's sha256, keeping the others
-    (atomic write, :func:`diffusionreg.registry.upsert_entry`). One name may serve several tasks."""
+    (atomic write, :func:`diffusionreg.registry.upsert_entry`). One name may serve several tasks;
+    ``modalities``: every modality it serves when several."""
     registry_path = registry_path or models_json_path()
     root = registry_path.parent
     entry = {
@@ -169,6 +177,8 @@ def register_entry(
         "sha256": sha256_file(file),
         "config": _relative(config, root),
     }
+    if len(modalities) > 1:
+        entry["modalities"] = list(modalities)
     if card is not None:
         entry["card"] = _relative(card, root)
     registry.upsert_entry(registry_path, entry)

@@ -6,12 +6,15 @@ this module before the backend's dependencies (torch ...) are installed.
 ``Models.json`` (schema: ``Resources/Models.schema.json``)::
 
     {"models": [{"name": "brain-mri", "task": "affine", "modality": "mri",
+                 "modalities": ["mri", "ct", "any"],                  (optional: several)
                  "file": "Models/brain-mri/model.safetensors",
                  "url": "https://.../model.safetensors",          (optional: downloadable)
                  "size": 1234567,                                 (optional: bytes)
                  "sha256": "...", "config": "Models/brain-mri/config.json",
                  "card": "Models/brain-mri/MODEL_CARD.md"}]}
 
+``modalities`` lists every modality a model serves (a conditional affine model trained on several,
+with ``any`` for its agnostic class); without it the entry serves ``modality`` alone.
 ``file``, ``config`` and ``card`` are relative to the folder holding ``Models.json``. An entry has
 a ``file`` shipped with the code, a ``url`` to download it from, or both. One name may serve
 several tasks (``brain-mri`` affine and deformable); (name, task) is unique.
@@ -87,6 +90,12 @@ class RegistryEntry:
     url: str | None = None  # download source of ``file``
     size: int | None = None  # bytes, when the registry states it
     cache_file: Path | None = None  # where the user cache keeps it (registry entries only)
+    modalities: tuple[str, ...] = ()  # every modality it serves, when several (else ``modality``)
+
+    @property
+    def served(self) -> tuple[str, ...]:
+        """The modalities this model serves: ``modalities``, else ``(modality,)``."""
+        return self.modalities or (self.modality,)
 
     @property
     def installed(self) -> bool:
@@ -138,6 +147,9 @@ def _check_record(record, where: str) -> None:
     for key in ("name", "task"):
         if not isinstance(record.get(key), str) or not record[key]:
             raise RegistryError(f"{where}: missing {key!r}")
+    served = record.get("modalities", [])
+    if not isinstance(served, list) or not all(isinstance(m, str) and m for m in served):
+        raise RegistryError(f"{where} ({record['name']}): 'modalities' must be a list of modality names")
     if not record.get("file") and not record.get("url"):
         raise RegistryError(f"{where} ({record['name']}): needs 'file' or 'url'")
 
@@ -163,6 +175,7 @@ def entry_from_record(record: dict, root: Path, cache: Path | None = None) -> Re
         url=url,
         size=record.get("size"),
         cache_file=cached,
+        modalities=tuple(record.get("modalities") or ()),
     )
 
 

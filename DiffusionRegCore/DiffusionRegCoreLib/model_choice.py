@@ -1,7 +1,8 @@
 """Which modalities the panel offers and which model will run, from the installed models.
 
 A panel must offer only what works: a modality appears in the modality selector only when an
-**installed** model of the module's task supports it (a model declaring ``any`` adds "Any").
+**installed** model of the module's task supports it (every modality its registry entry lists;
+a model declaring ``any`` adds "Any").
 With no model chosen explicitly the backend picks the model itself (``diffusionreg.models.resolve``):
 the first registered model of the task for that modality, installed ones first, then one for
 ``any``. :func:`defaultModel` applies the same rule so the panel can say which model will run.
@@ -25,7 +26,7 @@ def modalityLabel(modality: str) -> str:
 
 def installedModalities(entries: Sequence[ModelEntry], task: str) -> list[str]:
     """Modalities (backend names) that some installed model of ``task`` supports, in vocabulary order."""
-    found = {e.modality for e in entries if e.task == task and e.available}
+    found = {m for e in entries if e.task == task and e.available for m in e.served}
     ordered = [m for m in _vocabulary.MODALITIES if m in found]
     return ordered + sorted(found - set(ordered))
 
@@ -36,7 +37,7 @@ def defaultModel(entries: Sequence[ModelEntry], task: str, modality: str) -> Mod
     ordered = sorted(registered, key=lambda e: not e.available)  # stable: registry order otherwise
     for want in (modality, ANY):
         for entry in ordered:
-            if entry.modality == want:
+            if want in entry.served:
                 return entry
     return None
 
@@ -50,8 +51,9 @@ def modelToRun(entries: Sequence[ModelEntry], task: str, modality: str, model: s
         entry = next((e for e in entries if e.modelArgument() == model or e.name == model), None)
         if entry is None:
             return None, f"The model '{model}' is not installed"
-        if entry.modality not in (modality, ANY):
-            return None, f"The model '{entry.name}' is for {modalityLabel(entry.modality)}, not {modalityLabel(modality)}"
+        if not entry.serves(modality):
+            served = ", ".join(modalityLabel(m) for m in entry.served)
+            return None, f"The model '{entry.name}' is for {served}, not {modalityLabel(modality)}"
     else:
         entry = defaultModel(entries, task, modality)
         if entry is None:
@@ -66,4 +68,5 @@ def modelToRun(entries: Sequence[ModelEntry], task: str, modality: str, model: s
 def describeModel(entry: ModelEntry) -> str:
     """One line for the panel: which model will run and for what."""
     origin = "imported" if entry.source == "imported" else "registry"
-    return f"Runs '{entry.name}' ({entry.task}, {modalityLabel(entry.modality)}; {origin})"
+    served = ", ".join(modalityLabel(m) for m in entry.served)
+    return f"Runs '{entry.name}' ({entry.task}, {served}; {origin})"

@@ -49,6 +49,16 @@ class ModelEntry:
     source: str = "registry"  # "registry" or "imported"
     path: str | None = None
     url: str = ""  # registry models that can be downloaded
+    modalities: tuple = ()  # every modality it serves when several (registry ``modalities``)
+
+    @property
+    def served(self) -> tuple:
+        """The modalities this model serves: ``modalities``, else ``(modality,)``."""
+        return tuple(self.modalities) or (self.modality,)
+
+    def serves(self, modality: str) -> bool:
+        """Whether it runs for ``modality``: one it lists, or any modality for a generic (``any``-only) model."""
+        return modality in self.served or self.served == ("any",)
 
     @property
     def isRemote(self) -> bool:
@@ -123,6 +133,7 @@ class ModelManager:
                 source="registry",
                 path=str(e.file),
                 url=e.url or "",
+                modalities=tuple(e.modalities),
             )
             for e in registry.read_entries(self.registryPath, cache=self.userModelsDir / "cache")
         ]
@@ -150,7 +161,7 @@ class ModelManager:
         return [
             e
             for e in entries
-            if (task is None or not e.task or e.task == task) and (modality is None or e.modality in (modality.lower(), "any"))
+            if (task is None or not e.task or e.task == task) and (modality is None or e.serves(modality.lower()))
         ]
 
     def find(self, name: str, task: str | None = None) -> ModelEntry | None:

@@ -11,7 +11,7 @@ from diffusionreg.errors import InputError
 from diffusionreg.pair_inputs import PairInputs, read_pair_inputs
 from diffusionreg.reporting import add_report_options, check_report_options
 from diffusionreg.training.options import RunOptions, add_run_arguments, with_overrides
-from diffusionreg.vocabulary import ANY_MODALITY, EXIT_OK, INITIALIZATIONS, MODALITIES
+from diffusionreg.vocabulary import EXIT_OK, INITIALIZATIONS, MODALITIES
 
 
 def add_commands(commands, train_commands, common) -> None:
@@ -90,9 +90,31 @@ def add_commands(commands, train_commands, common) -> None:
         help="train a spatial-diffusion affine model",
         description="Self-supervised training; run under torchrun for DDP (gloo on CPU).",
     )
-    t.add_argument("--data", required=True, nargs="+", help="training volumes or folders")
-    t.add_argument("--val", nargs="+", default=None, help="held-back validation volumes (excluded from training)")
-    t.add_argument("--modality", default="mri", choices=MODALITIES[:-1])
+    t.add_argument(
+        "--data",
+        action="append",
+        nargs="+",
+        help="training volumes or folders of one modality; repeat it with a --modality each to train one "
+        "conditional model over several datasets (class 0 = any, by class dropout)",
+    )
+    t.add_argument(
+        "--val",
+        action="append",
+        nargs="+",
+        help="held-back validation volumes (excluded from training); with several --data, one --val each",
+    )
+    t.add_argument(
+        "--modality",
+        action="append",
+        choices=MODALITIES[:-1],
+        help="modality of each --data, in the same order (default mri)",
+    )
+    t.add_argument(
+        "--manifest",
+        type=Path,
+        help='JSON file listing the datasets instead of --data/--modality/--val: {"datasets": [{"data": [...], '
+        '"modality": "ct", "val": [...]}, ...]}; relative paths are relative to the file',
+    )
     t.add_argument("--config", default="compact", help="compact | full | path to config JSON")
     t.add_argument("--batch-size", type=int, default=None, help="override the config batch size")
     add_run_arguments(t, val_every=1000)
@@ -102,11 +124,35 @@ def add_commands(commands, train_commands, common) -> None:
 
 def _run_train(args: argparse.Namespace, progress) -> int:
     from .config import get_config
-    from .training import TrainOptions, train
+    from .training import TrainOptions, read_manifest, train
 
+    if args.manifest is not None:
+        if args.data or args.val or args.modality:
+            raise InputError("--manifest lists the datasets: leave out --data, --modality and --val")
+        datasets = read_manifest(args.manifest)
+    else:
+        datasets = training_sets(args.data, args.modality, args.val)
     cfg = with_overrides(get_config(args.config), batch_size=args.batch_size, seed=args.seed)
-    train(TrainOptions(data=args.data, config=cfg, modality=args.modality, val=args.val), RunOptions.from_args(args), progress)
+    train(TrainOptions(datasets=datasets, config=cfg), RunOptions.from_args(args), progress)
     return EXIT_OK
+
+
+def training_sets(data, modalities, val) -> list:
+    """The k-th ``--data`` group with the k-th ``--modality`` (one --modality, or none = mri, for
+    a single group) and the k-th ``--val`` group."""
+    from .training import TrainingSet
+
+    if not data:
+        raise InputError("give the training volumes: --data (one per modality) or --manifest")
+    modalities = modalities or ["mri"]
+    if len(modalities) != len(data):
+        raise InputError(f"{len(data)} --data groups but {len(modalities)} --modality: give one --modality per --data")
+    if val and len(val) != len(data):
+        raise InputError(f"{len(data)} --data groups but {len(val)} --val: give one --val per --data, or none")
+    return [
+        TrainingSet(list(group), modality, list(val[k]) if val else None)
+        for k, (group, modality) in enumerate(zip(data, modalities))
+    ]
 
 
 def _run_affine(args: argparse.Namespace, progress) -> int:
@@ -200,7 +246,8 @@ def finish_affine(args: argparse.Namespace, outputs, inputs: PairInputs, model, 
 
 
 def check_modality(model, modality: str) -> None:
-    """Refuse a modality the model was not trained for (``any`` is always accepted)."""
-    trained = tuple(model.cfg.class_names)
-    if modality != ANY_MODALITY and modality not in trained:
-        raise InputError(f"--modality {modality}: model {model.name} was trained for {', '.join(trained)} only")
+    """Refuse a modality the model was not trained for: its classes, and ``any`` only with a
+    trained agnostic class (:attr:`AffineConfig.modalities`)."""
+    supported = model.cfg.modalities
+    if modality not in supported:
+        raise InputError(f"--modality {modality}: model {model.name} was trained for {', '.join(supported)} only")

@@ -142,7 +142,13 @@ class AffineConfig:
     time_hidden: int = 512  # MLP hidden size (full: 1024)
     n_classes: int = 1  # modality classes; >1 adds class embeddings
     class_names: tuple[str, ...] = ("mri",)
-    class_dropout: float = 0.15
+    class_dropout: float = 0.15  # training: share of samples whose class id becomes 0 (agnostic)
+    # Class-0 samples of a multi-modality training get random contrast changes on each copy
+    # (:mod:`diffusionreg.affine.contrast`), so the agnostic class does not learn one modality's look.
+    agnostic_remap_prob: float = 0.8  # random monotone intensity curve (MONAI RandHistogramShift)
+    agnostic_remap_points: int = 6  # its control points (ends fixed)
+    agnostic_invert_prob: float = 0.3  # inverted foreground contrast (T1 <-> T2 like)
+    agnostic_foreground: float = 0.05  # [0, 1] intensity above which a voxel counts as foreground
     zero_init_head: bool = True  # reference does not zero-init (full: False)
     # --- diffusion schedule -------------------------------------------------------
     timesteps: int = 65
@@ -202,6 +208,19 @@ class AffineConfig:
     def from_json_file(cls, path: str) -> AffineConfig:
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What ``--modality`` may name with this model: its classes, and ``any`` when it has a
+        trained agnostic class 0 (several classes with class dropout)."""
+        agnostic = self.n_classes > 1 and self.class_dropout > 0
+        return tuple(self.class_names) + ((ANY_MODALITY,) if agnostic else ())
+
+    def with_classes(self, modalities) -> AffineConfig:
+        """This config for a training on ``modalities`` (in order, repeats removed): class ids
+        1..N in that order, one class (no embedding) when there is one modality."""
+        names = tuple(dict.fromkeys(modalities))
+        return dataclasses.replace(self, class_names=names, n_classes=len(names) if len(names) > 1 else 1)
 
     def class_index(self, modality: str | None) -> int:
         """Class id for a modality: 1..N as listed in class_names, 0 = modality-agnostic."""

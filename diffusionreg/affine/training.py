@@ -12,6 +12,7 @@ the engine's (:mod:`diffusionreg.training`).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,11 @@ from diffusionreg.training.engine import TrainingTask, run_training
 from diffusionreg.training.export import export_weights as _export_weights
 from diffusionreg.training.lr import warmup_cosine
 from diffusionreg.training.options import RunOptions
+from diffusionreg.vocabulary import ANY_MODALITY, MODALITIES
 
 from .artifacts import apply_artifacts
 from .config import AffineConfig
+from .contrast import remap_contrast
 from .network import AffineDiffusionNet, count_parameters
 from .preprocess import foreground_centroid, network_filter, network_grid, network_window, to_network
 from .reverse import reverse_process
@@ -112,19 +115,28 @@ def make_batch(
     modality: str = "mri",
     batch_size: int | None = None,
 ):
-    """Returns (x (B,2,S,S,S), t (B,), cls (B,), target (B,3,4), M (B,4,4))."""
+    """Returns (x (B,2,S,S,S), t (B,), cls (B,), target (B,3,4), M (B,4,4)).
+
+    ``cls`` is the class id of ``modality`` (:meth:`AffineConfig.class_index`) for every sample,
+    except that with several classes each sample becomes class 0 (agnostic) with probability
+    ``cfg.class_dropout``; such a sample's two copies get independent contrast changes
+    (:func:`~.contrast.remap_contrast`)."""
     b = batch_size or cfg.batch_size
     s = cfg.grid_size
-    fixed, moving = [], []
+    conditional = cfg.n_classes > 1
+    fixed, moving, classes = [], [], []
     for _ in range(b):
         vol = subjects[int(torch.randint(len(subjects), (), generator=gen))]
+        agnostic = conditional and float(torch.rand((), generator=gen)) < cfg.class_dropout
+        classes.append(0 if agnostic else cfg.class_index(modality))
         theta = _global_theta(cfg, gen).float()[None]
         base = sample_affine((vol[None] + 1) / 2, theta, torch_space((s, s, s)))[0]
         g_lo, g_hi = cfg.gamma_range
         gamma = g_lo + (g_hi - g_lo) * float(torch.rand((), generator=gen))
         base = base.clamp(0, 1) ** gamma * 2 - 1
         for out in (fixed, moving):
-            v = apply_artifacts(base, cfg, gen, modality)
+            v = remap_contrast(base, cfg, gen) if agnostic else base
+            v = apply_artifacts(v, cfg, gen, modality)
             if cfg.noise_std > 0:
                 v = v + cfg.noise_std * torch.randn(v.shape, generator=gen)
             out.append(v.clamp(-1, 1))
@@ -133,11 +145,7 @@ def make_batch(
     t = torch.randint(1, cfg.timesteps + 1, (b,), generator=gen)
     mat, target = sample_forward(t, sched, (s, s, s), cfg.affine_prob, cfg.clamp_sigmas, gen)
     moving_t = warp(moving_t, mat)
-    cls = torch.full((b,), cfg.class_index(modality), dtype=torch.long)
-    if cfg.n_classes > 1 and cfg.class_dropout > 0:
-        drop = torch.rand((b,), generator=gen) < cfg.class_dropout
-        cls = torch.where(drop, torch.zeros_like(cls), cls)
-    return torch.cat([fixed_t, moving_t], 1), t, cls, target, mat
+    return torch.cat([fixed_t, moving_t], 1), t, torch.tensor(classes, dtype=torch.long), target, mat
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -166,7 +174,8 @@ def validate(
         base = F.interpolate(vol[None], size=(s, s, s), mode="trilinear", align_corners=False)
         mat = sample_uniform_affine(1, sched, (s, s, s), generator=gen)
         moving = warp(base, mat)
-        comp, _ = reverse_process(net, base, moving, sched, steps, preprocess=network_filter(modality))
+        cls = torch.tensor([cfg.class_index(modality)]) if cfg.n_classes > 1 else None
+        comp, _ = reverse_process(net, base, moving, sched, steps, cls, preprocess=network_filter(modality))
         truth = torch.linalg.inv(mat)
         # displacement error over brain voxels of the fixed grid
         pts = coordinates(torch_space((s, s, s)), dtype=torch.float64).movedim(1, -1)
@@ -195,56 +204,134 @@ def export_weights(
     return _export_weights(model, cfg.to_json(), out_dir, name, {"task": "affine", **(meta or {})})
 
 
-@dataclass
-class TrainOptions:
-    """What the affine training needs besides the run settings (:class:`RunOptions`)."""
+@dataclass(frozen=True)
+class TrainingSet:
+    """One dataset of a training: volumes (files or folders) of one modality."""
 
     data: list[str]
-    config: AffineConfig
     modality: str = "mri"
-    val: list[str] | None = None  # held-back volumes (files or folders)
-    val_recover: int = 4  # known affines recovered per validation
+    val: list[str] | None = None  # held-back volumes of this modality (files or folders)
+
+
+def read_manifest(path: Path) -> list[TrainingSet]:
+    """The datasets of a manifest ``{"datasets": [{"data": [...], "modality": "ct", "val": [...]}]}``
+    (``val`` optional; relative paths are relative to the manifest's folder)."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))["datasets"]
+        if not isinstance(records, list) or not records:
+            raise ValueError("'datasets' must be a non-empty list")
+        sets = []
+        for record in records:
+            unknown = set(record) - {"data", "modality", "val"}
+            if unknown:
+                raise ValueError(f"unknown key {sorted(unknown)[0]!r} in a dataset")
+            if record.get("modality") not in MODALITIES or record["modality"] == ANY_MODALITY:
+                raise ValueError(f"modality {record.get('modality')!r}: use one of {', '.join(MODALITIES[:-1])}")
+            sets.append(
+                TrainingSet(
+                    [str(Path(path).parent / p) for p in _strings(record.get("data"), "data")],
+                    record["modality"],
+                    [str(Path(path).parent / p) for p in _strings(record["val"], "val")] if "val" in record else None,
+                )
+            )
+        return sets
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(f"training manifest {path}: {error}") from None
+
+
+def _strings(value, key: str) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key!r} must be a non-empty list of paths")
+    return value
+
+
+@dataclass
+class TrainOptions:
+    """What the affine training needs besides the run settings (:class:`RunOptions`).
+
+    Several datasets train one conditional model as published: class ids 1..N follow the
+    order of their (distinct) modalities, class 0 is the agnostic class (``class_dropout``), and
+    each step draws its batch from one dataset chosen uniformly."""
+
+    datasets: list[TrainingSet]
+    config: AffineConfig
+    val_recover: int = 4  # known affines recovered per validation and dataset
+
+
+@dataclass
+class _LoadedSet:
+    spec: TrainingSet
+    files: list[Path]
+    val_files: list[Path]
+    subjects: list[torch.Tensor]
+    val_subjects: list[torch.Tensor]
+
+
+def _load_set(spec: TrainingSet, cfg: AffineConfig) -> _LoadedSet:
+    files = list_volumes(spec.data)
+    val_files = list_volumes(spec.val) if spec.val else []
+    val_set = {f.resolve() for f in val_files}
+    files = [f for f in files if f.resolve() not in val_set]
+    if not files:
+        raise InputError(f"every {spec.modality} training volume is also a validation volume")
+    subjects = [load_subject(f, cfg, spec.modality) for f in files]
+    val_subjects = [load_subject(f, cfg, spec.modality) for f in val_files] or subjects[:1]
+    return _LoadedSet(spec, files, val_files, subjects, val_subjects)
+
+
+def _validate_sets(net, sets: list[_LoadedSet], cfg: AffineConfig, sched: Schedule, n_recover: int) -> dict:
+    """:func:`validate` of each dataset with its modality; several: the means, and each
+    dataset's recovery as ``recovery_mm_mean_<modality>``."""
+    per = [validate(net, s.val_subjects, cfg, sched, n_recover=n_recover, modality=s.spec.modality) for s in sets]
+    if len(per) == 1:
+        return per[0]
+    metrics = {key: float(np.mean([m[key] for m in per])) for key in per[0]}
+    for loaded, m in zip(sets, per):
+        metrics[f"recovery_mm_mean_{loaded.spec.modality}"] = m["recovery_mm_mean"]
+    return metrics
 
 
 def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None) -> dict:
     """Train (every rank under torchrun); returns the final summary. Rank 0 writes ``run.output``
-    (see :func:`diffusionreg.training.engine.run_training`); the exported weights are the EMA's."""
-    cfg = opts.config
-    files = list_volumes(opts.data)
-    val_files = list_volumes(opts.val) if opts.val else []
-    val_set = {f.resolve() for f in val_files}
-    files = [f for f in files if f.resolve() not in val_set]
-    if not files:
-        raise InputError("every training volume is also a validation volume")
-    subjects = [load_subject(f, cfg, opts.modality) for f in files]
-    val_subjects = [load_subject(f, cfg, opts.modality) for f in val_files] or subjects[:1]
+    (see :func:`diffusionreg.training.engine.run_training`); the exported weights are the EMA's,
+    with a config whose ``class_names`` are the datasets' modalities."""
+    if not opts.datasets:
+        raise InputError("no training data given")
+    cfg = opts.config.with_classes(s.modality for s in opts.datasets)
+    sets = [_load_set(spec, cfg) for spec in opts.datasets]
     sched = Schedule.from_config(cfg)
 
     torch.manual_seed(cfg.seed)
     net = AffineDiffusionNet(cfg)
 
     def step(model: torch.nn.Module, gen: torch.Generator):
-        return batch_loss(model, make_batch(subjects, cfg, sched, gen, opts.modality), cfg, opts.modality), {}
+        # one dataset per step, as published (one modality's preprocessing per batch)
+        chosen = sets[int(torch.randint(len(sets), (), generator=gen))] if len(sets) > 1 else sets[0]
+        modality = chosen.spec.modality
+        return batch_loss(model, make_batch(chosen.subjects, cfg, sched, gen, modality), cfg, modality), {}
 
+    described = "; ".join(
+        f"{s.spec.modality}: {len(s.files)} volumes ({', '.join(f.name for f in s.files)}), validation "
+        f"{', '.join(f.name for f in s.val_files) or '(train[0])'}"
+        for s in sets
+    )
+    modalities = cfg.modalities
     task = TrainingTask(
         name="affine",
         network=net,
         config_json=cfg.to_json(),
         seed=cfg.seed,
-        modality=opts.modality,
+        modality=modalities[0] if len(modalities) == 1 else ANY_MODALITY,
+        modalities=modalities if len(modalities) > 1 else (),
         optimizer=torch.optim.Adam(net.parameters(), lr=cfg.lr),
         step=step,
         lr_factor=lambda s: warmup_cosine(s, cfg.warmup_steps, run.steps),
         ema=EMA(net, cfg.ema_beta, cfg.ema_power, cfg.ema_start),
         clip_grad_norm=CLIP_GRAD_NORM,
-        validate=lambda model: validate(model, val_subjects, cfg, sched, n_recover=opts.val_recover, modality=opts.modality),
+        validate=lambda model: _validate_sets(model, sets, cfg, sched, opts.val_recover),
         score=lambda m: m["recovery_mm_mean"],
-        description=(
-            f"{len(files)} volumes ({', '.join(f.name for f in files)}); validation: "
-            f"{', '.join(f.name for f in val_files) or '(train[0])'}; {count_parameters(net)} "
-            f"parameters; config {cfg.name}"
-        ),
-        data=list(opts.data),
-        val_data=list(opts.val or []),
+        description=f"{described}; {count_parameters(net)} parameters; config {cfg.name}; classes {', '.join(modalities)}",
+        data=[f"{p} ({s.modality})" for s in opts.datasets for p in s.data],
+        val_data=[f"{p} ({s.modality})" for s in opts.datasets for p in (s.val or [])],
     )
     return run_training(task, run, progress)

@@ -61,6 +61,7 @@ class TrainingTask:
     step: Step  # the iteration: batch from the generator -> (loss, stats)
     seed: int  # base seed of the per-rank generators
     modality: str = "any"  # registry modality of the exported model
+    modalities: tuple[str, ...] = ()  # every modality it serves, when several (registry ``modalities``)
     train_module: nn.Module | None = None  # what DDP wraps and ``step`` calls (default: network)
     lr_factor: Callable[[int], float] | None = None  # factor of the configured rate at a step
     ema: EMA | None = None  # averaged weights: validated and exported instead
@@ -175,6 +176,7 @@ class _Engine:
                 name=run.name or self.out.resolve().name,
                 task=task.name,
                 modality=task.modality,
+                modalities=task.modalities,
                 command=run.command or shlex.join(sys.argv),
                 data=list(task.data),
                 val_data=list(task.val_data),

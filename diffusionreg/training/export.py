@@ -49,13 +49,14 @@ class CardFacts:
     step: int  # step of this (best) model
     total_steps: int
     metrics: dict  # validation metrics at ``step``
+    modalities: tuple[str, ...] = ()  # every modality the model serves, when several
 
 
 def card_stub(facts: CardFacts, sha256: str) -> str:
     """Markdown stub: the facts a trainer cannot forget; the shipper adds use, limits and licence."""
     metrics = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in facts.metrics.items())
     return (
-        f"# {facts.name} ({facts.task}, {facts.modality}) -- model card stub\n\n"
+        f"# {facts.name} ({facts.task}, {', '.join(facts.modalities) or facts.modality}) -- model card stub\n\n"
         "Written by the training engine for the best validation model. Before shipping, add the intended\n"
         "use, the limits, the data licences and the benchmark results.\n\n"
         f"- Command: `{facts.command}`\n"
@@ -88,5 +89,6 @@ def export_best(
         (best / CONFIG_NAME).resolve(),
         (best / CARD_NAME).resolve(),
         Path(registry).resolve(),
+        facts.modalities,
     )
     return weights
