@@ -11,6 +11,7 @@ kit. Scripting::
     logic = SpatialDiffusionRegLogic()
     result = logic.register(fixedNode, movingNode, modality="mri")
     result.transformNode                                         # moving is shown through it
+    result.doubtful, result.doubtReason                          # the backend's similarity check
 """
 
 import os
@@ -49,10 +50,11 @@ def _makeCoreImportable() -> None:
 
 _makeCoreImportable()
 
-from DiffusionRegCore import DiffusionRegCoreLogic, JobModuleLogic, JobModuleWidget, SamplePair
+from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleLogic, JobModuleWidget, JobPanel, SamplePair
 from DiffusionRegCoreLib import model_choice
 from SpatialDiffusionRegLib.affine_job import (
     INITIALIZE_CHOICES,
+    SOUND_STYLE,
     TASK,
     AffineOptions,
     AffineResult,
@@ -172,6 +174,26 @@ class SpatialDiffusionRegWidget(JobModuleWidget):
 
     def createLogic(self):
         return SpatialDiffusionRegLogic()
+
+    def startRegistration(self, panel: JobPanel) -> BackendTask:
+        task = super().startRegistration(panel)  # raises when the run cannot start: the summary stays
+        self.showSummary(_("Registering..."))
+        return task
+
+    def onTaskFinished(self, task: BackendTask) -> None:
+        if task.state != "completed":
+            self.showSummary(_("No result ({state}).").format(state=task.state))
+        super().onTaskFinished(task)
+
+    def onResult(self, result: AffineResult) -> None:
+        """Notes to the log, the transform to the parameter node, and the summary: a doubtful
+        result in warning colours, its reason in the log too."""
+        super().onResult(result)
+        self.showSummary(result.summary(), result.summaryStyle())
+
+    def showSummary(self, text: str, style: str = SOUND_STYLE) -> None:
+        self.ui.resultLabel.text = text
+        self.ui.resultLabel.setStyleSheet(style)
 
 
 #
@@ -377,6 +399,7 @@ class SpatialDiffusionRegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Registering (CPU)")
         result = logic.register(fixed, moving, outputVolume=outputVolume, modality=SAMPLE_MODALITY, device="cpu", timeout=1800)
         transform = result.transformNode
+        self.assertFalse(result.doubtful, result.doubtReason)  # the backend's similarity check
         self.assertTrue(transform.IsLinear())
         matrix = mrml_io.lpsMatrixFromTransformNode(transform)
         self.assertTrue(np.all(np.isfinite(matrix)))

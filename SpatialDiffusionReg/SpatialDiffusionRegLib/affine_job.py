@@ -14,11 +14,16 @@
   directly under it: it is then displayed at ``T^-1 o C``, overlaying the fixed volume, and
   nothing else in the scene moves (parents shared with the fixed volume included).
 
+The backend also writes its JSON report (``--output-json``): when it calls the result doubtful
+(similarity after registration far below what a good alignment gives) the result says so
+(``doubtful``, ``doubtReason``), the log gets a warning and the panel shows it in warning colours.
+
 No Qt and no ``slicer.util`` here: the MRML tier calls these functions as the module does.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,10 @@ INITIALIZE_CHOICES = ("default",) + tuple(command.INITIALIZATIONS)
 #: Share of the time each backend stage of ``diffusionreg affine`` usually takes (CPU runs of
 #: the shipped brain model: the network's steps dominate, then the refinement).
 STAGE_WEIGHTS = {"read": 0.05, "affine": 0.55, "refine": 0.3, "resample": 0.05, "write": 0.05}
+#: Style sheet of the result summary of a doubtful result (bold dark red, unlike the kit's orange
+#: "cannot run" reason) and of a result the backend found sound.
+DOUBTFUL_STYLE = "color: #c00000; font-weight: bold"
+SOUND_STYLE = ""
 
 
 @dataclass
@@ -97,6 +106,8 @@ class AffineOptions(JobOptions):
             "--output-transform",
             str(files["transform"]),
         ]
+        if files.get("report"):
+            arguments += ["--output-json", str(files["report"])]
         if files.get("volume"):
             arguments += ["--output-volume", str(files["volume"])]
         if self.model:
@@ -114,12 +125,40 @@ class AffineOptions(JobOptions):
 
 @dataclass
 class AffineResult:
-    """What an affine run put into the scene."""
+    """What an affine run put into the scene, and the backend's verdict on it.
+
+    doubtful - the backend found the result doubtful (its similarity check); doubtReason says why.
+    similarity - normalised mutual information of the images after registration (None: not reported).
+    report - the backend's JSON report (matrix, timings, search starts ...).
+    """
 
     transformNode: Any
     volumeNode: Any = None
     seconds: float = 0.0
     notes: list = field(default_factory=list)
+    doubtful: bool = False
+    doubtReason: str = ""
+    similarity: float | None = None
+    report: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for the panel's result summary (a doubtful result says so first)."""
+        if self.doubtful:
+            return f"Doubtful result: {self.doubtReason}. Check the alignment before using it."
+        similarity = "" if self.similarity is None else f", similarity {self.similarity:.2f}"
+        return f"Registered in {self.seconds:.1f} s{similarity}."
+
+    def summaryStyle(self) -> str:
+        """Style sheet of the summary label: :data:`DOUBTFUL_STYLE` for a doubtful result."""
+        return DOUBTFUL_STYLE if self.doubtful else SOUND_STYLE
+
+
+def readReport(path: Path) -> dict:
+    """The backend's ``--output-json`` report of a completed run (it always writes it)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"The backend's report {path} cannot be read: {error}") from None
 
 
 def prepareAffineJob(
@@ -142,6 +181,7 @@ def prepareAffineJob(
             "moving": mrml_io.exportVolume(moving, workFolder.file("moving.nrrd"), world=movingInWorld, stopAt=output),
             "transform": workFolder.file("transform.h5"),
             "volume": workFolder.file("resampled.nrrd") if options.outputVolume is not None else None,
+            "report": workFolder.file("report.json"),
         }
     except Exception:
         workFolder.cleanup()  # nothing runs: leave no half-exported inputs behind
@@ -150,6 +190,7 @@ def prepareAffineJob(
     transformName = None if output is not None else f"{moving.GetName()} to {fixed.GetName()}"
 
     def importResults(processResult) -> AffineResult:
+        report = readReport(files["report"])
         transformNode = mrml_io.importTransform(files["transform"], scene, output, transformName, moving, fixed)
         mrml_io.composeWithMovingFrame(transformNode, movingToWorld)
         volumeNode = None
@@ -157,10 +198,22 @@ def prepareAffineJob(
             volumeNode = mrml_io.importVolume(files["volume"], scene, options.outputVolume)
             volumeNode.SetAndObserveTransformNodeID(None)  # on the fixed grid, in world coordinates
         notes = [movingNote] if movingNote else []
+        doubtful, reason = bool(report.get("doubtful")), str(report.get("doubt_reason") or "")
+        if doubtful:
+            notes.append(f"Warning: the result is doubtful: {reason}")
         results.placeBeside(scene, [transformNode, volumeNode], moving)
         if options.placeMoving:
             notes += mrml_io.placeMovingUnderResult(moving, transformNode)
-        return AffineResult(transformNode, volumeNode, processResult.elapsedSeconds, notes)
+        return AffineResult(
+            transformNode,
+            volumeNode,
+            processResult.elapsedSeconds,
+            notes,
+            doubtful,
+            reason,
+            report.get("similarity_nmi"),
+            report,
+        )
 
     return PreparedJob(
         "SpatialDiffusionReg",

@@ -443,6 +443,7 @@ def test_logic_register_runs_the_job_and_shows_the_result(spatial, corelib, scen
         "matrix = np.eye(4)\n"
         "matrix[:3, 3] = [3.0, -2.0, 1.0]\n"
         "write_transform(AffineTransform(matrix), args[args.index('--output-transform') + 1])\n"
+        "open(args[args.index('--output-json') + 1], 'w').write('{\"doubtful\": false, \"similarity_nmi\": 0.7}')\n"
     )
 
     def factory(command, **kwargs):

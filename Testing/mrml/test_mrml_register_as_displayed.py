@@ -30,6 +30,8 @@ from diffusionreg.transforms import AffineTransform, write_transform
 args = sys.argv[1:]
 matrix = np.array([float(v) for v in args[0].split(",")]).reshape(4, 4)
 write_transform(AffineTransform(matrix), args[args.index("--output-transform") + 1])
+with open(args[args.index("--output-json") + 1], "w") as report:  # as the backend's report says a sound result
+    report.write('{"doubtful": false, "similarity_nmi": 0.7}')
 """
 
 
