@@ -50,12 +50,14 @@ class NetworkCalls:
 
     def __init__(self) -> None:
         self.calls: list[tuple[bool, list[int]]] = []
+        self.filters: list = []  # the network's input filter of each call (the Gabor bank for OCT)
 
     def __enter__(self):
         def hook(module, args):
             if isinstance(module, AffineDiffusionNet):
                 cls = args[2] if len(args) > 2 else None
                 self.calls.append((module.training, [] if cls is None else cls.tolist()))
+                self.filters.append(args[3] if len(args) > 3 else "none")
 
         self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
         return self
@@ -116,6 +118,24 @@ def test_a_two_dataset_run_feeds_each_step_one_modality_and_exports_both(volumes
     assert (config["n_classes"], config["class_names"]) == (2, ["mri", "ct"])
     entry = json.loads((out / "Models.json").read_text())["models"][0]
     assert entry["modality"] == "any" and entry["modalities"] == ["mri", "ct", "any"]
+
+
+def test_each_step_pairs_the_class_with_its_datasets_preprocessing(volumes, tmp_path):
+    """An MRI dataset and an OCT one (a synthetic layered volume): every training call of the
+    network with the OCT filter carries class 2 (or 0), every unfiltered one class 1 (or 0)."""
+    from test_affine_oct_preprocessing import layered_volume
+
+    from diffusionreg.image import Image, write_image
+
+    oct_path = tmp_path / "layered.nii.gz"
+    write_image(Image(layered_volume(1, (60, 96, 60)), np.diag([2.0, 2.0, 2.0, 1.0])), oct_path)
+    sets = [TrainingSet([str(volumes["mri"])], "mri"), TrainingSet([str(oct_path)], "oct")]
+    with NetworkCalls() as seen:
+        train(TrainOptions(sets, tiny(class_dropout=0.3)), RunOptions(output=tmp_path / "run", steps=10, val_every=0, threads=1))
+    steps = [(ids, f) for (training, ids), f in zip(seen.calls, seen.filters) if training]
+    assert len(steps) == 10 and {f for _, f in steps} == {"none", "oct"}
+    for ids, used in steps:
+        assert set(ids) <= ({0, 2} if used == "oct" else {0, 1}), (ids, used)
 
 
 def test_manifest_lists_datasets_relative_to_itself(tmp_path):
