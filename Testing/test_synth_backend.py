@@ -329,3 +329,37 @@ def test_cancel_during_generation_leaves_the_folder_as_it_was(tmp_path, trained_
     assert process.returncode == 130
     assert sorted(p.name for p in out.iterdir()) == ["pair_000_fixed.nii.gz"]  # no temporaries, nothing new
     assert (out / "pair_000_fixed.nii.gz").read_bytes() == b"an earlier file that must survive\n"
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_split_the_pairs(tmp_path, trained_generator):
+    """Two gloo ranks make pairs 0, 2 and 1; rank 0's manifest lists all three, and each pair is
+    the one a single process makes."""
+    split, single = tmp_path / "split", tmp_path / "single"
+    split.mkdir(), single.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "diffusionreg",
+         "synth", "--model", str(trained_generator), "--count", "3", "--seed", "2", "--output", str(split), "--progress", "none"],
+        capture_output=True, encoding="utf-8", cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((split / "manifest.json").read_text())
+    assert [p["index"] for p in manifest["pairs"]] == [0, 1, 2] and manifest["summary"]["pairs"] == 3
+    run_cli(
+        "synth",
+        "--model",
+        str(trained_generator),
+        "--count",
+        "3",
+        "--seed",
+        "2",
+        "--output",
+        str(single),
+        "--progress",
+        "none",
+        check=True,
+    )
+    for i in range(3):
+        for scan in ("fixed", "moving"):
+            name = f"pair_{i:03d}_{scan}.nii.gz"
+            assert np.array_equal(read_image(split / name).array, read_image(single / name).array)

@@ -55,14 +55,22 @@ def _names(index: int) -> tuple[str, str]:
 
 
 def run_generate(args: argparse.Namespace, progress) -> int:
-    import torch
+    """Check the options and the outputs, then generate (every rank under torchrun)."""
+    from diffusionreg.distributed import end_process_group, rank_and_world, start_process_group
 
-    from diffusionreg.distributed import rank_and_world
-    from diffusionreg.image import Image, write_image
-    from diffusionreg.outputs import OutputSet
+    _check_options(args)
+    _, world = rank_and_world()
+    owns_group = start_process_group(world)
+    try:
+        code = _generate(args, progress)
+    except BaseException:
+        end_process_group(owns_group, wait=False)
+        raise
+    end_process_group(owns_group)
+    return code
 
-    from .generate import NoveltyReference, displacement_figure, iter_indices, load_generator, manifest, realism_figures
 
+def _check_options(args: argparse.Namespace) -> None:
     if not 1 <= args.count <= MAX_PAIRS:
         raise ParameterError("count", f"must be within 1..{MAX_PAIRS}, got {args.count}")
     if not 0 <= args.first_index <= MAX_PAIRS - args.count:
@@ -73,9 +81,20 @@ def run_generate(args: argparse.Namespace, progress) -> int:
         raise ParameterError("temperature", f"must be > 0, got {args.temperature}")
     if args.steps is not None and args.steps < 1:
         raise ParameterError("steps", f"must be >= 1, got {args.steps}")
+    if not Path(args.output).is_dir():
+        raise InputError(f"--output {args.output}: not an existing folder")
+
+
+def _generate(args: argparse.Namespace, progress) -> int:
+    import torch
+
+    from diffusionreg.distributed import rank_and_world
+    from diffusionreg.image import Image, write_image
+    from diffusionreg.outputs import OutputSet
+
+    from .generate import NoveltyReference, displacement_figure, iter_indices, load_generator, manifest, realism_figures
+
     folder = Path(args.output)
-    if not folder.is_dir():
-        raise InputError(f"--output {folder}: not an existing folder")
     rank, world = rank_and_world()
     indices = list(iter_indices(args.count, rank, world, start=args.first_index))
     outputs = OutputSet([], overwrite=bool(args.overwrite), progress=progress)
