@@ -65,11 +65,15 @@ def test_configs_round_trip_through_json():
     assert DeformableConfig.from_dict(json.loads(deformable.to_json())) == deformable
 
 
-@pytest.mark.parametrize("model", ["brain-mri", "brain-mri-deformable", "lung-vessels"])
+@pytest.mark.parametrize(
+    "model", ["brain-mri", "brain-mri-deformable", "lung-vessels", "lung-vessels-real10", "lung-vessels-synth", "lung-vessels-pairs"]
+)
 def test_shipped_configs_parse_and_are_complete(model):
     """Every field is written out: nothing in a shipped model depends on a default in our code."""
+    from diffusionreg.synth.config import SynthConfig
+
     data = json.loads((ROOT / "Resources" / "Models" / model / "config.json").read_text(encoding="utf-8"))
-    cls = AffineConfig if "method" not in data else DeformableConfig
+    cls = SynthConfig if "vqae" in data else AffineConfig if "method" not in data else DeformableConfig
     cfg = cls.from_dict(data)
     assert json.loads(cfg.to_json()) == data
 
