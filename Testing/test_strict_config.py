@@ -66,7 +66,8 @@ def test_configs_round_trip_through_json():
 
 
 @pytest.mark.parametrize(
-    "model", ["brain-mri", "brain-mri-deformable", "lung-vessels", "lung-vessels-real10", "lung-vessels-synth", "lung-vessels-pairs"]
+    "model",
+    ["brain-mri", "brain-mri-deformable", "lung-vessels", "lung-vessels-real10", "lung-vessels-synth", "lung-vessels-pairs"],
 )
 def test_shipped_configs_parse_and_are_complete(model):
     """Every field is written out: nothing in a shipped model depends on a default in our code."""
