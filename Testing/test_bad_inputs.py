@@ -513,7 +513,7 @@ CASES = [
     ),
     ("unsupported output extension", _set(RESAMPLE, "--output", "{out}/w.png"), [], [], 2, "unsupported extension"),
     ("detached output header", _set(RESAMPLE, "--output", "{out}/w.mhd"), [], [], 2, "unsupported extension"),
-    # commands added after the table was made: batch, midline, models pull / verify
+    # commands added after the table was made: batch, midline, synth, models pull / verify
     (
         "batch: jobs file missing",
         ["batch", "--jobs", "{in}/nope.csv", "--output-dir", "{out}/cohort"],
@@ -530,6 +530,16 @@ CASES = [
         2,
         "CT not found",
     ),
+    (
+        "synth: unknown generator",
+        ["synth", "--model", "no-such-model", "--count", "1", "--output", "{out}"],
+        [],
+        [],
+        2,
+        "unknown model 'no-such-model'",
+    ),
+    ("synth: no pairs asked for", ["synth", "--count", "0", "--output", "{out}"], [], [], 2, "--count"),
+    ("synth: output folder missing", ["synth", "--count", "1", "--output", "{out}/nowhere"], [], [], 2, "not an existing folder"),
     ("models pull: unknown name", ["models", "pull", "no-such-model"], [], [], 2, "unknown model 'no-such-model'"),
     ("models verify: unknown name", ["models", "verify", "no-such-model"], [], [], 2, "unknown model 'no-such-model'"),
 ]

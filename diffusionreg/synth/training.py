@@ -171,9 +171,10 @@ def _stage_config_json(cfg: SynthConfig, stage: str, pairs: list[FramedPair]) ->
 
 def _pair_figures(pairs: list[FramedPair]) -> dict[str, float]:
     """Realism reference of the training pairs: vessel fraction and fixed/moving soft Dice."""
-    fraction = [float(p.volumes.mean()) for p in pairs]
-    overlap = [float(soft_dice(_stack([p])[:, :1], _stack([p])[:, 1:])[0, 0]) for p in pairs]
-    return {"vessel_fraction": float(np.mean(fraction)), "overlap_dice": float(np.mean(overlap))}
+    from .generate import realism_figures
+
+    figures = [realism_figures(p.volumes) for p in pairs]  # the figures the manifest gives generated pairs
+    return {key: float(np.mean([f[key] for f in figures])) for key in ("vessel_fraction", "overlap_dice")}
 
 
 # ----------------------------------------------------------------------------- prior stage
