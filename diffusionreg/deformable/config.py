@@ -118,6 +118,8 @@ class DeformableInference:
                 raise InputError("inference.refine needs iterations >= 0, upsample > 0 and control_factor >= 1")
             if not 0 <= refine.coarse_iterations <= refine.iterations or not 0 < refine.coarse_scale <= 1:
                 raise InputError("inference.refine needs 0 <= coarse_iterations <= iterations and 0 < coarse_scale <= 1")
+            if refine.support_margin < -1 or refine.support_every < 1:
+                raise InputError("inference.refine needs support_margin >= -1 (-1: dense loss) and support_every >= 1")
             if settings.io_steps < 0 or settings.io_lr <= 0:
                 raise InputError("inference needs io_steps >= 0 and io_lr > 0")
         names = [q.name for q in self.qualities]

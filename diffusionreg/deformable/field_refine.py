@@ -14,10 +14,15 @@ interpolation of the composed fields, each factor is a diffeomorphism, and swapp
 guarantees of the networks survive. ``v`` lives on a control grid ``control_factor`` times
 coarser than the fine grid (plus ``coarse_levels`` grids, each twice as coarse, summed into it so
 that large residual motion is reached in few steps); ``exp(+-v/2)`` is computed by scaling and squaring on a grid
-``squaring_upsample`` times finer than that and upsampled trilinearly; the loss is the model's similarity in
-both directions plus ``smoothness_weight`` times the squared gradient of ``v``.
+``squaring_upsample`` times finer than that; the loss is the model's similarity in both
+directions plus ``smoothness_weight`` times the squared gradient of ``v`` (on that squaring grid).
+The loss is evaluated at the loss grid's voxels as points: each voxel ``x`` is carried through
+``e``, ``Phi`` and ``e`` in turn, every field read trilinearly on its own grid
+(:func:`refined_positions`), and the image is read where it lands. For pointwise similarities
+(L1, MSE) of zero-background maps (vessel maps) only the voxels where the loss can be non-zero
+are carried (:mod:`.loss_support`): same value and gradient, a fraction of the work.
 The first ``coarse_iterations`` evaluate that loss on a coarser grid over the same box (images
-and network pair resized to it); the velocity parameters do not depend on the grid the loss is
+resized to it); the velocity parameters do not depend on the grid the loss is
 evaluated on, so the fine iterations continue from there: large residual motion is found
 cheaply, the fine grid only polishes.
 Fields are voxel displacements of the grid they live on (:mod:`diffusionreg.fields`).
@@ -29,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusionreg import fields
+from diffusionreg import fields, spaces
 
+from .loss_support import SPARSE_SIMILARITIES, dilated_supports, loss_support, pointwise_similarity
 from .losses import gradient_loss, similarity_loss
 from .pair_optimisation import adam_steps
 
@@ -53,11 +59,38 @@ class FieldRefineConfig:
     coarse_scale: float = 0.5
     # The written inverse solved against the written forward field (.inverse_field; 0 = off).
     # Not part of the velocity refinement: it runs whether or not ``iterations`` is 0.
+    # Pointwise similarities (l1, mse) of zero-background maps are evaluated only where they can be
+    # non-zero (.loss_support): the maps' supports dilated by ``support_margin`` voxels of the loss
+    # grid, re-selected from the current pair every ``support_every`` iterations (-1: dense).
+    support_margin: int = 2
+    support_every: int = 10
     inverse_iterations: int = 10  # Newton steps per moving voxel at most
     inverse_tolerance_mm: float = 1e-3
 
     def fine_shape(self, shape) -> tuple[int, int, int]:
         return tuple(max(4, int(round(s * self.upsample))) for s in shape)
+
+
+def _at(values: torch.Tensor, points: torch.Tensor, shape: tuple[int, ...], displacement: bool) -> torch.Tensor:
+    """``values`` ``(B, C, *grid)`` over the refinement box, trilinear and border-extended, at
+    ``points`` ``(B, 3, K)``: voxel indices of a grid of ``shape`` over the same box (the grids
+    share their outer voxel faces, as :func:`diffusionreg.fields.resize_field`). A
+    ``displacement`` field's values come back in voxels of ``shape``."""
+    grid = tuple(values.shape[2:])
+    if grid == tuple(shape):
+        return spaces.sample(values, points)
+    scale = torch.tensor([g / s for g, s in zip(grid, shape)], dtype=points.dtype, device=points.device).view(1, 3, 1)
+    sampled = spaces.sample(values, (points + 0.5) * scale - 0.5)
+    return sampled / scale if displacement else sampled
+
+
+def refined_positions(points: torch.Tensor, half: torch.Tensor, pair: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``(e o Phi o e)(x)`` (batch 0) and ``(e^-1 o Phi^-1 o e^-1)(x)`` (batch 1) at ``points``
+    ``(2, 3, K)`` (voxels of ``shape``); ``half`` = ``(e, e^-1)``, ``pair`` = ``(Phi, Phi^-1)`` as
+    displacements on their own grids over the box, each read where the previous map lands."""
+    y = points + _at(half, points, shape, True)
+    y = y + _at(pair, y, shape, True)
+    return y + _at(half, y, shape, True)
 
 
 def refine_pair(
@@ -69,11 +102,15 @@ def refine_pair(
     similarity: str,
     window: int = 7,
     progress=None,
+    stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """``(u', w', losses)`` on the grid of ``moving``/``fixed`` ``(1, 1, *fine)``.
 
     ``u``, ``w``: the network pair (``warp(moving, u) ~ fixed``, ``w = u^-1``) on any grid
-    covering the same box (resized to the fine grid here).
+    covering the same box. ``stats``, when given, gains ``support_fraction`` (mean share of the
+    loss grid's voxels the sparse loss was evaluated on; 1 = dense) and ``support_leak`` (the
+    largest share of the dense similarity found outside the support in use, checked at each
+    support update; 0 = the sparse loss was the dense one).
     """
     fine = tuple(fixed.shape[2:])
     grids = [tuple(max(2, -(-s // (cfg.control_factor * 2**level))) for s in fine) for level in range(cfg.coarse_levels + 1)]
@@ -83,6 +120,10 @@ def refine_pair(
     # Adam moves each parameter by about lr per step. Parameters are in voxels of their own grid
     # and are summed on the finest control grid (resize_field rescales the units).
     opt = torch.optim.Adam([{"params": [p], "lr": cfg.learning_rate * g[0] / fine[0]} for p, g in zip(params, grids)])
+    pair = torch.cat([u.to(fixed), w.to(fixed)], 0).detach()  # read on its own grid
+    sparse = similarity in SPARSE_SIMILARITIES and cfg.support_margin >= 0
+    fractions: list[float] = []
+    leaks: list[float] = [0.0]
 
     def velocity_field() -> torch.Tensor:
         v = params[0]
@@ -90,46 +131,70 @@ def refine_pair(
             v = v + fields.resize_field(p, control)
         return v
 
+    def halves(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v, (e, e^-1))`` with ``v`` on the squaring grid (never finer than the loss's own)."""
+        # v is trilinear between control points, so its flow is about as smooth: square on a
+        # grid a little finer than the control grid and read it where needed. The finer squaring
+        # grid keeps e o e^-1 close to identity.
+        v = fields.resize_field(velocity_field(), tuple(min(q, s) for q, s in zip(squaring, shape)))
+        return v, fields.exp_velocity(torch.cat([0.5 * v, -0.5 * v], 0), cfg.squarings)
+
     def loss_on(shape: tuple[int, ...]):
-        """The refinement loss with the images and the network pair on a grid of ``shape``, and
-        the refined pair on that grid."""
-        pair = torch.cat([fields.resize_field(u.to(fixed), shape), fields.resize_field(w.to(fixed), shape)], 0).detach()
+        """The refinement loss with the images on a grid of ``shape`` over the box."""
         images = torch.cat([moving, fixed], 0)
         if shape != fine:  # images resampled over the same box (align_corners=False, as resized_grid)
             images = torch.nn.functional.interpolate(images, size=shape, mode="trilinear", align_corners=False)
-        targets = images.flip(0)
+        targets = images.flip(0).flatten(2)  # (2, 1, N): fixed, moving
+        points = fields.identity_grid(shape, device=fixed.device, dtype=fixed.dtype).flatten(2).expand(2, 3, -1)
+        voxels = points.shape[-1]
+        state = {"calls": 0, "active": None}
+        dilated = dilated_supports(images, cfg.support_margin) if sparse else None
 
-        # Never squared on a grid finer than the loss's own (on coarse grids that is most of the work).
-        squaring_here = tuple(min(q, s) for q, s in zip(squaring, shape))
-
-        def refined(velocity: torch.Tensor) -> torch.Tensor:
-            # v is trilinear between control points, so its flow is about as smooth: square on a
-            # grid a little finer than the control grid and resize (the fine-grid work is then two
-            # compositions and a warp). The finer squaring grid keeps e o e^-1 close to identity.
-            v = fields.resize_field(velocity, squaring_here)
-            half = fields.exp_velocity(torch.cat([0.5 * v, -0.5 * v], 0), cfg.squarings)
-            half = fields.resize_field(half, shape)
-            return fields.compose(half, fields.compose(pair, half))
+        def update_support(half: torch.Tensor) -> None:
+            """Re-select the voxels from the current pair (dense, no gradient) and measure what the
+            previous selection missed."""
+            with torch.no_grad():
+                positions = refined_positions(points, half, pair, shape)
+                active = loss_support(images, dilated, positions)
+                if state["active"] is not None:
+                    per_voxel = pointwise_similarity(spaces.sample(images, positions), targets, similarity).flatten(1).sum(0)
+                    total = float(per_voxel.sum())
+                    leaks.append(float(per_voxel[~state["active"]].sum()) / total if total > 0 else 0.0)
+                state["active"] = active
+                state["index"] = active.nonzero()[:, 0]
 
         def loss_fn() -> torch.Tensor:
-            velocity = velocity_field()
-            warped = fields.warp(images, refined(velocity))
-            return (
-                similarity_loss(warped[:1], targets[:1], similarity, window)
-                + similarity_loss(warped[1:], targets[1:], similarity, window)
-                # dimensionless: about the same on any grid over the box, so evaluated on this one
-                + cfg.smoothness_weight * gradient_loss(fields.resize_field(velocity, shape))
-            )
+            v, half = halves(shape)
+            # dimensionless: about the same on any grid over the box, so on the squaring grid
+            regulariser = cfg.smoothness_weight * gradient_loss(v)
+            if not sparse:
+                warped = spaces.sample(images, refined_positions(points, half, pair, shape)).view(2, 1, *shape)
+                flat = targets.view(2, 1, *shape)
+                return (
+                    similarity_loss(warped[:1], flat[:1], similarity, window)
+                    + similarity_loss(warped[1:], flat[1:], similarity, window)
+                    + regulariser
+                )
+            if state["calls"] % cfg.support_every == 0:
+                update_support(half.detach())
+            state["calls"] += 1
+            index = state["index"]
+            fractions.append(index.numel() / voxels)
+            warped = spaces.sample(images, refined_positions(points[..., index], half, pair, shape))
+            return pointwise_similarity(warped, targets[..., index], similarity).sum() / voxels + regulariser
 
-        return loss_fn, refined
+        return loss_fn
 
     losses: list[float] = []
     coarse_steps = min(cfg.coarse_iterations, cfg.iterations)
     if coarse_steps > 0:
         coarse = tuple(max(4, int(round(s * cfg.coarse_scale))) for s in fine)
-        losses += adam_steps(opt, loss_on(coarse)[0], coarse_steps, progress, "velocity refinement (coarse grid)")
-    loss_fn, refined = loss_on(fine)
-    losses += adam_steps(opt, loss_fn, cfg.iterations - coarse_steps, progress, "velocity refinement")
+        losses += adam_steps(opt, loss_on(coarse), coarse_steps, progress, "velocity refinement (coarse grid)")
+    losses += adam_steps(opt, loss_on(fine), cfg.iterations - coarse_steps, progress, "velocity refinement")
     with torch.no_grad():
-        both = refined(velocity_field())
+        points = fields.identity_grid(fine, device=fixed.device, dtype=fixed.dtype).flatten(2).expand(2, 3, -1)
+        both = (refined_positions(points, halves(fine)[1], pair, fine) - points).view(2, 3, *fine)
+    if stats is not None:
+        stats["support_fraction"] = sum(fractions) / len(fractions) if fractions else 1.0
+        stats["support_leak"] = max(leaks)
     return both[:1], both[1:], losses

@@ -388,13 +388,14 @@ def register_deformable(
     u, w, io_losses = predict(model, moving_t, fixed_t, steps, settings.io_lr, progress=progress, seconds=seconds)
     last = time.perf_counter()
     refine_losses: list[float] = []
+    refine_stats: dict[str, float] = {}
     if refine_cfg.iterations > 0:
         grid = resized_grid(grid, refine_cfg.fine_shape(cfg.grid_shape))
         fixed_fine = to_network(fixed, grid, cfg).to(model.device)
         moving_fine = to_network(moving, grid, cfg, initial).to(model.device)
         lap("refine_preprocess")
         u, w, refine_losses = refine_pair(
-            u, w, moving_fine, fixed_fine, refine_cfg, cfg.similarity, cfg.ncc_window, progress=progress
+            u, w, moving_fine, fixed_fine, refine_cfg, cfg.similarity, cfg.ncc_window, progress=progress, stats=refine_stats
         )
     u, w = u.detach().cpu(), w.detach().cpu()
     lap("refine")
@@ -446,6 +447,7 @@ def register_deformable(
             "refine_coarse_iterations": refine_cfg.coarse_iterations,
             "refine_loss_first": refine_losses[0] if refine_losses else None,
             "refine_loss_last": refine_losses[-1] if refine_losses else None,
+            **{f"refine_{key}": value for key, value in refine_stats.items()},
             "network_grid_shape": list(cfg.grid_shape),
             "network_spacing_mm": cfg.spacing_mm,
             "field_grid_shape": list(grid.shape),
