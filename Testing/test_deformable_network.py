@@ -212,3 +212,13 @@ def test_group_consistency_training_term():
     loss, stats = triplet_loss(net, cfg, a, b, c)
     loss.backward()
     assert stats["cycle"] > 0 and all(p.grad is not None for p in net.heads.parameters())
+
+
+def test_lncc_box_sums_are_the_sums_over_the_zero_padded_window():
+    """The separable box sums of the NCC loss equal a direct 7^3 convolution with ones."""
+    from diffusionreg.deformable.losses import _box_sum
+
+    x = torch.rand(2, 5, 9, 11, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(5, 1, 7, 7, 7, dtype=torch.float64)
+    direct = F.conv3d(x, ones, padding=3, groups=5)
+    assert torch.allclose(_box_sum(x, 7), direct, atol=1e-10)

@@ -220,23 +220,23 @@ def _presets() -> dict[str, DeformableConfig]:
         batch_size=1,
         augment_elastic_mm=3.0,
         augment_intensity=False,
-        # the shipped lung-vessels defaults (issue 18: 20 IO steps, multi-resolution refinement; presets)
+        # the shipped lung-vessels defaults (issue 18: 20 IO steps, multi-resolution sparse refinement; presets)
         inference=DeformableInference(
             io_steps=20,
             io_lr=5e-3,
             refine=FieldRefineConfig(
-                iterations=100,
-                coarse_iterations=70,
+                iterations=60,
+                coarse_iterations=40,
                 coarse_scale=0.667,
                 upsample=1.5,
                 control_factor=8,
                 coarse_levels=2,
                 learning_rate=0.15,
                 smoothness_weight=0.1,
-                squaring_upsample=4,
+                squaring_upsample=2,
             ),
             qualities=(
-                QualityPreset("fast", io_steps=0, refine_iterations=100, refine_coarse_iterations=80, refine_upsample=1.5),
+                QualityPreset("fast", io_steps=10, refine_iterations=60, refine_coarse_iterations=40, refine_upsample=1.5),
                 QualityPreset("best", io_steps=50, refine_iterations=150, refine_coarse_iterations=0, refine_upsample=1.5),
             ),
         ),

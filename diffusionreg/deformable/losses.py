@@ -19,17 +19,18 @@ from diffusionreg import fields, spaces
 
 
 def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Sum over a ``window^3`` box around each voxel (zero padded), separable."""
+    """Sum over a ``window^3`` box around each voxel (zero padded), separable.
+
+    Each axis is a box mean counting the zero padding (``avg_pool3d``, far cheaper on a CPU than
+    a grouped convolution) times ``window``."""
     pad = window // 2
-    channels = x.shape[1]
     out = x
     for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = window
-        kernel = torch.ones(shape, dtype=x.dtype, device=x.device).expand(channels, 1, *shape[2:])
+        kernel = [1, 1, 1]
+        kernel[axis] = window
         padding = [0, 0, 0]
         padding[axis] = pad
-        out = F.conv3d(out, kernel, padding=tuple(padding), groups=channels)
+        out = F.avg_pool3d(out, tuple(kernel), stride=1, padding=tuple(padding), count_include_pad=True) * window
     return out
 
 
