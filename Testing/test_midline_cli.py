@@ -34,7 +34,7 @@ def tiny_midline_config() -> MidlineConfig:
         diffusion=DiffusionConfig(
             channels=(8, 8, 8), attention_levels=(False, False, False), norm_num_groups=4, num_head_channels=8
         ),
-        deformation=DeformationConfig(channels=(4, 8, 8, 8)),
+        deformation=DeformationConfig(channels=(4, 8, 8, 8), bank_slices=4, bank_chunk=2),
         inference=MidlineInference(pose_iterations=30, pose_pitch_starts_deg=(0.0,)),
     )
 

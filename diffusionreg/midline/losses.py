@@ -43,8 +43,8 @@ def landmark_loss(u: torch.Tensor, points: torch.Tensor, targets: torch.Tensor, 
     return robust_penalty(field_at(u, points) - targets, delta).mean()
 
 
-def hinge_loss(u: torch.Tensor, pixel_mm: float, case_mls_mm: torch.Tensor) -> torch.Tensor:
-    """``mean max(0, |u| - MLS_case)`` in mm, each sample against its own case MLS (the reference
-    broadcast the first sample's magnitude against every label)."""
-    magnitude = torch.linalg.vector_norm(u, dim=1) * pixel_mm  # (B, N, N)
-    return torch.relu(magnitude - case_mls_mm.view(-1, 1, 1)).mean()
+def hinge_loss(u: torch.Tensor, case_mls_px: torch.Tensor) -> torch.Tensor:
+    """``mean max(0, |u| - MLS_case)`` in slice pixels (the spec's units), each sample against its
+    own case MLS (the reference broadcast the first sample's magnitude against every label)."""
+    magnitude = torch.linalg.vector_norm(u, dim=1)  # (B, N, N)
+    return torch.relu(magnitude - case_mls_px.view(-1, 1, 1)).mean()

@@ -7,7 +7,8 @@
   (spec 2.2). Validation: the denoising loss on held-out heads at fixed noise.
 * ``deformation``: the deformation network on ``[x, r]`` with both diffusion models frozen; per
   slice a synthetic mass effect (peak 0-15 mm, ``synth.zero_fraction`` of them 0), ``r`` at a
-  uniform t and the guided pseudo-normal image; losses of spec 2.6 (image term ramped over the
+  uniform t and the guided pseudo-normal image (made once for a bank of slices when
+  ``deformation.bank_slices`` > 0, :mod:`~diffusionreg.midline.feature_bank`); losses of spec 2.6 (image term ramped over the
   run, smoothness, landmarks at the falx points, the shifted landmark and ``midline_points`` more
   pairs along the displaced midline, the per-sample hinge). The exported network is the whole
   :class:`~diffusionreg.midline.network.MidlineModel` (what ``diffusionreg midline`` loads).
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusionreg.distributed import rank_and_world
 from diffusionreg.errors import InputError
 from diffusionreg.progress import Progress
 from diffusionreg.training.ema import EMA
@@ -30,8 +32,10 @@ from diffusionreg.training.engine import TrainingTask, run_training
 from diffusionreg.training.options import RunOptions
 
 from .config import MidlineConfig
-from .diffusion import build_unet, ddpm_scheduler, denoising_loss, pseudo_normal, representation
-from .headframe import head_mask, intracranial_mask, midline_column
+from .diffusion import build_unet, ddpm_scheduler, denoising_loss
+from .feature_bank import FOLDER as FEATURE_BANK
+from .feature_bank import DeformationSample, FeatureBank, with_features
+from .headframe import intracranial_mask, midline_column
 from .heads import pose_template, training_heads
 from .losses import hinge_loss, image_loss, landmark_loss, smoothness_loss
 from .network import MidlineModel, integrate
@@ -77,10 +81,6 @@ def _load_unet(path: Path, cfg: MidlineConfig) -> torch.nn.Module:
     return net
 
 
-def _masks(hu: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.stack([head_mask(h[0].numpy()) for h in hu])[:, None].astype(np.float32))
-
-
 def train(opts: MidlineTrainOptions, run: RunOptions, progress: Progress | None = None) -> dict:
     """Train one stage (every rank under torchrun); returns the final summary."""
     if opts.stage not in STAGES:
@@ -97,7 +97,7 @@ def train(opts: MidlineTrainOptions, run: RunOptions, progress: Progress | None 
     )
     torch.manual_seed(cfg.seed)
     if opts.stage == "deformation":
-        task = _deformation_task(opts, cfg, heads, val_heads, run)
+        task = _deformation_task(opts, cfg, heads, val_heads, run, progress)
     else:
         task = _diffusion_task(opts, cfg, heads, val_heads)
     task.data = [str(opts.template_dir), *map(str, normal)]
@@ -142,38 +142,25 @@ def _diffusion_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_he
     )
 
 
-def deformation_losses(
-    model: MidlineModel, cfg: MidlineConfig, batch: SliceBatch, gen: torch.Generator, ramp: float, t: int | None = None
-):
+def deformation_losses(model: MidlineModel, cfg: MidlineConfig, sample: DeformationSample, ramp: float):
     """Spec 2.6's total loss of a batch, its terms and the field (``ramp`` in [0, 1]: training
-    progress; ``t``: the representation's step, default uniform per slice)."""
+    progress)."""
     d, f = cfg.deformation, cfg.frame
-    scheduler = ddpm_scheduler(cfg.diffusion)
-    with torch.no_grad():
-        steps = (
-            torch.randint(0, cfg.diffusion.timesteps, (len(batch.x),), generator=gen)
-            if t is None
-            else torch.full((len(batch.x),), t, dtype=torch.long)
-        )
-        r = representation(model.eps_normal, model.eps_all, scheduler, batch.x, steps, torch.randn(batch.x.shape, generator=gen))
-        x_tilde = pseudo_normal(
-            model.eps_normal, model.eps_all, cfg.diffusion, batch.x, torch.randn(batch.x.shape, generator=gen)
-        )
-    u = integrate(model.deform(torch.cat([batch.x, r], 1)), d.squaring_steps)
-    shifted = torch.cat([batch.landmarks[:, :3], batch.midline[:, :, 0]], 1)
+    u = integrate(model.deform(torch.cat([sample.x, sample.r], 1)), d.squaring_steps)
+    shifted = torch.cat([sample.landmarks[:, :3], sample.midline[:, :, 0]], 1)
     targets = torch.cat(
         [
-            torch.zeros_like(batch.landmarks[:, :2]),
-            (batch.landmarks[:, 3] - batch.landmarks[:, 2])[:, None],
-            batch.midline[:, :, 1] - batch.midline[:, :, 0],
+            torch.zeros_like(sample.landmarks[:, :2]),
+            (sample.landmarks[:, 3] - sample.landmarks[:, 2])[:, None],
+            sample.midline[:, :, 1] - sample.midline[:, :, 0],
         ],
         1,
     )
     terms = {
-        "image": image_loss(batch.x, x_tilde, u, _masks(batch.hu)),
+        "image": image_loss(sample.x, sample.x_tilde, u, sample.mask),
         "smooth": smoothness_loss(u),
         "landmark": landmark_loss(u, shifted, targets, d.landmark_delta_px),
-        "hinge": hinge_loss(u, f.pixel_mm, batch.mls_mm),
+        "hinge": hinge_loss(u, sample.mls_mm / f.pixel_mm),
     }
     total = (
         (1.0 + d.image_weight_ramp * ramp) * terms["image"]
@@ -198,7 +185,9 @@ def read_batch(u: torch.Tensor, hu: torch.Tensor, cfg: MidlineConfig) -> list[fl
     return out
 
 
-def _deformation_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_heads, run: RunOptions) -> TrainingTask:
+def _deformation_task(
+    opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_heads, run: RunOptions, progress: Progress
+) -> TrainingTask:
     d = cfg.deformation
     template = pose_template(opts.template_dir)
     model = MidlineModel(cfg, template.shape)
@@ -212,10 +201,20 @@ def _deformation_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_
         states = [s for s in optimizer.state.values() if "step" in s]
         return min(1.0, float(states[0]["step"]) / run.steps) if states else 0.0
 
+    bank: list[FeatureBank] = []  # made on the first step, after the engine's checks of the run folder
+
+    def draw(module, gen) -> DeformationSample:
+        if d.bank_slices == 0:
+            batch = synth_slices(heads, cfg.frame, cfg.synth, gen, d.batch_size, midline_points=d.midline_points)
+            return with_features(module, cfg, batch, gen)
+        if not bank:
+            rank, world = rank_and_world()
+            bank.append(FeatureBank.build(run.output / FEATURE_BANK, module, cfg, heads, rank, world, progress))
+        return bank[0].batch(gen, d.batch_size, d.flip_prob)
+
     def step(module, gen):
         module.freeze_diffusion()  # the engine puts every submodule in train mode
-        batch = synth_slices(heads, cfg.frame, cfg.synth, gen, d.batch_size, midline_points=d.midline_points)
-        total, terms, _ = deformation_losses(module, cfg, batch, gen, progress_fraction())
+        total, terms, _ = deformation_losses(module, cfg, draw(module, gen), progress_fraction())
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
     @torch.no_grad()
@@ -225,7 +224,8 @@ def _deformation_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_
         errors, normals = [], []
         for _ in range(VALIDATION_BATCHES):
             batch = synth_slices(val_heads, cfg.frame, cfg.synth, gen, d.batch_size, z_range=cfg.frame.measured_z_mm)
-            _, _, u = deformation_losses(exported, cfg, batch, gen, 1.0, cfg.diffusion.representation_t)
+            sample = with_features(exported, cfg, batch, gen, cfg.diffusion.representation_t)
+            _, _, u = deformation_losses(exported, cfg, sample, 1.0)
             read = np.asarray(read_batch(u, batch.hu, cfg))
             truth = batch.slice_mls_mm.numpy()
             errors += list(np.abs(read - truth))
