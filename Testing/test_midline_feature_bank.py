@@ -23,7 +23,9 @@ def setting(shared_data: Path):
     from test_midline_cli import tiny_midline_config
 
     cfg = tiny_midline_config()
-    cfg = dataclasses.replace(cfg, deformation=dataclasses.replace(cfg.deformation, bank_slices=6, bank_chunk=4, midline_points=3))
+    cfg = dataclasses.replace(
+        cfg, deformation=dataclasses.replace(cfg.deformation, bank_slices=6, bank_chunk=4, midline_points=3)
+    )
     heads = training_heads(shared_data / "headct", [], cfg.inference, lambda _: None)
     torch.manual_seed(0)
     return cfg, heads, MidlineModel(cfg)
@@ -44,6 +46,12 @@ def test_flip_mirrors_images_and_points_about_the_midline(setting) -> None:
     assert column == pytest.approx((size - 1) / 2)
     assert torch.allclose(flipped.landmarks[0, :, 0] + sample.landmarks[0, :, 0], torch.full((4,), 2.0 * column))
     assert torch.equal(flipped.landmarks[0, :, 1], sample.landmarks[0, :, 1])
+    # the true field turns with the slice: mirrored, its lateral component negated
+    assert torch.equal(flipped.field[0, 0], -torch.flip(sample.field[0, 0], dims=[0]))
+    assert torch.equal(flipped.field[0, 1], torch.flip(sample.field[0, 1], dims=[0]))
+    assert torch.allclose(
+        field_at(flipped.field[:1], flipped.midline[:1, :, 0]), flipped.midline[:1, :, 1] - flipped.midline[:1, :, 0], atol=0.02
+    )
     # a shift towards +i becomes a shift towards -i by the same amount
     shift = sample.landmarks[0, 3, 0] - sample.landmarks[0, 2, 0]
     assert abs(float(shift)) > 0.1
@@ -52,7 +60,10 @@ def test_flip_mirrors_images_and_points_about_the_midline(setting) -> None:
     image = sample.x[:1].repeat(1, 2, 1, 1)
     back = field_at(torch.flip(image, dims=[2]), flipped.midline[:1, :, 0])
     assert torch.allclose(back, field_at(image, sample.midline[:1, :, 0]), atol=1e-5)
-    assert torch.equal(sample.flipped(torch.ones(3, dtype=torch.bool), size).flipped(torch.ones(3, dtype=torch.bool), size).midline, sample.midline)
+    assert torch.equal(
+        sample.flipped(torch.ones(3, dtype=torch.bool), size).flipped(torch.ones(3, dtype=torch.bool), size).midline,
+        sample.midline,
+    )
 
 
 def test_chunks_are_deterministic_and_built_once(setting, tmp_path: Path) -> None:
@@ -63,7 +74,7 @@ def test_chunks_are_deterministic_and_built_once(setting, tmp_path: Path) -> Non
     (tmp_path / "chunk_0001.pt").unlink()
     again = FeatureBank.build(tmp_path, model, cfg, heads)
     assert (tmp_path / "chunk_0000.pt").stat().st_mtime_ns == stamp
-    for name in ("x", "r", "x_tilde", "mask", "landmarks", "midline", "mls_mm"):
+    for name in ("x", "r", "x_tilde", "mask", "landmarks", "midline", "mls_mm", "field"):
         assert torch.equal(getattr(again.samples, name), getattr(bank.samples, name)), name
     # a second rank's chunks are made by that rank: this rank alone made chunk 0 only
     other = tmp_path / "ranks"
@@ -79,7 +90,7 @@ def test_bank_batches_give_the_losses_of_fresh_features(setting, tmp_path: Path)
     sample = bank.batch(torch.Generator().manual_seed(3), 4, flip_prob=0.0)
     total, terms, u = deformation_losses(model, cfg, sample, 0.5)
     assert u.shape == (4, 2, cfg.frame.slice_size, cfg.frame.slice_size)
-    assert torch.isfinite(total) and set(terms) == {"image", "smooth", "landmark", "hinge"}
+    assert torch.isfinite(total) and set(terms) == {"image", "smooth", "landmark", "hinge", "field"}
     total.backward()
     grads = [p.grad for p in model.deform.parameters()]
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)

@@ -110,6 +110,14 @@ def test_training_slices_carry_consistent_truth(phantom: NormalHead) -> None:
     moved = torch.linalg.vector_norm(batch.landmarks[:, 3] - batch.landmarks[:, 2], dim=1) * FRAME.pixel_mm
     assert torch.allclose(moved, batch.slice_mls_mm, atol=1e-4)
     assert torch.all(batch.slice_mls_mm <= batch.mls_mm + 1e-4)  # no slice beats the case's peak
+    # the whole true field agrees with every supervised pair (bilinear reading, 64^2 pixels)
+    from diffusionreg.midline.losses import field_at
+
+    pairs = batch.midline[:, :, 1] - batch.midline[:, :, 0]
+    assert torch.allclose(field_at(batch.field, batch.midline[:, :, 0]), pairs, atol=0.02)
+    assert float(pairs.abs().max()) > 0.5  # the check is not vacuous
+    unshifted = synth_slices([phantom], FRAME, synth, gen, 2, shifted_fraction=0.0)
+    assert torch.equal(unshifted.field, torch.zeros_like(unshifted.field))
 
 
 def test_synth_case_truth_in_world_coordinates(phantom: NormalHead) -> None:

@@ -43,7 +43,7 @@ class DeformationSample:
     ``x``, ``r``, ``x_tilde``, ``mask``: ``(B, 1, N, N)`` (slice windowed to [-1, 1], the
     representation, the guided pseudo-normal, the head mask); ``landmarks`` ``(B, 4, 2)`` and
     ``midline`` ``(B, K, 2, 2)`` in slice pixels (i, j) as in :class:`SliceBatch`; ``mls_mm``
-    ``(B,)`` case MLS.
+    ``(B,)`` case MLS; ``field`` the true field.
     """
 
     x: torch.Tensor
@@ -53,12 +53,17 @@ class DeformationSample:
     landmarks: torch.Tensor
     midline: torch.Tensor
     mls_mm: torch.Tensor
+    field: torch.Tensor  # (B, 2, N, N) the synthetic truth (slice pixels, channel 0 along i)
 
     def flipped(self, which: torch.Tensor, size: int) -> DeformationSample:
         """Left-right flip (array axis i, about the slice centre) of the samples where ``which``."""
         out = {f.name: getattr(self, f.name).clone() for f in fields(self)}
         for name in ("x", "r", "x_tilde", "mask"):
             out[name][which] = torch.flip(out[name][which], dims=[2])
+        field = out["field"][which]
+        field = torch.flip(field, dims=[2])
+        field[:, 0] = -field[:, 0]
+        out["field"][which] = field
         for name in ("landmarks", "midline"):
             points = out[name][which]
             points[..., 0] = (size - 1) - points[..., 0]
@@ -76,11 +81,7 @@ def with_features(model, cfg: MidlineConfig, batch: SliceBatch, gen: torch.Gener
     """``r`` (at ``t``, default uniform per slice) and the pseudo-normal of ``batch`` from the frozen
     diffusion models of ``model`` (a :class:`~diffusionreg.midline.network.MidlineModel`)."""
     n = len(batch.x)
-    steps = (
-        torch.randint(0, cfg.diffusion.timesteps, (n,), generator=gen)
-        if t is None
-        else torch.full((n,), t, dtype=torch.long)
-    )
+    steps = torch.randint(0, cfg.diffusion.timesteps, (n,), generator=gen) if t is None else torch.full((n,), t, dtype=torch.long)
     scheduler = ddpm_scheduler(cfg.diffusion)
     r = representation(model.eps_normal, model.eps_all, scheduler, batch.x, steps, torch.randn(batch.x.shape, generator=gen))
     x_tilde = pseudo_normal(model.eps_normal, model.eps_all, cfg.diffusion, batch.x, torch.randn(batch.x.shape, generator=gen))
@@ -92,6 +93,7 @@ def with_features(model, cfg: MidlineConfig, batch: SliceBatch, gen: torch.Gener
         landmarks=batch.landmarks,
         midline=batch.midline,
         mls_mm=batch.mls_mm,
+        field=batch.field,
     )
 
 

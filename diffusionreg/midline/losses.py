@@ -48,3 +48,9 @@ def hinge_loss(u: torch.Tensor, case_mls_px: torch.Tensor) -> torch.Tensor:
     own case MLS (the reference broadcast the first sample's magnitude against every label)."""
     magnitude = torch.linalg.vector_norm(u, dim=1)  # (B, N, N)
     return torch.relu(magnitude - case_mls_px.view(-1, 1, 1)).mean()
+
+
+def field_loss(u: torch.Tensor, truth: torch.Tensor, delta: float) -> torch.Tensor:
+    """Mean robust penalty of ``u - truth`` over every pixel (``(B, 2, N, N)``, pixels): the
+    landmark loss at all pixels, for synthetic slices whose whole field is known."""
+    return robust_penalty(u - truth, delta).mean()

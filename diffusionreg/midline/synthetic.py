@@ -246,6 +246,7 @@ class SliceBatch:
     normal: torch.Tensor  # (B, 1, N, N) the same slice without the mass effect and lesion
     landmarks: torch.Tensor  # (B, 4, 2) slice pixels (i, j): anterior falx, posterior falx, shifted, normal
     midline: torch.Tensor  # (B, K, 2, 2) extra (shifted, normal) pairs along the midline
+    field: torch.Tensor  # (B, 2, N, N) the true field (slice pixels; zeros when truth=False)
     mls_mm: torch.Tensor  # (B,) case MLS (slice-frame mm): the peak of the mass effect
     slice_mls_mm: torch.Tensor  # (B,) this slice's MLS from its landmarks
 
@@ -274,7 +275,7 @@ def synth_slices(
     """A batch of training slices: each a random head, residual pose, level, thickness, noise and HU
     offset; a mass effect with probability ``shifted_fraction`` (its peak may be 0: ``cfg.zero_fraction``)."""
     z_low, z_high = z_range or frame.training_z_mm
-    xs, hus, normals, marks, pairs, mls, slice_mls = [], [], [], [], [], [], []
+    xs, hus, normals, marks, pairs, mls, slice_mls, fields = [], [], [], [], [], [], [], []
     k = midline_points
     for _ in range(batch):
         head = heads[int(torch.randint(len(heads), (), generator=gen))]
@@ -304,11 +305,13 @@ def synth_slices(
         if not truth:
             marks.append(torch.zeros(4, 2))
             pairs.append(torch.zeros(k, 2, 2))
+            fields.append(torch.zeros(2, frame.slice_size, frame.slice_size))
             slice_mls.append(0.0)
             continue
         lm = slice_landmarks(effect, frame, z, view)
         marks.append(torch.tensor([lm["anterior_falx"], lm["posterior_falx"], lm["shifted"], lm["normal"]]))
         pairs.append(_midline_pairs(effect, frame, z, view, k))
+        fields.append(slice_field(effect, frame, z, view))
         slice_mls.append(lm["mls_mm"])
     return SliceBatch(
         x=torch.cat(xs).float(),
@@ -316,6 +319,7 @@ def synth_slices(
         normal=torch.cat(normals).float(),
         landmarks=torch.stack(marks).float(),
         midline=torch.stack(pairs).float(),
+        field=torch.stack(fields),
         mls_mm=torch.tensor(mls, dtype=torch.float32),
         slice_mls_mm=torch.tensor(slice_mls, dtype=torch.float32),
     )
@@ -338,6 +342,24 @@ def _near(effect: MassEffect, z: float, gen: torch.Generator) -> MassEffect:
     return MassEffect(
         **{**effect.to_dict(), "shift_z_mm": z0, "lesion_centre_mm": (centre[0], centre[1], z0 + centre[2] - effect.shift_z_mm)}
     )
+
+
+def slice_field(effect: MassEffect | None, frame: HeadFrame, z: float, view: np.ndarray) -> torch.Tensor:
+    """The true field ``(2, N, N)`` of the slice at ``z`` (slice pixels, channel 0 along i): at every
+    pixel ``p``, ``normal(p) - p`` as for the landmarks (0 everywhere without a mass effect)."""
+    n = frame.slice_size
+    if effect is None:
+        return torch.zeros(2, n, n)
+    to_template = torch.as_tensor(view, dtype=torch.float64) @ torch.as_tensor(slice_affine(frame, z), dtype=torch.float64)
+    i, j = torch.meshgrid(torch.arange(n, dtype=torch.float64), torch.arange(n, dtype=torch.float64), indexing="ij")
+    pixels = torch.stack(
+        [i.flatten(), j.flatten(), torch.zeros(n * n, dtype=torch.float64), torch.ones(n * n, dtype=torch.float64)]
+    )
+    template = to_template @ pixels
+    mapped = template.clone()
+    mapped[:3] = effect.apply(template[:3].T[:, :, None])[:, :, 0].T
+    normal = torch.linalg.inv(to_template) @ mapped
+    return (normal[:2] - pixels[:2]).reshape(2, n, n).float()
 
 
 def _midline_pairs(effect: MassEffect | None, frame: HeadFrame, z: float, view: np.ndarray, count: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from .feature_bank import FOLDER as FEATURE_BANK
 from .feature_bank import DeformationSample, FeatureBank, with_features
 from .headframe import intracranial_mask, midline_column
 from .heads import pose_template, training_heads
-from .losses import hinge_loss, image_loss, landmark_loss, smoothness_loss
+from .losses import field_loss, hinge_loss, image_loss, landmark_loss, smoothness_loss
 from .network import MidlineModel, integrate
 from .readout import falx_rows, read_slice
 from .synthetic import SliceBatch, synth_slices
@@ -162,11 +162,14 @@ def deformation_losses(model: MidlineModel, cfg: MidlineConfig, sample: Deformat
         "landmark": landmark_loss(u, shifted, targets, d.landmark_delta_px),
         "hinge": hinge_loss(u, sample.mls_mm / f.pixel_mm),
     }
+    if d.field_weight:
+        terms["field"] = field_loss(u, sample.field, d.landmark_delta_px)
     total = (
         (1.0 + d.image_weight_ramp * ramp) * terms["image"]
         + d.smooth_weight * terms["smooth"]
         + d.landmark_weight * terms["landmark"]
         + d.hinge_weight * terms["hinge"]
+        + d.field_weight * terms.get("field", 0.0)
     )
     return total, terms, u
 
