@@ -144,4 +144,3 @@ def test_support_settings_are_validated():
         DeformableConfig.from_dict({"inference": {"refine": {"support_every": 0}}})
     with pytest.raises(InputError, match="support_margin"):
         DeformableConfig.from_dict({"inference": {"refine": {"support_margin": -2}}})
-
