@@ -516,7 +516,8 @@ def main() -> int:
             models["lung"] = load_model(args.lung_model)
             models["brain"] = load_model(args.brain_model) if args.brain_model else None
         cases = LUNG_CASES if args.lung_cases == "all" else tuple(c for c in args.lung_cases.split(",") if c)
-        jobs = [("lung", c, m) for c in cases for m in methods]
+        # method by method (in the order given), so that a run stopped early has every case of the first methods
+        jobs = [("lung", c, m) for m in methods for c in cases]
         if args.brain:
             jobs += [("brain", "vxm-oasisA", m) for m in methods]
         for task, case, method in jobs:
