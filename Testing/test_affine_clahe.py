@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from diffusionreg.affine.clahe import clahe
@@ -49,9 +51,9 @@ def test_faint_layers_gain_contrast_and_the_clip_limits_it():
 
 
 def test_venous_network_input_is_equalised_like_the_spec():
-    cfg = compact()
+    cfg = dataclasses.replace(compact(), grid_size=32)
     image = Image(layered() * 300.0, np.diag([2.0, 2.0, 2.0, 1.0]))
-    grid = network_grid(cfg, image.grid.centre_world(), size=32)
+    grid = network_grid(cfg, image.grid.centre_world())
     window = (float(image.array.min()), float(image.array.max()))
     venous = to_network(image, grid, cfg, window, "venous").array
     mri = to_network(image, grid, cfg, window, "mri").array

@@ -32,7 +32,7 @@ def test_input_is_resized_to_the_training_grid():
 
 def test_full_preset_size_on_meta_device():
     cfg = full()
-    assert cfg.feature_size == 4 and cfg.widths == (2, 64, 128, 256, 256, 512, 1024)
+    assert cfg.feature_shape == (4, 4, 4) and cfg.widths == (2, 64, 128, 256, 256, 512, 1024)
     with torch.device("meta"):
         net = AffineDiffusionNet(cfg)
     n = count_parameters(net)

@@ -1,12 +1,17 @@
 """One configuration dataclass for spatial-diffusion affine registration.
 
-Two presets:
+Three presets:
 
 * ``full``: the published method's sizes (widths 2-64-...-1024, 256^3 grid, T = 65,
   translation std 0.5-4 voxels, batch 4, 120k steps). Meant for a GPU.
 * ``compact``: a laptop-CPU size (narrow widths, 64^3 grid at 3.5 mm). Voxel-valued
   parameters (translation std, artifact sizes) are scaled by grid_size / 256 so that they
   cover the same fraction of the field of view as in the full model.
+* ``oct``: retinal OCT / OCTA on an anisotropic network grid (:func:`retinal_oct`).
+
+The network grid is a cube (``grid_size`` an integer, ``spacing_mm`` a number) or a box
+(``grid_size`` = [D0, D1, D2] voxels, ``spacing_mm`` = [s0, s1, s2] mm along the LPS axes);
+:attr:`AffineConfig.grid_shape` and :attr:`AffineConfig.grid_spacing` read either form.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from diffusionreg.errors import InputError
 from diffusionreg.strict_config import from_dict
 from diffusionreg.vocabulary import ANY_MODALITY, INITIALIZATIONS
@@ -23,9 +30,11 @@ from diffusionreg.vocabulary import ANY_MODALITY, INITIALIZATIONS
 
 @dataclass(frozen=True)
 class RefineLevel:
-    """One resolution level: isotropic grid spacing (mm) and Adam iterations."""
+    """One resolution level: grid spacing (mm; a number: an isotropic cube around the pivot, as
+    every MRI model; three numbers: per LPS axis over the fixed image's extent on each axis, for
+    anisotropic scans such as OCT) and Adam iterations."""
 
-    spacing_mm: float
+    spacing_mm: float | tuple[float, float, float]
     iterations: int
 
 
@@ -121,7 +130,7 @@ class AffineInference:
             raise InputError(f"inference.steps must be >= 1 or null, got {self.steps}")
         if self.initialize not in INITIALIZATIONS:
             raise InputError(f"inference.initialize {self.initialize!r}: use one of {', '.join(INITIALIZATIONS)}")
-        if any(level.iterations < 0 or level.spacing_mm <= 0 for level in self.refine.levels):
+        if any(level.iterations < 0 or min(np.atleast_1d(level.spacing_mm)) <= 0 for level in self.refine.levels):
             raise InputError("inference.refine levels need iterations >= 0 and spacing_mm > 0")
         if self.refine.metric not in ("mi", "ncc"):
             raise InputError(f"inference.refine.metric {self.refine.metric!r}: use mi or ncc")
@@ -133,8 +142,10 @@ class AffineConfig:
 
     name: str = "compact"
     # --- network grid -------------------------------------------------------------
-    grid_size: int = 64  # cubic network grid, voxels per side
-    spacing_mm: float = 3.5  # isotropic spacing of the network grid
+    # An integer / a number: a cube (every shipped MRI model); [D0, D1, D2] / [s0, s1, s2]: a box
+    # with per-axis spacing (OCT). Array axes (i, j, k) run along L, P, S (preprocess.network_grid).
+    grid_size: int | tuple[int, int, int] = 64  # network grid, voxels (per side or per axis)
+    spacing_mm: float | tuple[float, float, float] = 3.5  # network grid spacing (isotropic or per axis)
     # --- network ------------------------------------------------------------------
     widths: tuple[int, ...] = (2, 16, 32, 64, 64, 128, 128)
     norm_groups: int = 8  # GroupNorm groups (full: 32)
@@ -201,8 +212,29 @@ class AffineConfig:
     def from_dict(cls, data: dict[str, Any]) -> AffineConfig:
         """Strict: unknown keys and wrong types are refused (:mod:`diffusionreg.strict_config`)."""
         cfg = from_dict(cls, data, "affine config")
+        cfg.validate_grid()
         cfg.inference.validate()
         return cfg
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """Network grid shape (D0, D1, D2) = array axes (i, j, k)."""
+        size = self.grid_size
+        return (size,) * 3 if isinstance(size, int) else tuple(size)  # type: ignore[return-value]
+
+    @property
+    def grid_spacing(self) -> tuple[float, float, float]:
+        """Network grid spacing (mm) along array axes (i, j, k)."""
+        spacing = self.spacing_mm
+        return (spacing,) * 3 if isinstance(spacing, (int, float)) else tuple(spacing)  # type: ignore[return-value]
+
+    def validate_grid(self) -> None:
+        """A network grid of >= 2 voxels per axis and positive spacings (the one-line error names the key)."""
+        size, spacing = (list(v) if isinstance(v, tuple) else v for v in (self.grid_size, self.spacing_mm))  # as in JSON
+        if len(self.grid_shape) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in self.grid_shape):
+            raise InputError(f"affine config.grid_size {size}: use an integer >= 2 or three of them [D0, D1, D2]")
+        if len(self.grid_spacing) != 3 or any(not s > 0 for s in self.grid_spacing):
+            raise InputError(f"affine config.spacing_mm {spacing}: use a number > 0 or three of them [s0, s1, s2] (mm)")
 
     @classmethod
     def from_json_file(cls, path: str) -> AffineConfig:
@@ -231,12 +263,16 @@ class AffineConfig:
         return self.class_names.index(modality) + 1
 
     @property
-    def feature_size(self) -> int:
-        """Spatial size of the last encoder feature map (= head kernel)."""
-        size = (self.grid_size + 2 - 4) // 2 + 1
-        for _ in range(len(self.widths) - 2):
-            size = (size - 1) // 2 + 1
-        return size
+    def feature_shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the last encoder feature map (= head kernel), per axis."""
+
+        def last(size: int) -> int:
+            size = (size + 2 - 4) // 2 + 1  # in_conv: kernel 4, stride 2, padding 1
+            for _ in range(len(self.widths) - 2):  # each block: kernel 3, stride 2, padding 1
+                size = (size - 1) // 2 + 1
+            return size
+
+        return tuple(last(n) for n in self.grid_shape)  # type: ignore[return-value]
 
 
 def compact() -> AffineConfig:
@@ -271,11 +307,58 @@ def full() -> AffineConfig:
     )
 
 
-PRESETS = {"compact": compact, "full": full}
+def retinal_oct() -> AffineConfig:
+    """Retinal OCT / OCTA on an anisotropic network grid (the compact network's widths).
+
+    The spec's volumes are 245 x 384 x 245 voxels with depth (A-scan) along the second array
+    axis; a ~6 x 2 x 6 mm scan is sampled at about (0.024, 0.005, 0.024) mm. A cube cannot hold
+    that: at the depth spacing it would need 1200 voxels per side, at the en-face spacing it
+    would keep 80 depth voxels of 384. The network grid here is 64 x 96 x 64 voxels of
+    (0.094, 0.020, 0.094) mm = 6.0 x 1.9 x 6.0 mm: the scan's field of view, with each axis
+    downsampled about 4x (245 / 64, 384 / 96), so layer spacing in depth keeps its share of the
+    grid; 64 x 96 x 64 = 0.39 M voxels is 1.5x the compact 64^3 brain grid, so a CPU trains it,
+    and 96 = 64 x 1.5 survives the six stride-2 stages (head kernel 1 x 2 x 1). Depth is expected
+    along the second array axis in LPS (P), the published loader's axis 1 (a file that stores
+    depth elsewhere is resampled by its own header: the network grid is LPS-aligned).
+
+    Augmentations as published for retina: the global rotation turns only about the depth axis
+    (torch y = array axis j, an en-face rotation; a rotation in normalised coordinates is a
+    physical one only between axes of equal extent, here the two en-face axes), the random crop
+    keeps >= 75 % en face (artifacts.py), and the Gabor filter bank is applied to the network
+    input in training and inference (``preprocess.network_filter``). Registration defaults are
+    sized in mm for a retina: refinement on per-axis grids (2x, then 1x the network spacing) with a
+    3 mm lever arm, similarity
+    on a 0.1 mm grid, no pose search (its candidates are whole-head cube rotations).
+    """
+    base = compact()
+    refine = RefineConfig(
+        # per axis, over the scan's own extent: twice the network spacing, then the network spacing
+        levels=(RefineLevel((0.188, 0.040, 0.188), 50), RefineLevel((0.094, 0.020, 0.094), 50)),
+        scale_mm=3.0,  # a unit step moves ~3 mm: half the en-face extent, as 100 mm is for a head
+        max_field_of_view_mm=8.0,
+    )
+    inference = AffineInference(
+        refine=refine,
+        pose_search=PoseSearchConfig(enabled=False),
+        similarity=SimilarityCheck(spacing_mm=0.1, max_field_of_view_mm=8.0),
+    )
+    return dataclasses.replace(
+        base,
+        name="oct",
+        grid_size=(64, 96, 64),
+        spacing_mm=(0.094, 0.020, 0.094),
+        class_names=("oct",),
+        global_rotation_deg=180.0,
+        global_rotation_axes="y",
+        inference=inference,
+    )
+
+
+PRESETS = {"compact": compact, "full": full, "oct": retinal_oct}
 
 
 def get_config(name_or_path: str) -> AffineConfig:
-    """Preset name ('compact' | 'full') or a JSON file written by ``to_json``."""
+    """Preset name ('compact' | 'full' | 'oct') or a JSON file written by ``to_json``."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
     if name_or_path.endswith(".json"):
@@ -283,4 +366,4 @@ def get_config(name_or_path: str) -> AffineConfig:
             return AffineConfig.from_json_file(name_or_path)
         except OSError as exc:
             raise InputError(f"cannot read config {name_or_path}: {exc}") from exc
-    raise InputError(f"unknown config {name_or_path!r}; use compact, full or a .json file")
+    raise InputError(f"unknown config {name_or_path!r}; use {', '.join(PRESETS)} or a .json file")

@@ -1,8 +1,8 @@
 """AffineDiffusionNet: the spatial-diffusion affine predictor.
 
 Input ``(B, 2, D0, D1, D2)``: channel 0 the fixed (reference) volume, channel 1 the moving
-volume, both in [-1, 1] on the network grid (resized trilinearly to ``grid_size`` if
-needed). Output ``(B, 3, 4)``: [I | 0] + head, an affine in torch-normalised coordinates
+volume, both in [-1, 1] on the network grid (resized trilinearly to ``cfg.grid_shape`` if
+needed; the shape may differ per axis). Output ``(B, 3, 4)``: [I | 0] + head, an affine in torch-normalised coordinates
 (align_corners=False, (x, y, z) = array axes (k, j, i)) that maps fixed normalised points to
 moving sample points, i.e. the transform that undoes the whole corruption.
 """
@@ -80,8 +80,7 @@ class AffineDiffusionNet(nn.Module):
             DownBlock(w[i], w[i + 1], cfg.time_dim, cfg.norm_groups, cfg.n_classes) for i in range(1, len(w) - 1)
         )
         self.out_norm = nn.GroupNorm(_groups(w[-1], cfg.norm_groups), w[-1])
-        k = cfg.feature_size
-        self.head = nn.Conv3d(w[-1], 12, k)  # full-extent read-out
+        self.head = nn.Conv3d(w[-1], 12, cfg.feature_shape)  # full-extent read-out
         if cfg.zero_init_head:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -93,7 +92,7 @@ class AffineDiffusionNet(nn.Module):
     ) -> torch.Tensor:
         """x (B,2,...) in [-1,1]; t (B,) ints in 1..T; cls (B,) ints (0 = agnostic).
         preprocess: one type or (fixed_type, moving_type) among mri/ct/venous/none/oct/octa."""
-        size = (self.cfg.grid_size,) * 3
+        size = self.cfg.grid_shape
         if tuple(x.shape[2:]) != size:
             x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
         kinds = (preprocess, preprocess) if isinstance(preprocess, str) else preprocess

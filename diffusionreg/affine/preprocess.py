@@ -1,10 +1,12 @@
 """Placing images on network grids with the geometry recorded exactly.
 
-A network grid is a cube of ``cfg.grid_size`` voxels of ``cfg.spacing_mm`` with identity
-LPS direction (array axes i, j, k = L, P, S), centred on a chosen world point. Both the
-fixed and moving images go onto such grids, so every brain appears in one canonical
-orientation and the network only has to explain the residual affine. The returned Grid's
-matrix is the exact voxel -> LPS map of the tensor the network sees.
+A network grid is a box of ``cfg.grid_shape`` voxels of ``cfg.grid_spacing`` mm (a cube for
+every MRI model; per-axis for OCT) with identity LPS direction (array axes i, j, k = L, P, S),
+centred on a chosen world point. Both the fixed and moving images go onto such grids, so every
+brain appears in one canonical orientation and the network only has to explain the residual
+affine. The returned Grid's matrix is the exact voxel -> LPS map of the tensor the network sees.
+:func:`network_grid` is the one place that builds it from the config, for training and
+inference alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .config import AffineConfig
 
 @dataclass
 class NetworkInput:
-    array: np.ndarray  # (S, S, S) float32 in [-1, 1], background -1
+    array: np.ndarray  # grid.shape float32 in [-1, 1], background -1
     grid: Grid  # exact voxel -> LPS matrix of ``array``
     intensity: tuple[float, float]  # (lo, hi) raw values mapped to -1 and +1
 
@@ -72,9 +74,9 @@ def normalise(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return np.clip(out, 0.0, 1.0) * 2.0 - 1.0
 
 
-def antialias(array: np.ndarray, spacing: np.ndarray, target_mm: float) -> np.ndarray:
-    """Gaussian pre-filter so that sampling at ``target_mm`` does not alias:
-    sigma_mm = sqrt(max(target^2 - spacing^2, 0)) / 2.355 per axis."""
+def antialias(array: np.ndarray, spacing: np.ndarray, target_mm) -> np.ndarray:
+    """Gaussian pre-filter so that sampling at ``target_mm`` (a number, or one per array axis of
+    ``array``) does not alias: sigma_mm = sqrt(max(target^2 - spacing^2, 0)) / 2.355 per axis."""
     sigma_mm = np.sqrt(np.maximum(target_mm**2 - np.asarray(spacing) ** 2, 0.0)) / 2.355
     sigma_vox = sigma_mm / np.asarray(spacing)
     if np.all(sigma_vox < 0.2):
@@ -99,27 +101,41 @@ def foreground_centroid(image: Image, window: tuple[float, float] | None = None)
     return image.affine[:3, :3] @ c + image.affine[:3, 3]
 
 
-def network_grid(
-    cfg: AffineConfig, centre_world, size: int | None = None, spacing: float | None = None, direction: np.ndarray | None = None
-) -> Grid:
-    """Cubic grid of the network centred at ``centre_world`` (LPS); identity direction unless
-    ``direction`` (3x3 rotation, columns = LPS axes) turns it (a pose-search start)."""
-    return centred_grid(
-        (size or cfg.grid_size,) * 3, spacing or cfg.spacing_mm, np.asarray(centre_world, dtype=np.float64), direction
-    )
+def network_grid(cfg: AffineConfig, centre_world, direction: np.ndarray | None = None, oversample: int = 1) -> Grid:
+    """The network grid of ``cfg`` (``grid_shape`` voxels of ``grid_spacing`` mm) centred at
+    ``centre_world`` (LPS); identity direction unless ``direction`` (3x3 rotation, columns = LPS
+    axes) turns it (a pose-search start). ``oversample`` n: the same field of view with n times
+    the voxels per axis (training keeps its volumes at 2x and samples them onto the grid)."""
+    shape = tuple(n * oversample for n in cfg.grid_shape)
+    spacing = np.asarray(cfg.grid_spacing, dtype=np.float64) / oversample
+    return centred_grid(shape, spacing, np.asarray(centre_world, dtype=np.float64), direction)
+
+
+def sampling_spacing(image: Image, cfg: AffineConfig, direction: np.ndarray) -> np.ndarray | float:
+    """Spacing (mm) at which the network grid of ``cfg`` turned by ``direction`` (its 3x3 axes)
+    samples ``image``, along each of the image's array axes: the anti-aliasing target (the
+    network's spacing also for training's oversampled grid, which is sampled onto it later). An
+    isotropic grid samples every direction at its spacing (returned as that number, so cubic
+    models filter exactly as before); a per-axis grid samples direction u at
+    sqrt(sum_b (u . g_b)^2 s_b^2) (g_b, s_b: the grid's axes and spacings), s_b along g_b."""
+    if len(set(cfg.grid_spacing)) == 1:
+        return cfg.grid_spacing[0]
+    along = np.asarray(direction, dtype=np.float64).T @ image.grid.direction  # [b, a] = g_b . u_a
+    return np.sqrt(((along * np.asarray(cfg.grid_spacing)[:, None]) ** 2).sum(axis=0))
 
 
 def to_network(
     image: Image, grid: Grid, cfg: AffineConfig, window: tuple[float, float] | None = None, modality: str | None = None
 ) -> NetworkInput:
-    """Normalise, anti-alias for ``cfg.spacing_mm`` and resample onto ``grid`` (linear,
-    background -1 outside the image). Venous MRI is contrast-equalised (CLAHE) on its own voxel
-    grid after the normalisation and before the resampling, as the spec does before padding."""
+    """Normalise, anti-alias for the network's spacing (:func:`sampling_spacing`) and resample onto
+    ``grid`` (linear, background -1 outside the image). Venous MRI is contrast-equalised (CLAHE)
+    on its own voxel grid after the normalisation and before the resampling, as the spec does
+    before padding."""
     window = window or network_window(image.array, cfg, modality)
     arr = normalise(image.array, window)
     if modality in CLAHE_MODALITIES:
         kernel = tuple(max(1, int(round(cfg.clahe_kernel_mm / s))) for s in image.spacing)
         arr = clahe((arr + 1.0) / 2.0, kernel, cfg.clahe_clip) * 2.0 - 1.0
-    arr = antialias(arr, image.spacing, cfg.spacing_mm)
+    arr = antialias(arr, image.spacing, sampling_spacing(image, cfg, grid.direction))
     out = resample(Image(arr, image.affine), grid, interpolation="linear", default=-1.0)
     return NetworkInput(out.array.astype(np.float32), grid, window)

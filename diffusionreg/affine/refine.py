@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diffusionreg.image import Grid, Image, centred_grid, resample
-from diffusionreg.spaces import sample_affine, space_of_grid
+from diffusionreg.spaces import apply_affine, sample_affine, space_of_grid
 from diffusionreg.transforms import AffineTransform
 
 from .config import RefineConfig, RefineLevel  # noqa: F401 - the settings live with the model config
@@ -73,6 +73,25 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, b
     return (joint * (torch.log(joint.clamp_min(1e-12)) - torch.log((pa @ pb).clamp_min(1e-12)))).sum()
 
 
+def _coarsest(spacing) -> float:
+    """The largest spacing (mm) of a level's number or per-axis spacing."""
+    return float(np.max(spacing))
+
+
+def _level_shape(fixed: Image, spacing, field_of_view: float, max_field_of_view_mm: float) -> tuple[int, int, int]:
+    """Voxels of a level's grid: a cube of side ``field_of_view`` (the fixed image's largest
+    extent, capped) for an isotropic spacing; per LPS axis the fixed image's extent along that
+    axis (bounding box of its field of view, capped) for a per-axis spacing, so that a thin scan
+    (OCT: ~2 mm deep, ~6 mm wide) is not sampled over a cube of its width."""
+    if np.ndim(spacing) == 0:
+        size = int(np.ceil(field_of_view / spacing))
+        return (size, size, size)
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in fixed.shape], indexing="ij")).reshape(3, -1).T
+    box = apply_affine(fixed.affine, corners)  # the corners of the outer voxels' faces
+    extent = np.minimum(box.max(0) - box.min(0), max_field_of_view_mm)
+    return tuple(int(np.ceil(e / s)) for e, s in zip(extent, spacing))  # type: ignore[return-value]
+
+
 def refine_affine(
     fixed: Image,
     moving: Image,
@@ -110,8 +129,8 @@ def refine_affine(
     extent = float(np.max(np.asarray(fixed.shape) * fixed.spacing))
     field_of_view = min(extent, config.max_field_of_view_mm)
     for level in config.levels:
-        size = int(np.ceil(field_of_view / level.spacing_mm))
-        grid_f = centred_grid((size,) * 3, level.spacing_mm, pivot)
+        shape = _level_shape(fixed, level.spacing_mm, field_of_view, config.max_field_of_view_mm)
+        grid_f = centred_grid(shape, level.spacing_mm, pivot)
         fixed_t = torch.from_numpy(resample(fixed_n, grid_f, None, "linear", default=0.0).array).to(device, dtype)
         stride = max(1, int(config.sampling_stride))
         if stride > 1:  # the image is still resampled at the level's spacing, then subsampled
@@ -124,7 +143,7 @@ def refine_affine(
         # The moving image on a grid of the same spacing around its own content, pre-smoothed by
         # the resampling itself; sampled through the current transform at each step.
         moving_centre = initial.map_points(pivot[None])[0]
-        grid_m = centred_grid((size,) * 3, level.spacing_mm, moving_centre)
+        grid_m = centred_grid(shape, level.spacing_mm, moving_centre)
         moving_t = torch.from_numpy(resample(moving_n, grid_m, None, "linear", default=0.0).array).to(device, dtype)
         space_f, space_m = space_of_grid(grid_f), space_of_grid(grid_m)  # LPS mm on each grid
         volume = moving_t[None, None]
@@ -140,7 +159,7 @@ def refine_affine(
             start_score = float(score(corrected=False))  # the initial transform on this level
         first_score = start_score if first_score is None else first_score
         # Finer levels take proportionally finer steps; the cosine decay lets Adam settle.
-        level_rate = config.learning_rate * level.spacing_mm / config.levels[0].spacing_mm
+        level_rate = config.learning_rate * _coarsest(level.spacing_mm) / _coarsest(config.levels[0].spacing_mm)
         for iteration in range(level.iterations):
             progress_fraction = iteration / max(level.iterations - 1, 1)
             decay = config.final_rate_fraction + (1.0 - config.final_rate_fraction) * 0.5 * (

@@ -4,7 +4,8 @@ Chain (all matrices exact, 4x4, LPS mm):
 
     T_world = G_mov N^-1 C N G_fix^-1
 
-G_fix, G_mov: voxel -> LPS matrices of the fixed / moving network grids (cubic, centred on the
+G_fix, G_mov: voxel -> LPS matrices of the fixed / moving network grids (``network_grid``: the
+config's shape and per-axis spacing, centred on the
 fixed / moving intensity centroid for 'moments', on the image centres for 'center', both on the
 fixed centre for 'none'; identity direction, except that a pose-search start (pose_search.py)
 turns the moving grid by its rotation and shifts it by its translation); N: voxel -> torch-normalised
@@ -254,7 +255,7 @@ def _register_from(
         if stage is not None:
             stage.__exit__(None, None, None)
     theta = comp[0].numpy()
-    shape = (cfg.grid_size,) * 3
+    shape = cfg.grid_shape
 
     def world(th):
         return AffineTransform(world_transform_from_normalized(th, g_fix.affine, shape, g_mov.affine, shape))

@@ -43,6 +43,7 @@ from .sampling import (
     frobenius_loss,
     sample_forward,
     sample_uniform_affine,
+    translation_to_normalized,
     warp,
 )
 from .schedule import Schedule
@@ -71,14 +72,15 @@ def list_volumes(paths) -> list[Path]:
 
 
 def load_subject(path: Path, cfg: AffineConfig, modality: str = "mri") -> torch.Tensor:
-    """(1, 2S, 2S, 2S) tensor in [-1, 1] at half the network spacing (same field of view as
-    the network grid), centred on the intensity centroid, canonical LPS orientation.
+    """(1, 2 D0, 2 D1, 2 D2) tensor in [-1, 1] at half the network spacing (same field of view as
+    the network grid, :func:`network_grid` with ``oversample=2``), centred on the intensity
+    centroid, canonical LPS orientation.
     Anti-aliased for the network spacing; intensity window and venous CLAHE as at inference
     (``network_window``, ``to_network``)."""
     image = read_image(path, what="training volume", dtype=np.float32)
     window = network_window(image.array, cfg, modality)
     centre = foreground_centroid(image, window)
-    grid = network_grid(cfg, centre, size=2 * cfg.grid_size, spacing=cfg.spacing_mm / 2)
+    grid = network_grid(cfg, centre, oversample=2)
     return torch.from_numpy(to_network(image, grid, cfg, window, modality).array)[None]
 
 
@@ -91,7 +93,10 @@ def batch_loss(model: torch.nn.Module, batch, cfg: AffineConfig, modality: str) 
 
 def _global_theta(cfg: AffineConfig, gen: torch.Generator) -> torch.Tensor:
     """Shared augmentation as a normalised (3,4) matrix: rotation (about the configured
-    axes; x, y, z are the torch axes k, j, i), isotropic scale, shift in voxels / (S/2)."""
+    axes; x, y, z are the torch axes k, j, i), isotropic scale, shift in network voxels per axis
+    (normalised by each axis' half size). The rotation acts on normalised coordinates, so on a
+    per-axis grid it is a physical rotation only between axes of equal extent in mm (OCT: about
+    y, the depth axis, between the two en-face axes)."""
     ang = torch.zeros(3, dtype=torch.float64)
     lim = math.radians(cfg.global_rotation_deg)
     for a, name in enumerate("xyz"):
@@ -103,7 +108,7 @@ def _global_theta(cfg: AffineConfig, gen: torch.Generator) -> torch.Tensor:
     shift = (torch.rand(3, generator=gen, dtype=torch.float64) * 2 - 1) * cfg.global_shift_vox
     theta = torch.zeros(3, 4, dtype=torch.float64)
     theta[:, :3] = rot
-    theta[:, 3] = shift / (cfg.grid_size / 2)
+    theta[:, 3] = translation_to_normalized(shift[None], cfg.grid_shape)[0]
     return theta
 
 
@@ -115,14 +120,14 @@ def make_batch(
     modality: str = "mri",
     batch_size: int | None = None,
 ):
-    """Returns (x (B,2,S,S,S), t (B,), cls (B,), target (B,3,4), M (B,4,4)).
+    """Returns (x (B,2,D0,D1,D2), t (B,), cls (B,), target (B,3,4), M (B,4,4)) on the network grid.
 
     ``cls`` is the class id of ``modality`` (:meth:`AffineConfig.class_index`) for every sample,
     except that with several classes each sample becomes class 0 (agnostic) with probability
     ``cfg.class_dropout``; such a sample's two copies get independent contrast changes
     (:func:`~.contrast.remap_contrast`)."""
     b = batch_size or cfg.batch_size
-    s = cfg.grid_size
+    shape = cfg.grid_shape
     conditional = cfg.n_classes > 1
     fixed, moving, classes = [], [], []
     for _ in range(b):
@@ -130,7 +135,7 @@ def make_batch(
         agnostic = conditional and float(torch.rand((), generator=gen)) < cfg.class_dropout
         classes.append(0 if agnostic else cfg.class_index(modality))
         theta = _global_theta(cfg, gen).float()[None]
-        base = sample_affine((vol[None] + 1) / 2, theta, torch_space((s, s, s)))[0]
+        base = sample_affine((vol[None] + 1) / 2, theta, torch_space(shape))[0]
         g_lo, g_hi = cfg.gamma_range
         gamma = g_lo + (g_hi - g_lo) * float(torch.rand((), generator=gen))
         base = base.clamp(0, 1) ** gamma * 2 - 1
@@ -143,7 +148,7 @@ def make_batch(
     fixed_t = torch.stack(fixed)
     moving_t = torch.stack(moving)
     t = torch.randint(1, cfg.timesteps + 1, (b,), generator=gen)
-    mat, target = sample_forward(t, sched, (s, s, s), cfg.affine_prob, cfg.clamp_sigmas, gen)
+    mat, target = sample_forward(t, sched, shape, cfg.affine_prob, cfg.clamp_sigmas, gen)
     moving_t = warp(moving_t, mat)
     return torch.cat([fixed_t, moving_t], 1), t, torch.tensor(classes, dtype=torch.long), target, mat
 
@@ -166,23 +171,24 @@ def validate(
     gen = torch.Generator().manual_seed(seed)
     net.eval()
     loss = float(batch_loss(net, make_batch(subjects, cfg, sched, gen, modality, batch_size=n_loss), cfg, modality))
-    s = cfg.grid_size
+    shape = cfg.grid_shape
     errs = []
-    half_mm = s * cfg.spacing_mm / 2  # normalised unit in mm (cubic grid)
+    # normalised unit in mm per component (x, y, z) = array axes (k, j, i)
+    half_mm = torch.tensor([n * sp / 2 for n, sp in zip(shape, cfg.grid_spacing)][::-1], dtype=torch.float64)
     for i in range(n_recover):
         vol = subjects[i % len(subjects)]
-        base = F.interpolate(vol[None], size=(s, s, s), mode="trilinear", align_corners=False)
-        mat = sample_uniform_affine(1, sched, (s, s, s), generator=gen)
+        base = F.interpolate(vol[None], size=shape, mode="trilinear", align_corners=False)
+        mat = sample_uniform_affine(1, sched, shape, generator=gen)
         moving = warp(base, mat)
         cls = torch.tensor([cfg.class_index(modality)]) if cfg.n_classes > 1 else None
         comp, _ = reverse_process(net, base, moving, sched, steps, cls, preprocess=network_filter(modality))
         truth = torch.linalg.inv(mat)
         # displacement error over brain voxels of the fixed grid
-        pts = coordinates(torch_space((s, s, s)), dtype=torch.float64).movedim(1, -1)
+        pts = coordinates(torch_space(shape), dtype=torch.float64).movedim(1, -1)
         mask = base[0, 0] > -0.8
         p = pts[0][mask]
         ph = torch.cat([p, torch.ones(len(p), 1, dtype=torch.float64)], 1)
-        d = (ph @ (comp[0] - truth[0])[:3].T).norm(dim=1) * half_mm
+        d = ((ph @ (comp[0] - truth[0])[:3].T) * half_mm).norm(dim=1)
         errs.append(float(d.mean()))
     return {
         "val_loss": loss,
