@@ -139,6 +139,10 @@ def make(name: str, d: Path) -> None:
         _write(d / name, np.zeros(SHAPE + (3,), np.float32))
     elif name == "small_mask.nii.gz":  # a mask on another grid than the field
         _write(d / name, np.ones((10, 11, 12), np.uint8))
+    elif name == "bad_grid.json":  # an affine config whose network grid has a zero-length axis
+        from diffusionreg.affine.config import compact
+
+        (d / name).write_text(json.dumps({**json.loads(compact().to_json()), "grid_size": [64, 0, 64]}))
     elif name == "not_a_folder":
         (d / name).write_text("a file where a folder is expected\n")
     else:
@@ -351,6 +355,14 @@ CASES = [
     ("ct for an mri-only model (issue 16)", _set(AFFINE, "--modality", "ct"), [], [], 2, "--modality ct: model tiny-affine"),
     ("any for a model without class 0 (issue 16)", _set(AFFINE, "--modality", "any"), [], [], 2, "was trained for mri only"),
     ("unknown device", _set(AFFINE, "--device", "tpu"), [], [], 2, "unknown device 'tpu'"),
+    (
+        "affine network grid with a zero axis (issue 16)",
+        ["train", "affine", "--data", "{in}/fixed.nii.gz", "--config", "{in}/bad_grid.json", "--output", "{out}/run"],
+        ["bad_grid.json"],
+        [],
+        2,
+        "affine config.grid_size [64, 0, 64]: use an integer >= 2",
+    ),
     (
         "device torch lacks: mps (item 9)",
         _set(AFFINE, "--device", "mps"),

@@ -115,7 +115,7 @@ def add_commands(commands, train_commands, common) -> None:
         help='JSON file listing the datasets instead of --data/--modality/--val: {"datasets": [{"data": [...], '
         '"modality": "ct", "val": [...]}, ...]}; relative paths are relative to the file',
     )
-    t.add_argument("--config", default="compact", help="compact | full | path to config JSON")
+    t.add_argument("--config", default="compact", help="compact | full | oct | path to config JSON")
     t.add_argument("--batch-size", type=int, default=None, help="override the config batch size")
     add_run_arguments(t, val_every=1000)
     t.add_argument("--seed", type=int, default=None, help="override the config seed")
