@@ -17,7 +17,9 @@ the ``--deformable-model``'s config defaults, after the same pose step), and the
 the template's midsagittal points move sideways in the case: the points of the plane ``x = 0`` at
 each measured level, between the falx attachments (less the read-out's margin) of the template's
 own brain; per slice the largest lateral displacement relative to the pose (CT mm), case = the
-largest slice, side from its sign.
+largest slice, side from its sign (column ``registration``). The same registration is also read
+relative to the line through the moved falx attachments (column ``registration_falx_line``), so
+that a sideways drift or turn of the whole registered head does not count as a shift.
 
     .venv/bin/python bench/midline.py --methods registration [--model PATH] [--output-name midline_peer]
 
@@ -76,6 +78,8 @@ PLAN = [
 
 
 METHODS = ("ours", "registration")
+#: The result columns of each method (the peer's one registration is read out two ways).
+COLUMNS = {"ours": ("ours",), "registration": ("registration", "registration_falx_line")}
 #: The registration peer's deformable model (Models.json name): the one deformable model for heads.
 PEER_MODEL = "brain-mri"
 
@@ -104,7 +108,9 @@ def template_midline_shift(
     of ``m`` is ``(phi(m) - pose(m))`` along the pose's image of the template's +x axis, in CT mm
     (+: towards the patient's left). Points: the template's midsagittal column of each measured
     slice, between its falx attachments less ``falx_margin_mm`` (as the pipeline's read-out).
-    Returns the case MLS (mm), side, slice of the maximum, per-slice MLS and seconds.
+    Returns the case MLS (mm), side, slice of the maximum and per-slice lateral shifts of this
+    reading, the same under ``falx_line`` for the shifts relative to the line through the moved
+    attachments (interpolated along the column), the per-slice rows and seconds.
     """
     frame = cfg.frame
     start = time.monotonic()
@@ -130,25 +136,43 @@ def template_midline_shift(
     lateral = pose[:3, 0] / np.linalg.norm(pose[:3, 0])  # the template's +x (patient left) in the CT
     slices = []
     for index, z in enumerate(levels):
-        rows = falx_rows(intracranial_mask(template_slices[index, 0].numpy()), column, frame.falx_margin_mm / frame.pixel_mm)
+        brain = intracranial_mask(template_slices[index, 0].numpy())
+        rows = falx_rows(brain, column, frame.falx_margin_mm / frame.pixel_mm)
         if rows is None:
             continue  # no closed skull or no brain on the template's midline at this level
-        # The midline points as a (1, n, 1) grid: slice pixel (column, rows[0] + j, 0) -> CT LPS through the pose.
+        first, last = falx_rows(brain, column, 0.0)  # the falx attachments themselves
+        # The midline column as a (1, n, 1) grid: slice pixel (column, first + j, 0) -> CT LPS through the pose.
         points = slice_affine(frame, z) @ np.array(
-            [[1.0, 0.0, 0.0, column], [0.0, 1.0, 0.0, rows[0]], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+            [[1.0, 0.0, 0.0, column], [0.0, 1.0, 0.0, first], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
         )
         in_ct = pose @ points
-        moved = world_field(registration.w, registration.grid, Grid((1, rows[1] - rows[0] + 1, 1), in_ct), reference=in_ct)
+        moved = world_field(registration.w, registration.grid, Grid((1, last - first + 1, 1), in_ct), reference=in_ct)
         shift = moved.reshape(-1, 3).astype(np.float64) @ lateral
-        k = int(np.argmax(np.abs(shift)))
-        slices.append({"index": index, "z_template_mm": z, "mls_mm": float(abs(shift[k])), "lateral_mm": float(shift[k])})
-    best = max(slices, key=lambda r: r["mls_mm"]) if slices else None
-    mls = best["mls_mm"] if best is not None else 0.0
-    side = "none" if best is None or mls < SIDE_MIN_MM else ("left" if best["lateral_mm"] > 0 else "right")
+        # Relative to the line through the moved attachments (the case's own ideal midline): a
+        # sideways drift or turn of the whole registered head is not a shift of the midline.
+        fraction = np.arange(len(shift)) / max(len(shift) - 1, 1)
+        relative = shift - (shift[0] + fraction * (shift[-1] - shift[0]))
+        read = slice(rows[0] - first, rows[1] - first + 1)
+        row = {"index": index, "z_template_mm": z}
+        for key, values in (("pose", shift[read]), ("falx_line", relative[read])):
+            k = int(np.argmax(np.abs(values)))
+            row[key] = {"mls_mm": float(abs(values[k])), "lateral_mm": float(values[k])}
+        slices.append(row)
+
+    def case_reading(key: str) -> dict:
+        best = max(slices, key=lambda r: r[key]["mls_mm"]) if slices else None
+        mls = best[key]["mls_mm"] if best is not None else 0.0
+        side = "none" if best is None or mls < SIDE_MIN_MM else ("left" if best[key]["lateral_mm"] > 0 else "right")
+        return {
+            "case_mls_mm": mls,
+            "side": side,
+            "max_slice": best["index"] if best is not None else None,
+            "slice_lateral_mm": [round(r[key]["lateral_mm"], 3) for r in slices],
+        }
+
     return {
-        "case_mls_mm": mls,
-        "side": side,
-        "max_slice": best["index"] if best is not None else None,
+        **case_reading("pose"),
+        "falx_line": case_reading("falx_line"),
         "slices": slices,
         "registration_seconds": time.monotonic() - start,
         "refine_loss_first": registration.metrics["refine_loss_first"],
@@ -166,19 +190,25 @@ def registration_peer(ct: Image, template_hu: Image, cfg: MidlineConfig, deforma
 
 
 def read_case(method: str, ct: Image, context: dict) -> dict:
-    """One method's reading of ``ct``: MLS (mm), side, seconds (pose included)."""
+    """Readings of ``ct`` by ``method`` (MLS mm, side, seconds with the pose step), by column
+    name: ``ours``; ``registration`` and ``registration_falx_line`` (one registration, two read-outs)."""
     start = time.monotonic()
     if method == "ours":
         result = measure_midline(ct, context["model"], context["name"])
-        return {"measured_mm": result.case_mls_mm, "measured_side": result.side, "seconds": time.monotonic() - start}
+        return {"ours": {"measured_mm": result.case_mls_mm, "measured_side": result.side, "seconds": time.monotonic() - start}}
     reading = registration_peer(ct, context["template"], context["cfg"], context["deformable"])
-    return {
-        "measured_mm": reading["case_mls_mm"],
-        "measured_side": reading["side"],
-        "max_slice": reading["max_slice"],
-        "refine_loss": [reading["refine_loss_first"], reading["refine_loss_last"]],
-        "seconds": time.monotonic() - start,
-    }
+    seconds = time.monotonic() - start
+    out = {}
+    for column, part in (("registration", reading), ("registration_falx_line", reading["falx_line"])):
+        out[column] = {
+            "measured_mm": part["case_mls_mm"],
+            "measured_side": part["side"],
+            "max_slice": part["max_slice"],
+            "slice_lateral_mm": part["slice_lateral_mm"],
+            "refine_loss": [reading["refine_loss_first"], reading["refine_loss_last"]],
+            "seconds": seconds,
+        }
+    return out
 
 
 def summarise(cases: list[dict], controls: list[dict], method: str) -> dict:
@@ -211,6 +241,11 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(wins / (len(pos) * len(neg)))
 
 
+def readings(row: dict, methods: list[str]) -> str:
+    """Table cells of one case or control: each method's MLS (mm), side and seconds."""
+    return " | ".join(f"{row[m]['measured_mm']:.2f} ({row[m]['measured_side']}, {row[m]['seconds']:.1f})" for m in methods)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="the midline model (needed by 'ours'; its config is the frame of both)")
@@ -236,6 +271,7 @@ def main() -> int:
         parser.error(f"--methods: unknown {unknown or 'empty list'}; choose from {', '.join(METHODS)}")
     if "ours" in methods and args.model is None:
         parser.error("--methods ours needs --model")
+    columns = [column for method in methods for column in COLUMNS[method]]
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -283,53 +319,50 @@ def main() -> int:
             "slice_mm": acquisition.slice_mm,
             "rotation_deg": acquisition.rotation_deg,
             "hu_offset": acquisition.hu_offset,
-            **{method: read_case(method, image, context) for method in methods},
+            **{column: value for method in methods for column, value in read_case(method, image, context).items()},
         }
         cases.append(record)
         print(json.dumps(record), flush=True)
     controls = []
     for path in args.controls:
         image = read_image(path, what="control", dtype=np.float32)
-        controls.append({"control": path.name, **{method: read_case(method, image, context) for method in methods}})
+        by_column = {column: value for method in methods for column, value in read_case(method, image, context).items()}
+        controls.append({"control": path.name, **by_column})
         print(json.dumps(controls[-1]), flush=True)
     summary = {
         "model": context["name"],
         "deformable_model": args.deformable_model if "registration" in methods else None,
         "methods": methods,
+        "columns": columns,
         "held_out": str(args.held_out),
         "cases": len(cases),
-        **{method: summarise(cases, controls, method) for method in methods},
+        **{column: summarise(cases, controls, column) for column in columns},
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "threads": args.threads,
         "brain_median_hu_held_out": brain_median_hu(head.volume.numpy()),
     }
     (OUT / f"{args.output_name}.json").write_text(json.dumps({"summary": summary, "cases": cases}, indent=2))
-    metrics = list(summary[methods[0]])
+    metrics = list(summary[columns[0]])
     lines = [
         f"model {context['name']}; peer {summary['deformable_model']}; held-out head {args.held_out.name}; "
         f"{len(cases)} synthetic cases; {args.threads} thread(s); peak memory {summary['peak_memory_mb']:.0f} MB",
         "",
-        "| metric | " + " | ".join(methods) + " |",
-        "| --- |" + " --- |" * len(methods),
-        *(f"| {k} | " + " | ".join(f"{summary[m][k]:.3f}" for m in methods) + " |" for k in metrics),
+        "| metric | " + " | ".join(columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+        *(f"| {k} | " + " | ".join(f"{summary[m][k]:.3f}" for m in columns) + " |" for k in metrics),
         "",
-        "| case | truth mm | lesion | slice mm | " + " | ".join(f"{m} mm (side, s)" for m in methods) + " |",
-        "| --- | --- | --- | --- |" + " --- |" * len(methods),
+        "| case | truth mm | lesion | slice mm | " + " | ".join(f"{m} mm (side, s)" for m in columns) + " |",
+        "| --- | --- | --- | --- |" + " --- |" * len(columns),
         *(
             f"| {c['case']} | {c['truth_mm']:.2f} ({c['truth_side']}) | {c['lesion']} | {c['slice_mm']:g} | "
-            + " | ".join(f"{c[m]['measured_mm']:.2f} ({c[m]['measured_side']}, {c[m]['seconds']:.1f})" for m in methods)
+            + readings(c, columns)
             + " |"
             for c in cases
         ),
         "",
-        "| control | " + " | ".join(f"{m} mm (side, s)" for m in methods) + " |",
-        "| --- |" + " --- |" * len(methods),
-        *(
-            f"| {c['control']} | "
-            + " | ".join(f"{c[m]['measured_mm']:.2f} ({c[m]['measured_side']}, {c[m]['seconds']:.1f})" for m in methods)
-            + " |"
-            for c in controls
-        ),
+        "| control | " + " | ".join(f"{m} mm (side, s)" for m in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+        *(f"| {c['control']} | " + readings(c, columns) + " |" for c in controls),
     ]
     (OUT / f"{args.output_name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
