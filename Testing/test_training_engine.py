@@ -311,3 +311,26 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def test_a_schedule_added_on_resume_starts_at_the_checkpoint_step(tmp_path):
+    """A run checkpointed without a learning-rate schedule, resumed with one: the rate of the first
+    resumed step is the schedule's at that step, not at step 0."""
+    out = tmp_path / "run"
+    first = RunOptions(output=out, steps=4, val_every=0, threads=1)
+    task = toy_task(first)
+    task.lr_factor = None
+    run_training(task, first)
+    resumed = RunOptions(output=out, steps=10, val_every=0, threads=1, resume=True)
+    task = toy_task(resumed)
+    task.lr_factor = lambda s: 1.0 / (1 + s)
+    rates = []
+    original = task.step
+
+    def step(module, gen):
+        rates.append(task.optimizer.param_groups[0]["lr"])
+        return original(module, gen)
+
+    task.step = step
+    run_training(task, resumed)
+    assert rates[0] == pytest.approx(0.2 / 5) and rates[-1] == pytest.approx(0.2 / 10)

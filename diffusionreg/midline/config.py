@@ -93,6 +93,9 @@ class DiffusionConfig:
     shifted_fraction: float = 0.5  # share of synthetic mass-effect slices in eps_all's data
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class DeformationConfig:
     """The deformation network (spec 2.5) and its losses (spec 2.6)."""
@@ -114,6 +117,7 @@ class DeformationConfig:
     # onto the midline between them, which the read-out then measured on normal slices.
     field_weight: float = 1.0
     lr: float = 1e-3
+    lr_schedule: str = "cosine"  # "constant" (the spec) or "cosine" decay to 0 over the run's steps
     batch_size: int = 16
     flip_prob: float = 0.5  # left-right flips of bank batches (fresh slices are drawn on both sides)
     bank_slices: int = 1024  # slices whose diffusion features are made once (feature_bank.py); 0: fresh per step
@@ -162,6 +166,8 @@ class MidlineConfig:
             raise InputError("midline config: diffusion.channels and attention_levels differ in length")
         if not 0 < d.representation_t < d.timesteps or d.timesteps % d.ddim_grid:
             raise InputError("midline config: need 0 < representation_t < timesteps and ddim_grid dividing timesteps")
+        if self.deformation.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"midline config: deformation.lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
         if self.frame.slice_size % (2 ** (len(self.deformation.channels) - 1)):
             raise InputError("midline config: slice_size must be divisible by the deformation network's downsampling")
 

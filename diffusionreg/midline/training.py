@@ -29,6 +29,7 @@ from diffusionreg.errors import InputError
 from diffusionreg.progress import Progress
 from diffusionreg.training.ema import EMA
 from diffusionreg.training.engine import TrainingTask, run_training
+from diffusionreg.training.lr import warmup_cosine
 from diffusionreg.training.options import RunOptions
 
 from .config import MidlineConfig
@@ -244,6 +245,7 @@ def _deformation_task(
         config_json=cfg.to_json(),
         optimizer=optimizer,
         step=step,
+        lr_factor=(lambda s: warmup_cosine(s, 0, run.steps)) if d.lr_schedule == "cosine" else None,
         seed=cfg.seed + 2,
         modality="ct",
         validate=validate,

@@ -128,6 +128,10 @@ class _Engine:
         self.task.optimizer.load_state_dict(payload["optim"])
         if self.schedule is not None and payload.get("lr_schedule") is not None:
             self.schedule.load_state_dict(payload["lr_schedule"])
+        elif self.schedule is not None:
+            # a checkpoint of a run that had no schedule: the schedule takes over at its step
+            self.schedule.last_epoch = self.state.step - 1
+            self.schedule.step()
         if self.task.ema is not None and payload.get("ema") is not None:
             self.task.ema.load_state_dict(payload["ema"])
         states = payload["rng"]
