@@ -130,8 +130,9 @@ class _Engine:
             self.schedule.load_state_dict(payload["lr_schedule"])
         elif self.schedule is not None:
             # a checkpoint of a run that had no schedule: the schedule takes over at its step
-            self.schedule.last_epoch = self.state.step - 1
-            self.schedule.step()
+            self.schedule.last_epoch = self.state.step
+            for group, base in zip(self.task.optimizer.param_groups, self.schedule.base_lrs):
+                group["lr"] = base * self.task.lr_factor(self.state.step)
         if self.task.ema is not None and payload.get("ema") is not None:
             self.task.ema.load_state_dict(payload["ema"])
         states = payload["rng"]
