@@ -12,6 +12,7 @@ import torch
 from diffusionreg.image import Grid
 from diffusionreg.midline.config import compact
 from diffusionreg.midline.headframe import midline_column, slice_affine
+from diffusionreg.midline.losses import field_at
 from diffusionreg.midline.phantom import phantom_head
 from diffusionreg.midline.readout import read_slice
 from diffusionreg.midline.synthetic import (
@@ -111,8 +112,6 @@ def test_training_slices_carry_consistent_truth(phantom: NormalHead) -> None:
     assert torch.allclose(moved, batch.slice_mls_mm, atol=1e-4)
     assert torch.all(batch.slice_mls_mm <= batch.mls_mm + 1e-4)  # no slice beats the case's peak
     # the whole true field agrees with every supervised pair (bilinear reading, 64^2 pixels)
-    from diffusionreg.midline.losses import field_at
-
     pairs = batch.midline[:, :, 1] - batch.midline[:, :, 0]
     assert torch.allclose(field_at(batch.field, batch.midline[:, :, 0]), pairs, atol=0.02)
     assert float(pairs.abs().max()) > 0.5  # the check is not vacuous
