@@ -206,6 +206,29 @@ def pose_cases(subjects: dict, angles, seed: int):
     return cases
 
 
+def oasis_b_scan(data: Path):
+    """The held-out T1 brain, cropped to its head."""
+    from diffusionreg.image import crop_or_pad, read_image
+
+    image = read_image(data / "brain" / "oasis_B_norm.nii.gz", dtype=np.float32)
+    return crop_or_pad(image, (40, 30, 30), (176, 190, 200))
+
+
+def ge_ct_scan(data: Path):
+    """The held-out GE head CT (DICOM, 0.49 x 0.49 x 4 mm, gantry tilt) in HU + 1024, clipped at 0:
+    non-negative like the MRI scans, so ``synthetic_moving`` (noise, bias, cut) and
+    ``mean_error_mm`` (voxels above 10 % of the maximum: soft tissue and bone) apply as they are."""
+    from diffusionreg.image import read_image
+    from diffusionreg.midline.pose import to_hounsfield
+
+    hu, _ = to_hounsfield(read_image(data / "headct" / "ge_hispeed_head_tilt_dicom", dtype=np.float32))
+    return hu.with_array(np.clip(hu.array + 1024.0, 0.0, None).astype(np.float32))
+
+
+SYNTHETIC_SUBJECTS = {"oasisB": oasis_b_scan, "ge-ct": ge_ct_scan}
+SUBJECT_NAMES = {"oasisB": "oasis_B", "ge-ct": "GE head CT"}
+
+
 def synthetic_moving(image, truth, seed):
     """moving(truth(x)) = image(x) on a fresh 1 mm grid, with a smooth bias field (+-20 %),
     Gaussian noise (2 % of the max) and a 0-15 mm cut of the field of view on one side."""
@@ -243,10 +266,11 @@ def mean_error_mm(est, truth, image) -> float:
 
 # --- methods ---------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, bidirectional=False, model=None, refine=False, pose_search=False):
+    def __init__(self, bidirectional=False, model=None, refine=False, pose_search=False, modality="mri"):
         from diffusionreg.affine.register import load_model
 
-        self.model = load_model(model, "mri")
+        self.model = load_model(model, modality)
+        self.modality = modality
         self.bidirectional = bidirectional
         # refine=True: the model's refinement (diffusion, then the test-time mutual-information refinement);
         # False: the published method alone. pose_search: True/False, or None for the model's default.
@@ -262,6 +286,7 @@ class Ours:
             fixed,
             moving,
             self.model,
+            modality=self.modality,
             bidirectional=self.bidirectional,
             refine_iterations=self.refine_iterations,
             pose_search=self.pose_search,
@@ -507,7 +532,8 @@ def write_markdown(summaries, cases, args, path: Path, partial_methods=()):
     )
     lines += [
         "",
-        f"## Synthetic known affines on the held-out oasis_B ({summaries[0]['n_synthetic']} cases)",
+        f"## Synthetic known affines on the held-out {SUBJECT_NAMES[args.synthetic_subject]} "
+        f"({summaries[0]['n_synthetic']} cases; ours as {args.modality})",
         "",
         "| method | median error (mm) | mean (mm) | max (mm) | failures (> 2 mm) | mean wall time (s) | mean CPU time (s) |",
         "|---|---|---|---|---|---|---|",
@@ -614,6 +640,13 @@ def main():
     p.add_argument("--methods", default="none,ours,ants,sitk")
     p.add_argument("--model", default=None, help="model name or path (default brain-mri)")
     p.add_argument("--synthetic", type=int, default=10)
+    p.add_argument(
+        "--synthetic-subject",
+        choices=sorted(SYNTHETIC_SUBJECTS),
+        default="oasisB",
+        help="the scan of the synthetic known-affine set: oasisB (held-out T1 brain) or ge-ct (the held-out GE head CT)",
+    )
+    p.add_argument("--modality", default="mri", help="the modality ours registers as (ct for ge-ct)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true", help="reuse cached results of other methods")
@@ -642,8 +675,8 @@ def main():
 
     subj = load_subjects(args.data)
     real = real_cases(subj) if args.real == "all" else []
-    b_img = read_image(args.data / "brain" / "oasis_B_norm.nii.gz", dtype=np.float32)
-    b_img = crop_or_pad(b_img, (40, 30, 30), (176, 190, 200))
+    b_img = SYNTHETIC_SUBJECTS[args.synthetic_subject](args.data)
+    stem = "affine" if args.synthetic_subject == "oasisB" else f"affine_{args.synthetic_subject}"  # bench/out names
     synth = synthetic_cases(args.synthetic, args.seed, b_img)
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     for case in synth if wanted else []:  # generated once, shared by every method
@@ -660,10 +693,10 @@ def main():
             case["moving"] = synthetic_moving(pose_images[case["subject"]], case["truth"], case["seed"])
     factories = {
         "none": lambda: None,
-        "ours": lambda: Ours(False, args.model),
-        "ours-bidir": lambda: Ours(True, args.model),
-        "ours-refine": lambda: Ours(False, args.model, refine=True),
-        "ours-default": lambda: Ours(False, args.model, refine=True, pose_search=None),
+        "ours": lambda: Ours(False, args.model, modality=args.modality),
+        "ours-bidir": lambda: Ours(True, args.model, modality=args.modality),
+        "ours-refine": lambda: Ours(False, args.model, refine=True, modality=args.modality),
+        "ours-default": lambda: Ours(False, args.model, refine=True, pose_search=None, modality=args.modality),
         "ants": Ants,
         "sitk": Sitk,
     }
@@ -691,23 +724,23 @@ def main():
                 b_img,
                 Path(tmpd),
                 print,
-                OUT / f"affine_{m}.partial.json",
+                OUT / f"{stem}_{m}.partial.json",
                 pose,
                 pose_images,
             )
-            (OUT / f"affine_{m}.json").write_text(json.dumps(rows, indent=1))
+            (OUT / f"{stem}_{m}.json").write_text(json.dumps(rows, indent=1))
             all_rows[m] = rows
     for m, log in args.import_log or []:
-        (OUT / f"affine_{m}.partial.json").write_text(json.dumps(parse_log(Path(log), labels[m]), indent=1))
+        (OUT / f"{stem}_{m}.partial.json").write_text(json.dumps(parse_log(Path(log), labels[m]), indent=1))
     partial_methods = []
     if args.reuse:
         for m in order:
             if m in all_rows:
                 continue
-            if (OUT / f"affine_{m}.json").exists():
-                all_rows[m] = json.loads((OUT / f"affine_{m}.json").read_text())
-            elif (OUT / f"affine_{m}.partial.json").exists():  # an interrupted run
-                all_rows[m] = json.loads((OUT / f"affine_{m}.partial.json").read_text())
+            if (OUT / f"{stem}_{m}.json").exists():
+                all_rows[m] = json.loads((OUT / f"{stem}_{m}.json").read_text())
+            elif (OUT / f"{stem}_{m}.partial.json").exists():  # an interrupted run
+                all_rows[m] = json.loads((OUT / f"{stem}_{m}.partial.json").read_text())
                 partial_methods.append(labels[m])
     if args.pose_sweep:
         write_pose_markdown(all_rows, labels, order, args, OUT / "affine_pose.md")
@@ -715,8 +748,8 @@ def main():
         if not real and not synth:
             return
     summaries = [summarise(labels[m], all_rows[m]) for m in order if m in all_rows]
-    (OUT / "affine.json").write_text(json.dumps({"summaries": summaries, "rows": all_rows}, indent=1))
-    write_markdown(summaries, real, args, OUT / "affine.md", partial_methods)
+    (OUT / f"{stem}.json").write_text(json.dumps({"summaries": summaries, "rows": all_rows}, indent=1))
+    write_markdown(summaries, real, args, OUT / f"{stem}.md", partial_methods)
     if real:
         case = next(c for c in real if c["rot"] is not None)
         res = []
@@ -727,7 +760,7 @@ def main():
             if hit:
                 res.append((labels[m], hit[0]["matrix"]))
         overlay(subj, case, res, OUT / "affine_overlay.png")
-    print((OUT / "affine.md").read_text())
+    print((OUT / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":
