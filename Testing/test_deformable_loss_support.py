@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from test_deformable_refine import smooth_field
 
 from diffusionreg import fields
 from diffusionreg.deformable.field_refine import FieldRefineConfig, refine_pair, refined_positions
@@ -25,17 +26,11 @@ def blobs(seed: int, shape=SHAPE) -> torch.Tensor:
     return x / x.max()
 
 
-def smooth_field(seed: int, amplitude: float, shape=SHAPE) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(1, 3, 4, 4, 4, generator=g, dtype=torch.float64) * amplitude
-    return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=False)
-
-
 @pytest.fixture(scope="module")
 def pair():
     """fixed (blobs), moving = fixed under a smooth deformation, a network pair half-way there."""
     fixed = blobs(1)
-    velocity = smooth_field(2, 1.2)
+    velocity = smooth_field(2, 1.2, SHAPE)
     moving = fields.warp(fixed, fields.exp_velocity(-velocity, 7))
     u = fields.exp_velocity(0.5 * velocity, 7)
     w = fields.exp_velocity(-0.5 * velocity, 7)
@@ -56,8 +51,8 @@ CFG = FieldRefineConfig(
 
 
 def test_points_chain_is_the_composition_of_the_fields_on_their_grid():
-    half = torch.cat([smooth_field(3, 0.8), smooth_field(4, 0.8)], 0)
-    pair = torch.cat([smooth_field(5, 1.5), smooth_field(6, 1.5)], 0)
+    half = torch.cat([smooth_field(3, 0.8, SHAPE), smooth_field(4, 0.8, SHAPE)], 0)
+    pair = torch.cat([smooth_field(5, 1.5, SHAPE), smooth_field(6, 1.5, SHAPE)], 0)
     points = fields.identity_grid(SHAPE, dtype=torch.float64).flatten(2).expand(2, 3, -1)
     chained = (refined_positions(points, half, pair, SHAPE) - points).view(2, 3, *SHAPE)
     assert torch.allclose(chained, fields.compose(half, fields.compose(pair, half)), atol=1e-12)
@@ -84,7 +79,7 @@ def test_support_holds_every_voxel_whose_loss_can_be_non_zero_within_the_margin(
         support = loss_support(images, dilated_supports(images, margin), current.flatten(2))
         assert 0.05 < float(support.double().mean()) < 0.8  # sparse, and not only the maps
         for seed in range(4):  # the map moves by up to (just under) the margin, any direction
-            step = smooth_field(10 + seed, 1.0)
+            step = smooth_field(10 + seed, 1.0, SHAPE)
             step = 0.99 * margin * step / step.abs().max()
             moved = current + step
             loss = pointwise_similarity(fields.spaces.sample(images, moved), targets, "l1").flatten(1).sum(0)

@@ -185,9 +185,7 @@ def slice_landmarks(effect: MassEffect | None, frame: HeadFrame, z: float, view:
     ``mls_mm`` (template mm between shifted and normal, in the slice frame). ``view``: slice frame
     -> template LPS (default identity)."""
     view_t = torch.as_tensor(np.eye(4) if view is None else view, dtype=torch.float64)
-    inverse = torch.linalg.inv(view_t)
     affine = torch.as_tensor(slice_affine(frame, z), dtype=torch.float64)
-    inverse_affine = torch.linalg.inv(affine)
     anterior, posterior = effect.falx_y_mm if effect is not None else _default_falx(frame)
     to_row = float((view_t @ affine)[1, 1])
     first = (anterior + frame.falx_margin_mm - float((view_t @ affine)[1, 3])) / to_row
@@ -195,11 +193,7 @@ def slice_landmarks(effect: MassEffect | None, frame: HeadFrame, z: float, view:
     rows = torch.arange(math.ceil(first), math.floor(last) + 1, dtype=torch.float64)
     columns = _midline_crossing(effect, view_t, rows, frame, z)
     pixels = torch.stack([columns, rows, torch.zeros_like(rows), torch.ones_like(rows)], dim=0)
-    template = view_t @ affine @ pixels  # (4, R)
-    mapped = template.clone()
-    if effect is not None:
-        mapped[:3] = effect.apply(template[:3].T[:, :, None])[:, :, 0].T
-    normal_pixels = inverse_affine @ inverse @ mapped
+    normal_pixels = _normal_pixels(effect, view_t @ affine, pixels)  # (4, R)
     distance = torch.linalg.vector_norm((pixels - normal_pixels)[:2], dim=0) * frame.pixel_mm
     best = int(torch.argmax(distance))
     ends = _midline_crossing(None, view_t, torch.tensor([float(rows[0]), float(rows[-1])], dtype=torch.float64), frame, z)
@@ -344,9 +338,22 @@ def _near(effect: MassEffect, z: float, gen: torch.Generator) -> MassEffect:
     )
 
 
+def _normal_pixels(effect: MassEffect | None, to_template: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Where the normal anatomy is for homogeneous slice pixels ``(4, M)`` (float64): each pixel is
+    mapped to template LPS mm by ``to_template`` (slice pixels -> template), through the mass
+    effect's ``phi`` (shifted -> normal, template mm) and back to slice pixels. ``(4, M)``."""
+    template = to_template @ pixels
+    mapped = template.clone()
+    if effect is not None:
+        mapped[:3] = effect.apply(template[:3].T[:, :, None])[:, :, 0].T
+    return torch.linalg.inv(to_template) @ mapped
+
+
 def slice_field(effect: MassEffect | None, frame: HeadFrame, z: float, view: np.ndarray) -> torch.Tensor:
     """The true field ``(2, N, N)`` of the slice at ``z`` (slice pixels, channel 0 along i): at every
-    pixel ``p``, ``normal(p) - p`` as for the landmarks (0 everywhere without a mass effect)."""
+    pixel ``p``, ``normal(p) - p``, the displacement of the map observed (shifted) slice -> normal
+    anatomy that the landmarks and the losses' ``u`` use (0 everywhere without a mass effect).
+    ``view``: slice frame -> template LPS."""
     n = frame.slice_size
     if effect is None:
         return torch.zeros(2, n, n)
@@ -355,10 +362,7 @@ def slice_field(effect: MassEffect | None, frame: HeadFrame, z: float, view: np.
     pixels = torch.stack(
         [i.flatten(), j.flatten(), torch.zeros(n * n, dtype=torch.float64), torch.ones(n * n, dtype=torch.float64)]
     )
-    template = to_template @ pixels
-    mapped = template.clone()
-    mapped[:3] = effect.apply(template[:3].T[:, :, None])[:, :, 0].T
-    normal = torch.linalg.inv(to_template) @ mapped
+    normal = _normal_pixels(effect, to_template, pixels)
     return (normal[:2] - pixels[:2]).reshape(2, n, n).float()
 
 
@@ -371,11 +375,7 @@ def _midline_pairs(effect: MassEffect | None, frame: HeadFrame, z: float, view: 
     rows = (ys - float((view_t @ affine)[1, 3])) / float((view_t @ affine)[1, 1])
     columns = _midline_crossing(effect, view_t, rows, frame, z)
     pixels = torch.stack([columns, rows, torch.zeros_like(rows), torch.ones_like(rows)], dim=0)
-    template = view_t @ affine @ pixels
-    mapped = template.clone()
-    if effect is not None:
-        mapped[:3] = effect.apply(template[:3].T[:, :, None])[:, :, 0].T
-    normal = torch.linalg.inv(affine) @ torch.linalg.inv(view_t) @ mapped
+    normal = _normal_pixels(effect, view_t @ affine, pixels)
     return torch.stack([pixels[:2].T, normal[:2].T], dim=1)  # (K, 2, 2)
 
 
