@@ -49,7 +49,7 @@ def reverse_process(
     ``init`` (B,4,4) is an optional starting C (identity by default)."""
     b = fixed.shape[0]
     comp = torch.eye(4, dtype=torch.float64).repeat(b, 1, 1) if init is None else init.to(torch.float64).clone()
-    current = moving if init is None else warp(moving, comp)
+    current = moving if init is None else warp(moving, comp.to(moving.device))
     eye = torch.eye(3, dtype=torch.float64)
     for n, (t, a_lin, a_tr) in enumerate(step_plan(sched, steps)):
         tt = torch.full((b,), t, dtype=torch.long, device=fixed.device)

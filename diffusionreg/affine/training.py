@@ -25,6 +25,7 @@ from diffusionreg.errors import InputError
 from diffusionreg.image import read_image
 from diffusionreg.progress import Progress
 from diffusionreg.spaces import coordinates, sample_affine, torch_space
+from diffusionreg.training.batches import to_device
 from diffusionreg.training.ema import EMA
 from diffusionreg.training.engine import TrainingTask, run_training
 from diffusionreg.training.export import export_weights as _export_weights
@@ -170,7 +171,9 @@ def validate(
     (magnitude up to 1.2 Sigma(T)) by the reverse process, on held-back volumes."""
     gen = torch.Generator().manual_seed(seed)
     net.eval()
-    loss = float(batch_loss(net, make_batch(subjects, cfg, sched, gen, modality, batch_size=n_loss), cfg, modality))
+    device = next(net.parameters()).device  # the draws stay on the CPU: the same numbers on any device
+    batch = to_device(make_batch(subjects, cfg, sched, gen, modality, batch_size=n_loss), device)
+    loss = float(batch_loss(net, batch, cfg, modality))
     shape = cfg.grid_shape
     errs = []
     # normalised unit in mm per component (x, y, z) = array axes (k, j, i)
@@ -180,8 +183,8 @@ def validate(
         base = F.interpolate(vol[None], size=shape, mode="trilinear", align_corners=False)
         mat = sample_uniform_affine(1, sched, shape, generator=gen)
         moving = warp(base, mat)
-        cls = torch.tensor([cfg.class_index(modality)]) if cfg.n_classes > 1 else None
-        comp, _ = reverse_process(net, base, moving, sched, steps, cls, preprocess=network_filter(modality))
+        cls = torch.tensor([cfg.class_index(modality)], device=device) if cfg.n_classes > 1 else None
+        comp, _ = reverse_process(net, base.to(device), moving.to(device), sched, steps, cls, preprocess=network_filter(modality))
         truth = torch.linalg.inv(mat)
         # displacement error over brain voxels of the fixed grid
         pts = coordinates(torch_space(shape), dtype=torch.float64).movedim(1, -1)
@@ -310,11 +313,15 @@ def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None)
     torch.manual_seed(cfg.seed)
     net = AffineDiffusionNet(cfg)
 
-    def step(model: torch.nn.Module, gen: torch.Generator):
+    def draw(gen: torch.Generator):
         # one dataset per step, as published (one modality's preprocessing per batch)
         chosen = sets[int(torch.randint(len(sets), (), generator=gen))] if len(sets) > 1 else sets[0]
         modality = chosen.spec.modality
-        return batch_loss(model, make_batch(chosen.subjects, cfg, sched, gen, modality), cfg, modality), {}
+        return make_batch(chosen.subjects, cfg, sched, gen, modality), modality
+
+    def loss(model: torch.nn.Module, drawn):
+        batch, modality = drawn
+        return batch_loss(model, batch, cfg, modality), {}
 
     described = "; ".join(
         f"{s.spec.modality}: {len(s.files)} volumes ({', '.join(f.name for f in s.files)}), validation "
@@ -330,7 +337,9 @@ def train(opts: TrainOptions, run: RunOptions, progress: Progress | None = None)
         modality=modalities[0] if len(modalities) == 1 else ANY_MODALITY,
         modalities=modalities if len(modalities) > 1 else (),
         optimizer=torch.optim.Adam(net.parameters(), lr=cfg.lr),
-        step=step,
+        step=None,
+        draw=draw,
+        loss=loss,
         lr_factor=lambda s: warmup_cosine(s, cfg.warmup_steps, run.steps),
         ema=EMA(net, cfg.ema_beta, cfg.ema_power, cfg.ema_start),
         clip_grad_norm=CLIP_GRAD_NORM,

@@ -14,6 +14,8 @@ term), since DDIM with eta = 0 never uses the variance.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
@@ -50,11 +52,26 @@ def ddim_scheduler(cfg: DiffusionConfig) -> DDIMScheduler:
     return scheduler
 
 
-def denoising_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Epsilon MSE at uniform t (the training objective of both models)."""
+@dataclass
+class NoisedBatch:
+    """One denoising step's random numbers, drawn on the CPU: clean slices ``x`` (B, 1, N, N),
+    the noise ``noise`` (same shape) and the timesteps ``t`` (B,)."""
+
+    x: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+
+
+def draw_noise(x: torch.Tensor, scheduler: DDPMScheduler, gen: torch.Generator) -> NoisedBatch:
+    """The noise and the uniform timesteps of a denoising step on ``x`` (noise first, then t)."""
     noise = torch.randn(x.shape, generator=gen)
     t = torch.randint(0, scheduler.num_train_timesteps, (x.shape[0],), generator=gen)
-    return torch.mean((unet(scheduler.add_noise(x, noise, t), t) - noise) ** 2)
+    return NoisedBatch(x, noise, t)
+
+
+def denoising_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, batch: NoisedBatch) -> torch.Tensor:
+    """Epsilon MSE (the training objective of both models), on the device of ``batch``."""
+    return torch.mean((unet(scheduler.add_noise(batch.x, batch.noise, batch.t), batch.t) - batch.noise) ** 2)
 
 
 def representation(

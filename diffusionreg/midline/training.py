@@ -27,13 +27,14 @@ import torch
 from diffusionreg.distributed import rank_and_world
 from diffusionreg.errors import InputError
 from diffusionreg.progress import Progress
+from diffusionreg.training.batches import to_device
 from diffusionreg.training.ema import EMA
 from diffusionreg.training.engine import TrainingTask, run_training
 from diffusionreg.training.lr import warmup_cosine
 from diffusionreg.training.options import RunOptions
 
 from .config import MidlineConfig
-from .diffusion import build_unet, ddpm_scheduler, denoising_loss
+from .diffusion import NoisedBatch, build_unet, ddpm_scheduler, denoising_loss, draw_noise
 from .feature_bank import FOLDER as FEATURE_BANK
 from .feature_bank import DeformationSample, FeatureBank, with_features
 from .headframe import intracranial_mask, midline_column
@@ -113,18 +114,22 @@ def _diffusion_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_he
     net = build_unet(d)
     scheduler = ddpm_scheduler(d)
 
-    def step(model, gen):
+    def draw(gen: torch.Generator) -> NoisedBatch:
         batch = synth_slices(heads, cfg.frame, synth, gen, d.batch_size, shifted_fraction=shifted, truth=False)
-        return denoising_loss(model, scheduler, _flip(batch, gen, d.flip_prob), gen), {}
+        return draw_noise(_flip(batch, gen, d.flip_prob), scheduler, gen)
+
+    def loss(model, batch: NoisedBatch):
+        return denoising_loss(model, scheduler, batch), {}
 
     @torch.no_grad()
     def validate(model) -> dict:
         model.eval()
+        device = next(model.parameters()).device
         gen = torch.Generator().manual_seed(VALIDATION_SEED)
         losses = []
         for _ in range(VALIDATION_BATCHES):
             batch = synth_slices(val_heads, cfg.frame, cfg.synth, gen, d.batch_size, shifted_fraction=shifted, truth=False)
-            losses.append(float(denoising_loss(model, scheduler, batch.x, gen)))
+            losses.append(float(denoising_loss(model, scheduler, to_device(draw_noise(batch.x, scheduler, gen), device))))
         return {"val_loss": float(np.mean(losses))}
 
     return TrainingTask(
@@ -132,7 +137,9 @@ def _diffusion_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_he
         network=net,
         config_json=cfg.to_json(),
         optimizer=torch.optim.AdamW(net.parameters(), lr=d.lr, weight_decay=0.0),
-        step=step,
+        step=None,
+        draw=draw,
+        loss=loss,
         seed=cfg.seed + (0 if shifted == 0 else 1),
         modality="ct",
         ema=EMA(net, d.ema_beta, d.ema_power, d.ema_start),

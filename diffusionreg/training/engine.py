@@ -1,11 +1,16 @@
 """The training loop every network shares (MONAI's Workflow -> Trainer pattern, without ignite).
 
-A training supplies a :class:`TrainingTask`: the network, the optimiser and the *iteration* -- one
-``step(module, generator) -> (loss, stats)`` that draws a batch with the given per-rank generator
-and returns the loss of the (DDP-wrapped) module -- plus, optionally, a learning-rate factor, an
-EMA, a validation function and handlers. :func:`run_training` owns everything else:
+A training supplies a :class:`TrainingTask`: the network, the optimiser and the *iteration*,
+plus, optionally, a learning-rate factor, an EMA, a validation function and handlers. The
+iteration is either one ``step(module, generator) -> (loss, stats)`` that draws a batch with the
+given per-rank generator and returns the loss of the (DDP-wrapped) module (such trainings run on
+the CPU), or a pair ``draw(generator) -> batch`` (CPU tensors, every random number of the step)
+and ``loss(module, batch) -> (loss, stats)``. A split iteration runs on any device (the engine
+moves the batch) and can draw its batches in worker processes ahead of the optimiser
+(``--data-workers``). :func:`run_training` owns everything else:
 
 - the ``torchrun`` process group (gloo) and DDP, one generator per rank (``seed + 1000 rank``);
+- the device (``--device``), and the batch workers of a split iteration (:mod:`.batches`);
 - resume from ``checkpoint.pt`` (model, EMA, optimiser, schedule, counters, every rank's RNG), so a
   resumed run continues exactly as an uninterrupted one would;
 - backward, gradient clipping, optimiser and schedule steps, EMA update;
@@ -24,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +44,7 @@ from diffusionreg.distributed import (
 from diffusionreg.errors import InputError
 from diffusionreg.progress import Progress
 
+from .batches import BatchSource, to_device, training_device
 from .checkpoint import CHECKPOINT_NAME, TrainingState, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .export import CardFacts, export_best, export_weights
@@ -48,6 +55,8 @@ from .options import RunOptions
 LOSS_AVERAGE_WEIGHT = 0.02
 
 Step = Callable[[nn.Module, torch.Generator], "tuple[torch.Tensor, dict]"]
+Draw = Callable[[torch.Generator], Any]
+Loss = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict]"]
 
 
 @dataclass
@@ -58,7 +67,7 @@ class TrainingTask:
     network: nn.Module  # the network whose weights are trained, saved and exported
     config_json: str  # the model config as written beside the weights (config.json)
     optimizer: torch.optim.Optimizer
-    step: Step  # the iteration: batch from the generator -> (loss, stats)
+    step: Step | None  # the iteration: batch from the generator -> (loss, stats); None: draw + loss
     seed: int  # base seed of the per-rank generators
     modality: str = "any"  # registry modality of the exported model
     modalities: tuple[str, ...] = ()  # every modality it serves, when several (registry ``modalities``)
@@ -73,6 +82,12 @@ class TrainingTask:
     val_data: list[str] = field(default_factory=list)  # validation inputs, for the model card
     weights_metadata: dict = field(default_factory=dict)  # extra safetensors metadata (e.g. method)
     handlers: Sequence[Handler] = ()  # extra handlers (rank 0)
+    draw: Draw | None = None  # split iteration: generator -> batch of CPU tensors (any process)
+    loss: Loss | None = None  # split iteration: (module, batch on the module's device) -> (loss, stats)
+
+    def __post_init__(self) -> None:
+        if (self.step is None) == (self.draw is None or self.loss is None) or (self.draw is None) != (self.loss is None):
+            raise ValueError(f"{self.name} training: give either step or both draw and loss")
 
     @property
     def exported(self) -> nn.Module:
@@ -106,6 +121,8 @@ class _Engine:
         self.task, self.run_opts, self.progress, self.rank, self.world = task, run, progress, rank, world
         self.out = run.output
         self.generator = torch.Generator().manual_seed(task.seed + 1000 * rank)
+        self.device = training_device(run.device, split=task.step is None, what=f"the {task.name} training")
+        self.batches: BatchSource | None = None
         self.schedule = torch.optim.lr_scheduler.LambdaLR(task.optimizer, task.lr_factor) if task.lr_factor is not None else None
         self.state = TrainingState()
         self.metrics: dict = {}
@@ -203,7 +220,10 @@ class _Engine:
     def _iterate(self, module: nn.Module) -> None:
         """One optimisation step (the task's iteration, then backward and the updates)."""
         task, state = self.task, self.state
-        loss, stats = task.step(module, self.generator)
+        if task.step is not None:
+            loss, stats = task.step(module, self.generator)
+        else:
+            loss, stats = task.loss(module, to_device(self.batches.next(), self.device))
         task.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if task.clip_grad_norm is not None:
@@ -222,44 +242,60 @@ class _Engine:
             else (1 - LOSS_AVERAGE_WEIGHT) * state.loss_avg + LOSS_AVERAGE_WEIGHT * state.loss
         )
 
+    def _place(self) -> None:
+        """The trained network (inside ``train_module`` when there is one) and the EMA to the device;
+        parameters move in place, so the optimiser's references stay valid."""
+        for owner in (self.task.network, self.task.train_module, self.task.ema.averaged if self.task.ema else None):
+            if owner is not None:
+                owner.to(self.device)
+
     def run(self) -> dict:
+        self._place()
         self._resume()
         task, run, state = self.task, self.run_opts, self.state
+        if task.step is None:
+            # workers seed from the start step, so a resumed run does not replay the first batches
+            self.batches = BatchSource(task.draw, self.generator, run.data_workers, task.seed + 1000 * self.rank, state.step)
         module = task.train_module if task.train_module is not None else task.network
         if self.world > 1:
             module = nn.parallel.DistributedDataParallel(module)
         if self.rank == 0:
             self.progress.log(
-                f"{task.name} training: {task.description}; world {self.world}; start step {state.step}/{run.steps}"
+                f"{task.name} training: {task.description}; world {self.world}; device {self.device}; "
+                f"data workers {run.data_workers if task.step is None else 0}; start step {state.step}/{run.steps}"
             )
         for handler in self.handlers:
             handler.started(state)
         t0 = time.monotonic() - state.elapsed_s
         run_start = last_checkpoint = time.monotonic()
         module.train()
-        while state.step < run.steps:
-            self._iterate(module)
-            state.elapsed_s = time.monotonic() - t0
-            lr = task.optimizer.param_groups[0]["lr"]
-            for handler in self.handlers:
-                handler.iteration_completed(state, lr)
-            done = state.step >= run.steps
-            out_of_time = any_rank(
-                run.max_minutes is not None and time.monotonic() - run_start > 60 * run.max_minutes, self.world
-            )
-            if (run.val_every and state.step % run.val_every == 0) or done or out_of_time:
-                self._validate()
-                module.train()
-            tick = any_rank(
-                time.monotonic() - last_checkpoint > 60 * run.checkpoint_minutes
-                or (run.checkpoint_every > 0 and state.step % run.checkpoint_every == 0),
-                self.world,
-            )
-            if tick or done or out_of_time:
-                self._save()
-                last_checkpoint = time.monotonic()
-            if out_of_time:
-                break
+        try:
+            while state.step < run.steps:
+                self._iterate(module)
+                state.elapsed_s = time.monotonic() - t0
+                lr = task.optimizer.param_groups[0]["lr"]
+                for handler in self.handlers:
+                    handler.iteration_completed(state, lr)
+                done = state.step >= run.steps
+                out_of_time = any_rank(
+                    run.max_minutes is not None and time.monotonic() - run_start > 60 * run.max_minutes, self.world
+                )
+                if (run.val_every and state.step % run.val_every == 0) or done or out_of_time:
+                    self._validate()
+                    module.train()
+                tick = any_rank(
+                    time.monotonic() - last_checkpoint > 60 * run.checkpoint_minutes
+                    or (run.checkpoint_every > 0 and state.step % run.checkpoint_every == 0),
+                    self.world,
+                )
+                if tick or done or out_of_time:
+                    self._save()
+                    last_checkpoint = time.monotonic()
+                if out_of_time:
+                    break
+        finally:
+            if self.batches is not None:
+                self.batches.close()
         for handler in self.handlers:
             handler.completed(state)
         summary = dict(self.metrics)

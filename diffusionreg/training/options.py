@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffusionreg.devices import check_device_name
 from diffusionreg.errors import InputError
 
 
@@ -25,6 +26,8 @@ class RunOptions:
     val_every: int = 250  # validation interval (always at the end as well)
     max_minutes: float | None = None  # stop cleanly (validation + checkpoint) after this wall time
     threads: int | None = None  # torch CPU threads per process
+    device: str = "auto"  # auto | cpu | cuda[:N]; auto: the GPU when the training can use one
+    data_workers: int = 0  # processes drawing batches ahead of the optimiser (0: drawn in the loop)
     history_every: int = 25  # history line interval (and the first step)
     registry: Path | None = None  # Models.json receiving the best model (default output/Models.json)
     name: str | None = None  # registry name of the best model (default: the output folder's name)
@@ -38,9 +41,11 @@ class RunOptions:
             ("--checkpoint-every", self.checkpoint_every),
             ("--val-every", self.val_every),
             ("--history-every", self.history_every),
+            ("--data-workers", self.data_workers),
         ):
             if value < 0:
                 raise InputError(f"{flag} must be >= 0")
+        check_device_name(self.device)
         if self.checkpoint_minutes <= 0:
             raise InputError("--checkpoint-minutes must be > 0")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -58,6 +63,8 @@ class RunOptions:
             val_every=args.val_every,
             max_minutes=args.max_minutes,
             threads=args.threads,
+            device=args.device,  # the common --device option of every command
+            data_workers=args.data_workers,
             registry=args.registry,
             name=args.name,
         )
@@ -81,6 +88,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, val_every: int) -> None:
         "--max-minutes", type=float, default=None, help="stop cleanly (validation, checkpoint, export) after this wall time"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    parser.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        help="processes that draw training batches ahead of the optimiser (default 0: drawn in the loop, "
+        "so a resumed run repeats an uninterrupted one exactly; with workers it is deterministic but not identical)",
+    )
     parser.add_argument(
         "--registry", type=Path, default=None, help="Models.json that receives the best model (default OUTPUT/Models.json)"
     )
