@@ -20,7 +20,13 @@ binarised maps resampled to --baseline-spacing mm (default 2 mm; their full-reso
 do not fit the CPU budget); ours runs on its own network grid. Every method gets --threads.
 
     .venv/bin/python bench/deformable.py --threads 1 [--methods ours,ours-io,ours-refine,syn,elastix]
-        [--lung-cases all|054,055] [--brain] [--reuse]
+        [--lung-cases all|054,055] [--brain] [--reuse] [--device cpu|cuda] [--write-ext .nii] [--forward-only]
+
+``--device`` moves only our methods (the baselines are CPU programs). Our times are end to end as
+well (read both images, register, write the fields; CUDA synchronised before every stage timer is
+read); on CUDA one short registration per model runs first as a warm-up (the context start)
+and is not timed. Without antspyx the baselines cannot run, but ours can, brain included, once
+``bench/out/deformable_brain_affine.mat`` exists (antspyx computes it on the first brain run).
 
 Writes bench/out/deformable.md, bench/out/deformable.json and bench/out/deformable.png; each
 (case, method) result is cached in bench/out/deformable_cache/ and --reuse keeps the cached
@@ -220,35 +226,79 @@ QUALITIES = ("ours-fast", "ours-default", "ours-best")  # the --quality presets 
 METHODS = OURS + QUALITIES + ("syn-default", "syn", "elastix")
 
 
-def run_ours(fixed, moving, model, method: str, args):
+def run_ours(fixed_path: Path, moving_path: Path, model, method: str, args):
     """ours: the network alone; -io: + instance optimisation of the weights (args.io_steps);
     -refine: + the fine-grid velocity refinement (args.refine_iterations, None = the model's);
     ours-<quality>: the model config's quality preset, as ``--quality`` runs it.
-    The inverse is computed (for the ICE); writing both fields is timed as the CLI writes them."""
-    from diffusionreg.deformable.register import register_deformable
+
+    Timed end to end as the CLI runs it: read both images, register (on ``model.device``), write
+    both fields (``--write-ext``). The inverse is computed (for the ICE) unless ``--forward-only``
+    (then neither solved nor written); the times without it
+    (``seconds_without_inverse``, ``seconds_end_to_end_without_inverse``) are the ones of a
+    forward registration, since the CLI solves the inverse only when asked. Returns
+    ``(forward, inverse, seconds of the registration call, extra records)``."""
+    from diffusionreg.deformable.register import register_deformable, wait_for
+    from diffusionreg.image import read_image
     from diffusionreg.transforms import write_transform
 
+    wait_for(model.device)
+    t_start = time.perf_counter()
+    fixed = read_image(fixed_path)
+    moving = read_image(moving_path)
     t0 = time.perf_counter()
     if method in QUALITIES:
-        result = register_deformable(fixed, moving, model, None, want_inverse=True, quality=method.removeprefix("ours-"))
+        quality = method.removeprefix("ours-")
+        result = register_deformable(fixed, moving, model, None, want_inverse=not args.forward_only, quality=quality)
     else:
         io_steps = args.io_steps if "-io" in method else 0
         refine = args.refine_iterations if "refine" in method else 0  # None: the model's default
-        result = register_deformable(fixed, moving, model, None, io_steps, want_inverse=True, refine_iterations=refine)
+        result = register_deformable(
+            fixed, moving, model, None, io_steps, want_inverse=not args.forward_only, refine_iterations=refine
+        )
+    wait_for(model.device)
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         t_write = time.perf_counter()
-        write_transform(result.forward, Path(tmp) / "forward.nii.gz")
-        write_transform(result.inverse, Path(tmp) / "inverse.nii.gz")
-        seconds_write = time.perf_counter() - t_write
+        write_transform(result.forward, Path(tmp) / f"forward{args.write_ext}")
+        seconds_write_forward = time.perf_counter() - t_write
+        if result.inverse is not None:
+            write_transform(result.inverse, Path(tmp) / f"inverse{args.write_ext}")
+        t_end = time.perf_counter()
     kept = ("quality", "instance_optimization_steps", "refine_iterations", "refine_coarse_iterations", "field_grid_shape")
     extra = {k: v for k, v in result.metrics.items() if k.startswith(("seconds_", "refine_support_")) or k in kept}
-    extra["seconds_write_both"] = round(seconds_write, 3)
+    extra["seconds_read_both"] = round(t0 - t_start, 3)
+    extra["seconds_write_both"] = round(t_end - t_write, 3)
+    extra["seconds_write_forward"] = round(seconds_write_forward, 3)
     # The CLI solves the inverse only with --output-inverse-transform (SyN gives its inverse as a
     # by-product), so the time without it is the fair one for a forward registration.
-    inverse_stages = ("seconds_inverse_field", "seconds_inverse_solve")
-    extra["seconds_without_inverse"] = round(seconds - sum(result.metrics.get(k, 0.0) for k in inverse_stages), 3)
+    inverse_seconds = sum(result.metrics.get(k, 0.0) for k in ("seconds_inverse_field", "seconds_inverse_solve"))
+    extra["seconds_without_inverse"] = round(seconds - inverse_seconds, 3)
+    extra["seconds_end_to_end"] = round(t_end - t_start, 3)
+    extra["seconds_end_to_end_without_inverse"] = round(
+        (t_end - t_start) - inverse_seconds - (t_end - t_write - seconds_write_forward), 3
+    )
+    extra["device"] = str(model.device)
+    if model.device.type == "cuda":
+        import torch
+
+        extra["device_name"] = torch.cuda.get_device_name(model.device)
+    extra["write_ext"] = args.write_ext
+    extra["forward_only"] = bool(args.forward_only)
     return result.forward, result.inverse, seconds, extra
+
+
+def warm_up(model, fixed_path: Path, moving_path: Path) -> float:
+    """One short untimed registration on ``model.device`` (CUDA context, cuDNN handles, kernel
+    loading happen on the first call): seconds taken. The benchmark's times exclude it."""
+    from diffusionreg.deformable.register import register_deformable, wait_for
+    from diffusionreg.image import read_image
+
+    t0 = time.perf_counter()
+    register_deformable(
+        read_image(fixed_path), read_image(moving_path), model, None, io_steps=1, refine_iterations=2, want_inverse=False
+    )
+    wait_for(model.device)
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -262,17 +312,15 @@ def lung_case(case: str, method: str, args, models) -> dict:
     from diffusionreg.evaluation import read_landmarks
     from diffusionreg.image import read_image, resample
 
-    t_read = time.perf_counter()
-    fixed = read_image(LUNG / f"case_{case}_1.nii.gz")
-    moving = read_image(LUNG / f"case_{case}_2.nii.gz")
-    seconds_read = time.perf_counter() - t_read
+    fixed_path, moving_path = LUNG / f"case_{case}_1.nii.gz", LUNG / f"case_{case}_2.nii.gz"
+    fixed = read_image(fixed_path)
+    moving = read_image(moving_path)
     lm = read_landmarks(LUNG / f"case_{case}_landmarks_voxel.csv", fixed.grid, moving.grid)
     eval_grid = coarse_grid(fixed.grid, 2.0)
     eval_moving = coarse_grid(moving.grid, 2.0)
     extra = {}
     if method in OURS + QUALITIES:
-        fwd, inv, seconds, extra = run_ours(fixed, moving, models["lung"], method, args)
-        extra["seconds_read_both"] = round(seconds_read, 3)
+        fwd, inv, seconds, extra = run_ours(fixed_path, moving_path, models["lung"], method, args)
     else:
         bf = resample(binarised(fixed), coarse_grid(fixed.grid, args.baseline_spacing), None, "linear")
         bm = resample(binarised(moving), coarse_grid(moving.grid, args.baseline_spacing), None, "linear")
@@ -293,10 +341,11 @@ def lung_case(case: str, method: str, args, models) -> dict:
 
 
 def brain_inputs(args):
-    """Fixed oasis_A, moving vxm after the shared ANTs affine, both cropped to the fixed brain box."""
-    import ants
-
-    from diffusionreg.image import Image, crop_or_pad, read_image, resample
+    """Fixed oasis_A, moving vxm after the shared ANTs affine, both cropped to the fixed brain box;
+    the pair is also written (once) to ``bench/out/deformable_brain_inputs/`` so that our methods
+    are timed from reading files, as the CLI runs. The affine is computed once with antspyx and
+    kept in ``bench/out/deformable_brain_affine.mat``; with that file present antspyx is not needed."""
+    from diffusionreg.image import Image, crop_or_pad, read_image, resample, write_image
     from diffusionreg.transforms import read_transform
 
     b = DATA / "brain"
@@ -311,9 +360,11 @@ def brain_inputs(args):
     CACHE.mkdir(parents=True, exist_ok=True)
     mat = OUT / "deformable_brain_affine.mat"  # shared by all runs
     if not mat.exists():
-        reg = ants.registration(to_ants(fixed), to_ants(moving), type_of_transform="Affine", verbose=False)
         import shutil
 
+        import ants
+
+        reg = ants.registration(to_ants(fixed), to_ants(moving), type_of_transform="Affine", verbose=False)
         shutil.copy(reg["fwdtransforms"][0], mat)
     affine = read_transform(mat)
     fg = np.argwhere(fixed.array > 0.01)
@@ -322,19 +373,25 @@ def brain_inputs(args):
     fixed_lab_c = crop_or_pad(fixed_lab, lo, hi - lo)
     moving_a = resample(moving, fixed_c.grid, affine, "linear")
     moving_lab_a = resample(moving_lab, fixed_c.grid, affine, "nearest")
-    return fixed_c, fixed_lab_c, moving_a, moving_lab_a
+    folder = OUT / "deformable_brain_inputs"
+    paths = (folder / "fixed.nii.gz", folder / "moving_affine.nii.gz")
+    if not all(p.exists() for p in paths):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_image(fixed_c, paths[0])
+        write_image(moving_a, paths[1])
+    return fixed_c, fixed_lab_c, moving_a, moving_lab_a, paths
 
 
 def brain_case(method: str, args, models) -> dict:
     from diffusionreg import metrics
     from diffusionreg.image import resample
 
-    fixed, fixed_lab, moving, moving_lab = brain_inputs(args)
+    fixed, fixed_lab, moving, moving_lab, paths = brain_inputs(args)
     extra = {}
     if method in OURS + QUALITIES:
         if models.get("brain") is None:
             return {"task": "brain", "case": "vxm->oasisA", "method": method, "skipped": "no brain model"}
-        fwd, inv, seconds, extra = run_ours(fixed, moving, models["brain"], method, args)
+        fwd, inv, seconds, extra = run_ours(*paths, models["brain"], method, args)
         extra["model"] = models["brain"].name
     else:
         bf = resample(fixed, coarse_grid(fixed.grid, args.baseline_spacing), None, "linear")
@@ -369,6 +426,47 @@ def load_cache() -> list[dict]:
 
 def fmt(v, digits=2):
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+STAGES = (
+    "read_both",
+    "preprocess",
+    "instance_optimization",
+    "network",
+    "refine_preprocess",
+    "refine",
+    "forward_field",
+    "inverse_field",
+    "inverse_solve",
+    "metrics",
+    "write_both",
+)
+
+
+def stage_table(results: list[dict]) -> list[str]:
+    """Markdown lines: our jobs' device, per-stage seconds (CUDA synchronised before each stage
+    timer is read) and end-to-end time (read, register, write) with and without the inverse."""
+    ours = [r for r in results if "seconds_end_to_end" in r]
+    if not ours:
+        return []
+    lines = [
+        "## Our methods: stage profile (s)",
+        "",
+        "End to end = read both images + register + write both fields (the CLI's work); 'forward only' leaves "
+        "out the inverse's stages and its write (the CLI solves it only when asked). A CUDA run's first "
+        "call (context start) is a warm-up outside these times.",
+        "",
+        "| task | case | method | device | " + " | ".join(STAGES) + " | end to end | forward only |",
+        "|---|---|---|---|" + "---|" * (len(STAGES) + 2),
+    ]
+    for r in ours:
+        cells = [fmt(r.get(f"seconds_{stage}"), 2) if f"seconds_{stage}" in r else "-" for stage in STAGES]
+        device = r.get("device_name", r.get("device", "cpu"))
+        lines.append(
+            f"| {r['task']} | {r['case']} | {r['method']} | {device} | " + " | ".join(cells) + " | "
+            f"{fmt(r['seconds_end_to_end'])} | {fmt(r.get('seconds_end_to_end_without_inverse'))} |"
+        )
+    return lines + [""]
 
 
 def report(results: list[dict], args) -> None:
@@ -449,6 +547,7 @@ def report(results: list[dict], args) -> None:
                 f"{r['seconds']:.1f} |"
             )
         lines.append("")
+    lines += stage_table(results)
     (OUT / f"{REPORT}.md").write_text("\n".join(lines) + "\n")
     (OUT / f"{REPORT}.json").write_text(json.dumps(results, indent=1))
     try:
@@ -489,6 +588,22 @@ def main() -> int:
         default=None,
         help="velocity-refinement iterations of the -refine methods (default: the model's)",
     )
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of OUR methods (cpu, cuda, cuda:N); the baselines always run on the CPU",
+    )
+    ap.add_argument(
+        "--write-ext",
+        default=".nii.gz",
+        choices=(".nii.gz", ".nii", ".nrrd", ".mha"),
+        help="file type the timed write of our fields uses (.nii.gz compresses, ~10x slower to write)",
+    )
+    ap.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="our methods without the inverse field (as the CLI without --output-inverse-transform; no ICE)",
+    )
     ap.add_argument("--lung-model", default="lung-vessels")
     ap.add_argument("--brain-model", default=None)
     ap.add_argument("--run-name", default="", help="separate cache and report: bench/out/deformable_<name>.*")
@@ -510,12 +625,21 @@ def main() -> int:
         unknown = set(methods) - set(METHODS)
         if unknown:
             ap.error(f"unknown methods {sorted(unknown)}; use {', '.join(METHODS)}")
+        cases = LUNG_CASES if args.lung_cases == "all" else tuple(c for c in args.lung_cases.split(",") if c)
         if any(m in OURS + QUALITIES for m in methods):
             from diffusionreg.deformable.register import load_model
+            from diffusionreg.devices import resolve_device
 
-            models["lung"] = load_model(args.lung_model)
-            models["brain"] = load_model(args.brain_model) if args.brain_model else None
-        cases = LUNG_CASES if args.lung_cases == "all" else tuple(c for c in args.lung_cases.split(",") if c)
+            device = resolve_device(args.device)
+            models["lung"] = load_model(args.lung_model, device=device)
+            models["brain"] = load_model(args.brain_model, device=device) if args.brain_model else None
+            if device.type == "cuda":  # the first CUDA call starts the context: not part of any timed job
+                if cases:
+                    warm = warm_up(models["lung"], LUNG / f"case_{cases[0]}_1.nii.gz", LUNG / f"case_{cases[0]}_2.nii.gz")
+                    print(f"warm-up (lung model, excluded from the times): {warm:.1f} s", flush=True)
+                if args.brain and models["brain"] is not None:
+                    warm = warm_up(models["brain"], *brain_inputs(args)[-1])
+                    print(f"warm-up (brain model, excluded from the times): {warm:.1f} s", flush=True)
         # method by method (in the order given), so that a run stopped early has every case of the first methods
         jobs = [("lung", c, m) for m in methods for c in cases]
         if args.brain:

@@ -221,6 +221,7 @@ def predict(
     (``io_steps`` Adam steps on this pair from the trained weights; the model is not changed).
     ``seconds``, when given, gains the wall seconds of ``instance_optimization`` and ``network``."""
     net = model.net
+    wait_for(model.device)
     start = time.perf_counter()
     moving = moving.to(model.device)
     fixed = fixed.to(model.device)
@@ -230,14 +231,24 @@ def predict(
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=io_lr if io_lr is not None else model.cfg.inference.io_lr)
         losses = adam_steps(opt, lambda: pair_loss(net, model.cfg, moving, fixed)[0], io_steps, progress, "instance optimisation")
+    wait_for(model.device)
     optimised = time.perf_counter()
     net.eval()
     with torch.no_grad():
         u, w = net(moving, fixed)
+    wait_for(model.device)
     if seconds is not None:
         seconds["instance_optimization"] = optimised - start
         seconds["network"] = time.perf_counter() - optimised
     return u, w, losses
+
+
+def wait_for(device: torch.device | str) -> None:
+    """Block until ``device``'s queued kernels are done (CUDA runs asynchronously, so a stage's
+    wall time is only its own after this); a no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _sample_field(u: torch.Tensor, index) -> np.ndarray:
@@ -360,6 +371,7 @@ def register_deformable(
 
     def lap(stage: str) -> None:
         nonlocal last
+        wait_for(model.device)
         now = time.perf_counter()
         seconds[stage] = seconds.get(stage, 0.0) + now - last
         last = now

@@ -168,7 +168,7 @@ class HalfAffine(nn.Module):
         """``(B, 12)`` -> ``(B, 4, 4)``: log-scales, log-shears, rotation vector, translation."""
         b = params.shape[0]
         sym = torch.zeros(b, 3, 3, dtype=params.dtype, device=params.device)
-        idx = torch.arange(3)
+        idx = torch.arange(3, device=params.device)
         sym[:, idx, idx] = params[:, 0:3]
         upper = [(0, 1), (0, 2), (1, 2)]
         skew = torch.zeros_like(sym)
