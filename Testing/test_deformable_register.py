@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -313,3 +314,53 @@ def test_shipped_brain_model_aligns_a_deformed_brain(shared_data):
     before = np.linalg.norm(points - true_mapped, axis=1).mean()
     after = np.linalg.norm(mapped - true_mapped, axis=1).mean()
     assert after < 0.6 * before, (before, after)
+
+
+def test_frozen_first_step_instance_optimisation_is_the_fine_step_alone():
+    """``io_frozen_steps=1`` (ICON) is instance optimisation of the second step's network only: the
+    greedy losses detach the midpoint pair, so the full loss's gradient on that network is its own
+    step's, and the result equals Adam on those weights alone with the full loss; the first
+    network keeps its weights. The cached midpoint pair is the one the step losses use."""
+    from diffusionreg.deformable.register import pair_loss, predict
+
+    torch.manual_seed(1)
+    model = DeformableModel(build_network(TINY_ICON).eval(), TINY_ICON)
+    g = torch.Generator().manual_seed(2)
+    fixed = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 16, 16, 16, generator=g), 3, 1, 1)
+    moving = torch.roll(fixed, 2, dims=2)
+    cfg = TINY_ICON
+    losses = model.net.step_losses(moving, fixed, cfg.similarity, cfg.regularisation_weight, cfg.ncc_window)
+    start = model.net.advance(moving, fixed, 1)
+    (second,) = model.net.step_losses(*start, cfg.similarity, cfg.regularisation_weight, cfg.ncc_window, first_step=1)
+    assert float(second.detach()) == float(losses[1].detach())
+
+    before = copy.deepcopy(model.net.state_dict())
+    u, w, io_losses = predict(model, moving, fixed, io_steps=3, io_lr=1e-2, io_frozen_steps=1)
+    reference = copy.deepcopy(model.net).train()
+    opt = torch.optim.Adam(reference.nets[1].parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = pair_loss(reference, cfg, moving, fixed)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    reference.eval()
+    with torch.no_grad():
+        u_ref, w_ref = reference(moving, fixed)
+        u_none, _ = model.net(moving, fixed)
+    torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+    assert (u - u_none).abs().max() > 1e-4, "the fine step's network was optimised"
+    assert len(io_losses) == 3 and io_losses[0] == pytest.approx(float(losses[1].detach()), rel=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in model.net.state_dict().items()), "the model is not changed"
+
+
+def test_frozen_steps_only_for_icon_and_one_step_left():
+    from dataclasses import replace
+
+    from diffusionreg.errors import InputError
+
+    with pytest.raises(InputError, match="io_frozen_steps"):
+        replace(TINY_SITREG, inference=DeformableInference(io_frozen_steps=1)).validate()
+    with pytest.raises(InputError, match="io_frozen_steps"):
+        replace(TINY_ICON, inference=DeformableInference(io_frozen_steps=TINY_ICON.icon.steps)).validate()
+    replace(TINY_ICON, inference=DeformableInference(io_frozen_steps=TINY_ICON.icon.steps - 1)).validate()

@@ -92,13 +92,24 @@ class TwoStepICON(nn.Module):
         phi_inv = fields.compose(fields.compose(h_inv, e_inv), h_inv)
         return phi, phi_inv
 
+    @torch.no_grad()
+    def advance(self, image1: torch.Tensor, image2: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair after the first ``steps`` steps, each moving both images half-way (no
+        gradient): what step ``steps`` registers in :meth:`forward` and :meth:`step_losses`."""
+        a, b = image1, image2
+        for step in range(steps):
+            h, h_inv = self._exp_pair(0.5 * self.velocity(step, a, b))
+            a, b = fields.warp(a, h), fields.warp(b, h_inv)
+        return a, b
+
     def step_losses(
-        self, image1: torch.Tensor, image2: torch.Tensor, similarity: str, weight: float, window: int = 7
+        self, image1: torch.Tensor, image2: torch.Tensor, similarity: str, weight: float, window: int = 7, first_step: int = 0
     ) -> list[torch.Tensor]:
-        """Greedy per-step losses (the midpoint images are detached between steps)."""
+        """Greedy per-step losses (the midpoint images are detached between steps) of the steps
+        from ``first_step`` on; then ``image1``, ``image2`` are the pair :meth:`advance` gives."""
         losses = []
         a, b = image1, image2
-        for step in range(self.cfg.steps):
+        for step in range(first_step, self.cfg.steps):
             v = self.velocity(step, a, b)
             fwd, bwd = self._exp_pair(v)
             loss = (

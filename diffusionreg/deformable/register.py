@@ -216,9 +216,12 @@ def predict(
     io_lr: float | None = None,
     progress=None,
     seconds: dict[str, float] | None = None,
+    io_frozen_steps: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """``(u, w, io_losses)``: ``warp(moving, u) ~ fixed``, ``w = u^-1``; optional instance optimisation
     (``io_steps`` Adam steps on this pair from the trained weights; the model is not changed).
+    ``io_frozen_steps`` (ICON): the first step networks keep their weights, their midpoint pair is
+    computed once and the losses are those of the later steps only.
     ``seconds``, when given, gains the wall seconds of ``instance_optimization`` and ``network``."""
     net = model.net
     wait_for(model.device)
@@ -227,10 +230,26 @@ def predict(
     fixed = fixed.to(model.device)
     losses: list[float] = []
     if io_steps > 0:
+        cfg = model.cfg
         net = copy.deepcopy(model.net)
         net.train()
-        opt = torch.optim.Adam(net.parameters(), lr=io_lr if io_lr is not None else model.cfg.inference.io_lr)
-        losses = adam_steps(opt, lambda: pair_loss(net, model.cfg, moving, fixed)[0], io_steps, progress, "instance optimisation")
+        if io_frozen_steps > 0:
+            for frozen in net.nets[:io_frozen_steps]:
+                frozen.requires_grad_(False)
+            # the frozen steps' output does not change between IO steps: computed once
+            start = net.advance(moving, fixed, io_frozen_steps)
+
+            def loss_fn() -> torch.Tensor:
+                return sum(net.step_losses(*start, cfg.similarity, cfg.regularisation_weight, cfg.ncc_window, io_frozen_steps))
+
+        else:
+
+            def loss_fn() -> torch.Tensor:
+                return pair_loss(net, cfg, moving, fixed)[0]
+
+        trained = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(trained, lr=io_lr if io_lr is not None else cfg.inference.io_lr)
+        losses = adam_steps(opt, loss_fn, io_steps, progress, "instance optimisation")
     wait_for(model.device)
     optimised = time.perf_counter()
     net.eval()
@@ -397,7 +416,16 @@ def register_deformable(
     fixed_t = to_network(fixed, grid, cfg)
     moving_t = to_network(moving, grid, cfg, initial)
     lap("preprocess")
-    u, w, io_losses = predict(model, moving_t, fixed_t, steps, settings.io_lr, progress=progress, seconds=seconds)
+    u, w, io_losses = predict(
+        model,
+        moving_t,
+        fixed_t,
+        steps,
+        settings.io_lr,
+        progress=progress,
+        seconds=seconds,
+        io_frozen_steps=settings.io_frozen_steps,
+    )
     last = time.perf_counter()
     refine_losses: list[float] = []
     refine_stats: dict[str, float] = {}
@@ -453,6 +481,7 @@ def register_deformable(
             "model": model.name,
             "quality": quality or "default",
             "instance_optimization_steps": steps,
+            "instance_optimization_frozen_steps": settings.io_frozen_steps if steps else 0,
             "io_loss_first": io_losses[0] if io_losses else None,
             "io_loss_last": io_losses[-1] if io_losses else None,
             "refine_iterations": refine_cfg.iterations,
