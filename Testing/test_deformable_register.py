@@ -335,7 +335,8 @@ def test_frozen_first_step_instance_optimisation_is_the_fine_step_alone():
     assert float(second.detach()) == float(losses[1].detach())
 
     before = copy.deepcopy(model.net.state_dict())
-    u, w, io_losses = predict(model, moving, fixed, io_steps=3, io_lr=1e-2, io_frozen_steps=1)
+    seconds: dict[str, float] = {}
+    u, w, io_losses = predict(model, moving, fixed, io_steps=3, io_lr=1e-2, io_frozen_steps=1, seconds=seconds)
     reference = copy.deepcopy(model.net).train()
     opt = torch.optim.Adam(reference.nets[1].parameters(), lr=1e-2)
     for _ in range(3):
@@ -350,6 +351,7 @@ def test_frozen_first_step_instance_optimisation_is_the_fine_step_alone():
     torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
     assert (u - u_none).abs().max() > 1e-4, "the fine step's network was optimised"
+    assert seconds["instance_optimization"] > 0 and seconds["network"] > 0
     assert len(io_losses) == 3 and io_losses[0] == pytest.approx(float(losses[1].detach()), rel=1e-6)
     assert all(torch.equal(before[k], v) for k, v in model.net.state_dict().items()), "the model is not changed"
 

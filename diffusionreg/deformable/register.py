@@ -237,10 +237,12 @@ def predict(
             for frozen in net.nets[:io_frozen_steps]:
                 frozen.requires_grad_(False)
             # the frozen steps' output does not change between IO steps: computed once
-            start = net.advance(moving, fixed, io_frozen_steps)
+            midpoints = net.advance(moving, fixed, io_frozen_steps)
 
             def loss_fn() -> torch.Tensor:
-                return sum(net.step_losses(*start, cfg.similarity, cfg.regularisation_weight, cfg.ncc_window, io_frozen_steps))
+                return sum(
+                    net.step_losses(*midpoints, cfg.similarity, cfg.regularisation_weight, cfg.ncc_window, io_frozen_steps)
+                )
 
         else:
 
