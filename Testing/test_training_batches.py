@@ -158,3 +158,22 @@ def test_the_same_training_on_a_gpu(tmp_path, workers):
         output=tmp_path / "gpu", steps=14, val_every=6, history_every=1, device="cpu", resume=True, data_workers=workers
     )
     assert run_training(split_toy_task(more), more)["step"] == 14
+
+
+def _nothing(*args):
+    return None
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        {"draw": None, "loss": None},  # no iteration
+        {"loss": None},  # a draw without a loss
+        {"draw": None},  # a loss without a draw
+        {"step": _nothing},  # a single step and a split one
+    ],
+)
+def test_a_task_has_one_kind_of_iteration(tmp_path, parts):
+    task = split_toy_task(RunOptions(output=tmp_path, device="cpu"))
+    with pytest.raises(ValueError, match="either step or both draw and loss"):
+        dataclasses.replace(task, **parts)

@@ -86,7 +86,9 @@ class TrainingTask:
     loss: Loss | None = None  # split iteration: (module, batch on the module's device) -> (loss, stats)
 
     def __post_init__(self) -> None:
-        if (self.step is None) == (self.draw is None or self.loss is None) or (self.draw is None) != (self.loss is None):
+        single = self.step is not None and self.draw is None and self.loss is None
+        split = self.step is None and self.draw is not None and self.loss is not None
+        if not (single or split):
             raise ValueError(f"{self.name} training: give either step or both draw and loss")
 
     @property
