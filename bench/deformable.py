@@ -264,7 +264,14 @@ def run_ours(fixed_path: Path, moving_path: Path, model, method: str, args):
         if result.inverse is not None:
             write_transform(result.inverse, Path(tmp) / f"inverse{args.write_ext}")
         t_end = time.perf_counter()
-    kept = ("quality", "instance_optimization_steps", "refine_iterations", "refine_coarse_iterations", "field_grid_shape")
+    kept = (
+        "quality",
+        "instance_optimization_steps",
+        "instance_optimization_frozen_steps",
+        "refine_iterations",
+        "refine_coarse_iterations",
+        "field_grid_shape",
+    )
     extra = {k: v for k, v in result.metrics.items() if k.startswith(("seconds_", "refine_support_")) or k in kept}
     extra["seconds_read_both"] = round(t0 - t_start, 3)
     extra["seconds_write_both"] = round(t_end - t_write, 3)
