@@ -206,12 +206,22 @@ def pose_cases(subjects: dict, angles, seed: int):
     return cases
 
 
-def oasis_b_scan(data: Path):
-    """The held-out T1 brain, cropped to its head."""
+def _oasis_scan(data: Path, file: str):
+    """An OASIS T1 brain, cropped to its head."""
     from diffusionreg.image import crop_or_pad, read_image
 
-    image = read_image(data / "brain" / "oasis_B_norm.nii.gz", dtype=np.float32)
+    image = read_image(data / "brain" / file, dtype=np.float32)
     return crop_or_pad(image, (40, 30, 30), (176, 190, 200))
+
+
+def oasis_b_scan(data: Path):
+    """The held-out T1 brain, cropped to its head."""
+    return _oasis_scan(data, "oasis_B_norm.nii.gz")
+
+
+def oasis_a_scan(data: Path):
+    """A training T1 brain (the same-subject case of the pose sweep), cropped to its head."""
+    return _oasis_scan(data, "oasis_A_norm.nii.gz")
 
 
 def ge_ct_scan(data: Path):
@@ -226,6 +236,7 @@ def ge_ct_scan(data: Path):
 
 
 SYNTHETIC_SUBJECTS = {"oasisB": oasis_b_scan, "ge-ct": ge_ct_scan}
+POSE_SUBJECTS = {"oasisA": oasis_a_scan, **SYNTHETIC_SUBJECTS}
 SUBJECT_NAMES = {"oasisB": "oasis_B", "ge-ct": "GE head CT"}
 
 
@@ -653,7 +664,11 @@ def main():
     p.add_argument("--real", default="all", help="'all' or 'none'")
     p.add_argument("--pose-sweep", action="store_true", help="run the pose sweep (issue 16)")
     p.add_argument("--pose-angles", default="0,45,90,135,180", help="start rotations of the pose sweep (deg)")
-    p.add_argument("--pose-subjects", default="oasisB,oasisA", help="subjects of the pose sweep (oasisB is held out)")
+    p.add_argument(
+        "--pose-subjects",
+        default="oasisB,oasisA",
+        help=f"subjects of the pose sweep, of {', '.join(POSE_SUBJECTS)} (oasisB and ge-ct are held out; ge-ct: --modality ct)",
+    )
     p.add_argument(
         "--import-log",
         nargs=2,
@@ -671,8 +686,6 @@ def main():
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
 
-    from diffusionreg.image import crop_or_pad, read_image
-
     subj = load_subjects(args.data)
     real = real_cases(subj) if args.real == "all" else []
     b_img = SYNTHETIC_SUBJECTS[args.synthetic_subject](args.data)
@@ -683,10 +696,8 @@ def main():
         case["moving"] = synthetic_moving(b_img, case["truth"], case["seed"])
     pose, pose_images = [], {}
     if args.pose_sweep:
-        files = {"oasisB": "oasis_B_norm.nii.gz", "oasisA": "oasis_A_norm.nii.gz"}
         for name in args.pose_subjects.split(","):
-            image = read_image(args.data / "brain" / files[name], dtype=np.float32)
-            pose_images[name] = crop_or_pad(image, (40, 30, 30), (176, 190, 200))
+            pose_images[name] = POSE_SUBJECTS[name](args.data)
         angles = [float(a) for a in args.pose_angles.split(",")]
         pose = pose_cases(pose_images, angles, args.seed)
         for case in pose:
