@@ -285,9 +285,11 @@ def test_disabled_reason_is_text_beside_the_button(core, corelib) -> None:
 
 def test_modalities_come_from_installed_models_and_the_model_to_run_is_named(core, corelib) -> None:
     panel, _ = _panel(core, corelib, "ok")
-    assert panel.modalityComboBox.itemTexts() == ["MRI"], "only what an installed affine model supports"
+    assert panel.modalityComboBox.itemTexts() == ["MRI", "CT"], "only what the installed affine models support"
     assert panel.modality == "mri" and panel.model == ""
     assert panel.modelInfoLabel.text == "Runs 'brain-mri' (affine, MRI; registry)"
+    panel.selectModality("ct")  # the shipped head CT model
+    assert panel.modelInfoLabel.text == "Runs 'head-ct' (affine, CT; registry)"
 
 
 def test_downloadable_models_are_listed_but_not_offered_as_modalities(core, corelib, tmp_path, monkeypatch) -> None:
@@ -459,7 +461,7 @@ def test_logic_register_runs_the_job_and_shows_the_result(spatial, corelib, scen
     assert moving.GetParentTransformNode().GetID() == result.transformNode.GetID()
     np.testing.assert_allclose(mrml_io.lpsMatrixFromTransformNode(result.transformNode), matrix, atol=1e-9)
     assert spatial.shown and spatial.shown[-1]["background"] is fixed and spatial.shown[-1]["foreground"] is moving
-    with pytest.raises(ValueError, match="No affine model for CT is installed"):
-        logic.register(fixed, moving, modality="ct", device="cpu")
+    with pytest.raises(ValueError, match="No affine model for OCTA is installed"):
+        logic.register(fixed, moving, modality="octa", device="cpu")
     with pytest.raises(ValueError, match="different volumes"):
         logic.register(fixed, fixed, device="cpu")
