@@ -30,7 +30,7 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-3.5}
 DEADLINE_S=${DEADLINE_S:-420}
 OUT=${OUT:?set OUT to the folder that receives the results}
 RUNS=${RUNS:-/tmp/device_runs}
-DATA=/work/shared/data
+DATA=/work/shared/data # the development machine's ../shared/data: the pose cache is keyed by these paths
 B=$DATA/brain
 H=$DATA/headct
 mkdir -p "$RUNS" "$OUT"
