@@ -97,3 +97,13 @@ def test_shipped_registry_entry_is_valid():
     assert e.modality == "mri" and e.file.stat().st_size < 20e6
     models.verify(e)
     assert e.card is not None and e.card.exists()
+
+
+def test_a_model_trained_from_a_preset_starts_from_any_pose_and_an_old_config_does_not():
+    from diffusionreg.affine.config import AffineConfig, compact, full
+
+    assert compact().inference.pose_search.enabled and full().inference.pose_search.enabled
+    exported = json.loads(compact().to_json())  # what a training writes beside the weights
+    assert AffineConfig.from_dict(exported).inference.pose_search.enabled
+    del exported["inference"]["pose_search"]  # a config from before the pose search
+    assert not AffineConfig.from_dict(exported).inference.pose_search.enabled

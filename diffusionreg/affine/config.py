@@ -275,13 +275,19 @@ class AffineConfig:
         return tuple(last(n) for n in self.grid_shape)  # type: ignore[return-value]
 
 
+#: Registration defaults that a model trained from a preset is exported with: the any-pose start
+#: on (issue 16). A config.json without ``pose_search`` (a model from before it) keeps it off.
+TRAINED_INFERENCE = AffineInference(pose_search=PoseSearchConfig(enabled=True))
+
+
 def compact() -> AffineConfig:
-    return AffineConfig()
+    return AffineConfig(inference=TRAINED_INFERENCE)
 
 
 def full() -> AffineConfig:
     return AffineConfig(
         name="full",
+        inference=TRAINED_INFERENCE,
         grid_size=256,
         spacing_mm=1.0,
         widths=(2, 64, 128, 256, 256, 512, 1024),
