@@ -1,4 +1,4 @@
-"""The shipped head CT affine model (issue 16): registered for CT only, verified, and the default
+"""The shipped head CT affine model (issue 16): registered for CT and any (class 0), verified, and the default
 pipeline recovers a known affine of the held-out GE head CT (a scan no training saw)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from test_affine_register import mean_error_mm
 
 from diffusionreg import models
 from diffusionreg.affine.register import load_model, register_affine
+from diffusionreg.errors import InputError
 from diffusionreg.image import centred_grid, read_image, resample
 from diffusionreg.spaces import apply_affine, centred_affine, rotation_about_axis
 
@@ -24,9 +25,12 @@ from diffusionreg.spaces import apply_affine, centred_affine, rotation_about_axi
 RECOVERY_MM = 1.0
 
 
-def test_ct_picks_head_ct_and_mri_keeps_brain_mri():
+def test_ct_and_any_pick_head_ct_mri_keeps_brain_mri_and_octa_has_none():
     ct = models.resolve(None, "affine", "ct")
-    assert ct.name == "head-ct" and ct.served == ("ct",)
+    assert ct.name == "head-ct" and ct.served == ("ct", "any")
+    assert models.resolve(None, "affine", "any").name == "head-ct"  # its class 0, modality-agnostic
+    with pytest.raises(InputError, match="no affine model registered for modality 'octa'"):
+        models.resolve(None, "affine", "octa")  # no fallback to a model that lists any
     assert ct.file.stat().st_size < 20e6 and ct.card is not None and ct.card.exists()
     models.verify(ct)  # the sha256 of the registry
     config = json.loads(ct.config.read_text())

@@ -59,15 +59,20 @@ def resolve(
 ) -> ModelEntry:
     """A registered name, a weights file (config.json beside it) or a folder holding
     ``model.safetensors`` (or ``ema.safetensors`` / ``model.pt``) and ``config.json``. With None,
-    the first registered model of ``task`` for ``modality`` (then one for 'any'), installed ones
-    first. A path that is a registered model's file or folder resolves to that entry (verified)."""
+    the first registered model of ``task`` that lists ``modality``, installed ones first, then a
+    generic one (whose only modality is ``any``). A conditional model that lists ``any`` among
+    others (its agnostic class) serves ``any``, not every modality: it runs only the classes it was
+    trained for. A path that is a registered model's file or folder resolves to that entry
+    (verified)."""
     entries = list_models(task, registry_path)
     if name_or_path is None:
         ordered = sorted(entries, key=lambda e: not e.installed)  # stable: file order otherwise
-        for want in (modality, "any"):
-            for e in ordered:
-                if want in e.served:
-                    return e
+        for e in ordered:
+            if modality in e.served:
+                return e
+        for e in ordered:
+            if e.served == ("any",):
+                return e
         raise InputError(
             f"no {task} model registered for modality {modality!r}; pass --model NAME|PATH (registered: {_names(entries)})"
         )

@@ -4,8 +4,10 @@ A panel must offer only what works: a modality appears in the modality selector 
 **installed** model of the module's task supports it (every modality its registry entry lists;
 a model declaring ``any`` adds "Any").
 With no model chosen explicitly the backend picks the model itself (``diffusionreg.models.resolve``):
-the first registered model of the task for that modality, installed ones first, then one for
-``any``. :func:`defaultModel` applies the same rule so the panel can say which model will run.
+the first registered model of the task that lists that modality, installed ones first, then a
+generic one (``any`` its only modality). A conditional model listing ``any`` among others serves
+"Any", not every modality: it runs only the classes it was trained for. :func:`defaultModel`
+applies the same rule so the panel can say which model will run.
 """
 
 from __future__ import annotations
@@ -35,11 +37,10 @@ def defaultModel(entries: Sequence[ModelEntry], task: str, modality: str) -> Mod
     """The registry model the backend runs for ``modality`` when no model is given (None: none)."""
     registered = [e for e in entries if e.task == task and e.source == "registry"]
     ordered = sorted(registered, key=lambda e: not e.available)  # stable: registry order otherwise
-    for want in (modality, ANY):
-        for entry in ordered:
-            if want in entry.served:
-                return entry
-    return None
+    for entry in ordered:
+        if modality in entry.served:
+            return entry
+    return next((entry for entry in ordered if entry.served == (ANY,)), None)
 
 
 def modelToRun(entries: Sequence[ModelEntry], task: str, modality: str, model: str = "") -> tuple[ModelEntry | None, str]:

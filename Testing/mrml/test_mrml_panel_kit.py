@@ -285,11 +285,11 @@ def test_disabled_reason_is_text_beside_the_button(core, corelib) -> None:
 
 def test_modalities_come_from_installed_models_and_the_model_to_run_is_named(core, corelib) -> None:
     panel, _ = _panel(core, corelib, "ok")
-    assert panel.modalityComboBox.itemTexts() == ["MRI", "CT"], "only what the installed affine models support"
+    assert panel.modalityComboBox.itemTexts() == ["MRI", "CT", "Any"], "only what the installed affine models support"
     assert panel.modality == "mri" and panel.model == ""
     assert panel.modelInfoLabel.text == "Runs 'brain-mri' (affine, MRI; registry)"
     panel.selectModality("ct")  # the shipped head CT model
-    assert panel.modelInfoLabel.text == "Runs 'head-ct' (affine, CT; registry)"
+    assert panel.modelInfoLabel.text == "Runs 'head-ct' (affine, CT, Any; registry)"
 
 
 def test_downloadable_models_are_listed_but_not_offered_as_modalities(core, corelib, tmp_path, monkeypatch) -> None:
