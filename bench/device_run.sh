@@ -2,8 +2,8 @@
 # One prepared run on a borrowed GPU machine (the workplace's `device` tool; 15 minutes in all).
 #
 # What it does, in order, within ~9.5 minutes of wall time:
-#   1. installs what the machine lacks (SimpleITK, MONAI) from .devrun/ and unpacks the shared data
-#      to /work/shared/data (the paths the pose cache and the model cards name);
+#   1. installs what the machine lacks (SimpleITK, MONAI, nibabel) from .devrun/ and unpacks the
+#      shared data to ../shared/data beside the checkout, where it sits on the development machine;
 #   2. the deformable GPU benchmark of issue 18 (our pipeline only; peers need a CPU machine);
 #   3. three trainings side by side on the one GPU, each with batch workers on the CPU cores:
 #      the two midline diffusion models (issue 13) and the MRI + CT affine model (issue 16);
@@ -15,7 +15,8 @@
 #   .devrun/sitk.tar.xz    SimpleITK 2.5.7 (cp311-abi3 manylinux wheel, unpacked, .so stripped, xz)
 #   .devrun/pure.tar.xz    MONAI 1.6.1 and nibabel 5.4.2 (their wheels unpacked, xz)
 #   .devrun/data.tar.xz    ../shared/data files the run reads (the .nii.gz ones stored as .nii)
-#   .devrun/poses.json     the midline pose cache (keys are /work/shared/data/... paths)
+#   .devrun/poses.json     the midline pose cache (keyed by resolved paths: it hits when the
+#                          checkout sits at the same place on both machines, as it does there)
 # and the tool carries bench/out/deformable_brain_affine.mat (the benchmark's shared ANTs affine:
 # the GPU machine has no ANTs).
 #
@@ -29,8 +30,9 @@ DEVICE=${DEVICE:-cuda}
 TRAIN_MINUTES=${TRAIN_MINUTES:-3.5}
 DEADLINE_S=${DEADLINE_S:-420}
 OUT=${OUT:?set OUT to the folder that receives the results}
-RUNS=${RUNS:-/tmp/device_runs}
-DATA=/work/shared/data # the development machine's ../shared/data: the pose cache is keyed by these paths
+RUNS=${RUNS:-.devrun/runs}
+DATA=../shared/data
+SITE=.devrun/site
 B=$DATA/brain
 H=$DATA/headct
 mkdir -p "$RUNS" "$OUT"
@@ -38,10 +40,9 @@ log() { echo "[$(($(date +%s) - START)) s] $*"; }
 
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
   log "setup"
-  mkdir -p /tmp/site && tar -xJf .devrun/sitk.tar.xz -C /tmp/site && tar -xJf .devrun/pure.tar.xz -C /tmp/site || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  mkdir -p /tmp/unpacked && tar -xJf .devrun/data.tar.xz -C /tmp/unpacked || exit 1
-  mkdir -p "$DATA" && cp -r /tmp/unpacked/* "$DATA"/
+  mkdir -p "$SITE" && tar -xJf .devrun/sitk.tar.xz -C "$SITE" && tar -xJf .devrun/pure.tar.xz -C "$SITE" || exit 1
+  export PYTHONPATH=$(cd "$SITE" && pwd)${PYTHONPATH:+:$PYTHONPATH}
+  mkdir -p "$DATA" && tar -xJf .devrun/data.tar.xz -C "$DATA" || exit 1
   # back to the names the pose cache and the commands use (voxels unchanged)
   find "$DATA" -name '*.nii' -print0 | xargs -0 -P 16 -n 1 gzip -1 -n
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -23,6 +23,7 @@ from diffusionreg.registry import (
     RegistryEntry,
     sha256_file,
 )
+from diffusionreg.vocabulary import ANY_MODALITY
 
 ModelEntry = RegistryEntry
 UNVERIFIED_NOTE = "unverified model file (no registry entry)"
@@ -71,7 +72,7 @@ def resolve(
             if modality in e.served:
                 return e
         for e in ordered:
-            if e.served == ("any",):
+            if e.served == (ANY_MODALITY,):
                 return e
         raise InputError(
             f"no {task} model registered for modality {modality!r}; pass --model NAME|PATH (registered: {_names(entries)})"
