@@ -20,9 +20,22 @@ bench/out/affine_pose.md (and the per-case JSON beside it).
     .venv/bin/python bench/affine.py --threads 1 --real none --synthetic 0 --pose-sweep \
         --methods ours-default,ants,sitk
 
+Head CT against the CT template (issue 16, ``--ct-template-set``): the cadaver CT and the GE series
+(``--ct-template-subjects``), as stored and rotated by each of ``--ct-template-angles`` about an
+oblique axis, registered onto the midline pipeline's pose template (the 2 mm SCCT head); no truth,
+so each result is scored by Mattes mutual information and normalised cross-correlation over the
+template's head mask (:func:`template_similarity`, one function for every method) and by how far
+the methods' results lie from each other (:func:`agreement_mm`). Written to
+bench/out/affine_ct-template.md / .json (per-method caches affine_ct-template_<method>.json).
+
+    nice -n 10 .venv/bin/python bench/affine.py --threads 1 --ct-template-set --model head-ct \
+        --modality ct --methods none,ours-default,ants,sitk,midline-pose [--ct-template-angles 0,45,90,135]
+
 Writes bench/out/affine.md, bench/out/affine.json and bench/out/affine_overlay.png.
 Results of each method are cached in bench/out/affine_<method>.json; ``--reuse`` keeps the
-cached results of methods not listed in --methods.
+cached results of methods not listed in --methods. ``--variant NAME`` (e.g. another --model or
+--modality) caches the methods it runs as affine_<method>-NAME.json, beside the defaults' caches,
+and writes affine-NAME.md / .json.
 """
 
 from __future__ import annotations
@@ -112,12 +125,16 @@ def label_sets(a: str, b: str):
     return ka, {n: ma[n] for n in names}, kb, {n: mb[n] for n in names}
 
 
+def centred_rotation(image, angle_deg, axis) -> np.ndarray:
+    """4x4 LPS rotation by ``angle_deg`` about ``axis`` through the image centre."""
+    return centred_affine(image.grid.centre_world(), rotation_about_axis(axis, angle_deg))
+
+
 def rotated(image, angle_deg, axis):
     """Header-only rotation about the image centre (content rotated in world, exact)."""
     from diffusionreg.image import Image
 
-    r = centred_affine(image.grid.centre_world(), rotation_about_axis(axis, angle_deg))
-    return Image(image.array, r @ image.affine)
+    return Image(image.array, centred_rotation(image, angle_deg, axis) @ image.affine)
 
 
 def real_cases(subj):
@@ -184,9 +201,7 @@ def pose_cases(subjects: dict, angles, seed: int):
     cases = []
     for name, image in subjects.items():
         for angle in angles:
-            axis = rng.normal(size=3)
-            while np.min(np.abs(axis)) < 0.2 * np.linalg.norm(axis):
-                axis = rng.normal(size=3)
+            axis = oblique_axis(rng)
             scale = rng.uniform(0.9, 1.1, size=3)
             d = rng.normal(size=3)
             trans = d / np.linalg.norm(d) * rng.uniform(10, 30)
@@ -197,13 +212,21 @@ def pose_cases(subjects: dict, angles, seed: int):
                     "subject": name,
                     "truth": truth,
                     "angle": float(angle),
-                    "axis": (axis / np.linalg.norm(axis)).tolist(),
+                    "axis": axis.tolist(),
                     "scale": scale.tolist(),
                     "translation_mm": float(np.linalg.norm(trans)),
                     "seed": int(rng.integers(1 << 30)),
                 }
             )
     return cases
+
+
+def oblique_axis(rng) -> np.ndarray:
+    """A random unit axis with no component under 0.2 of its length (never near a coordinate axis)."""
+    axis = rng.normal(size=3)
+    while np.min(np.abs(axis)) < 0.2 * np.linalg.norm(axis):
+        axis = rng.normal(size=3)
+    return axis / np.linalg.norm(axis)
 
 
 def _oasis_scan(data: Path, file: str):
@@ -232,7 +255,24 @@ def ge_ct_scan(data: Path):
     from diffusionreg.midline.pose import to_hounsfield
 
     hu, _ = to_hounsfield(read_image(data / "headct" / "ge_hispeed_head_tilt_dicom", dtype=np.float32))
-    return hu.with_array(np.clip(hu.array + 1024.0, 0.0, None).astype(np.float32))
+    return nonnegative_ct(hu)
+
+
+def nonnegative_ct(hu):
+    """A CT in HU as HU + 1024 clipped at 0 (air 0, like the MRI scans' background)."""
+    from diffusionreg.midline.pose import HU_OFFSET
+
+    return hu.with_array(np.clip(hu.array + HU_OFFSET, 0.0, None).astype(np.float32))
+
+
+def cadaver_ct_scan(data: Path):
+    """The UNC cadaver head CT (1 x 1 x 2 mm, geometry assumed by the data's README; stored as
+    HU + 1024, converted as ``ge_ct_scan``). A training scan of ``head-ct``."""
+    from diffusionreg.image import read_image
+    from diffusionreg.midline.pose import to_hounsfield
+
+    hu, _ = to_hounsfield(read_image(data / "headct" / "cthead_unc_cadaver_256x256x113.nii.gz", dtype=np.float32))
+    return nonnegative_ct(hu)
 
 
 SYNTHETIC_SUBJECTS = {"oasisB": oasis_b_scan, "ge-ct": ge_ct_scan}
@@ -267,12 +307,18 @@ def synthetic_moving(image, truth, seed):
     return crop_or_pad(mov, start, shape)
 
 
+def point_distances_mm(a, b, points: np.ndarray) -> np.ndarray:
+    """``|a(x) - b(x)|`` (mm) at each LPS point ``x`` of ``points`` (N, 3), for 4x4 LPS point maps."""
+    from diffusionreg.spaces import apply_affine
+
+    return np.linalg.norm(apply_affine(np.asarray(a), points) - apply_affine(np.asarray(b), points), axis=1)
+
+
 def mean_error_mm(est, truth, image) -> float:
     from diffusionreg.spaces import apply_affine
 
     idx = np.argwhere(image.array[::3, ::3, ::3] > 0.1 * image.array.max()) * 3.0
-    pts = apply_affine(image.affine, idx)
-    return float(np.linalg.norm(apply_affine(est, pts) - apply_affine(truth, pts), axis=1).mean())
+    return float(point_distances_mm(est, truth, apply_affine(image.affine, idx)).mean())
 
 
 # --- methods ---------------------------------------------------------------------------------
@@ -366,6 +412,167 @@ class Sitk:
         a = np.linalg.lstsq(np.c_[p, np.ones(4)], q, rcond=None)[0].T
         pts[:3] = a
         return pts
+
+
+# --- head CT against the CT template (issue 16, ``--ct-template-set``) -----------------------
+CT_TEMPLATE_SUBJECTS = {"cadaver": cadaver_ct_scan, "ge-ct": ge_ct_scan}
+CT_TEMPLATE_STEM = "affine_ct-template"  # bench/out names
+MATTES_BINS = 50  # as the SimpleITK arm's metric
+
+
+def ct_template(data: Path):
+    """(template, head mask): the midline pipeline's pose template (the 2 mm SCCT head with skull,
+    in HU) as HU + 1024 clipped at 0, and its head mask (the midline's: above 0 HU, largest
+    component, holes filled), uint8 on the template grid."""
+    from diffusionreg.midline.headframe import head_mask
+    from diffusionreg.midline.heads import pose_template
+
+    hu = pose_template(data / "headct")
+    return nonnegative_ct(hu), hu.with_array(head_mask(hu.array).astype(np.uint8))
+
+
+def template_similarity(template, mask, moving, matrix, bins: int = MATTES_BINS) -> dict:
+    """Similarity of ``moving`` to ``template`` through ``matrix`` (4x4, template LPS -> moving LPS):
+    the moving image resampled (linear) onto the template grid, air (0) outside its field of view,
+    then over the voxels of ``mask``: Mattes mutual information (nats, ``bins`` bins, every mask
+    voxel; SimpleITK's metric) and the normalised cross-correlation (Pearson, -1..1)."""
+    import SimpleITK as sitk
+
+    from diffusionreg.image import resample
+
+    warped = resample(moving, template.grid, np.asarray(matrix, dtype=np.float64), default=0.0)
+    inside = mask.array > 0
+    f = template.array[inside].astype(np.float64)
+    w = warped.array[inside].astype(np.float64)
+    f, w = f - f.mean(), w - w.mean()
+    denominator = np.sqrt((f * f).sum() * (w * w).sum())
+    ncc = float((f * w).sum() / denominator) if denominator > 0 else 0.0
+    if not np.any(w):  # a constant image shares no information (and has no histogram range)
+        return {"mattes_mi": 0.0, "ncc": ncc}
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetMetricFixedMask(sitk.Cast(mask.to_sitk(), sitk.sitkUInt8))
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetInitialTransform(sitk.TranslationTransform(3))  # the images share the template grid
+    as_float = lambda image: sitk.Cast(image.to_sitk(), sitk.sitkFloat32)  # noqa: E731
+    return {"mattes_mi": -float(reg.MetricEvaluate(as_float(template), as_float(warped))), "ncc": ncc}
+
+
+def mask_points(mask) -> np.ndarray:
+    """LPS centres (N, 3) of the voxels of ``mask``."""
+    from diffusionreg.spaces import apply_affine
+
+    return apply_affine(mask.affine, np.argwhere(mask.array > 0).astype(np.float64))
+
+
+def agreement_mm(matrices: dict, points: np.ndarray) -> dict:
+    """{(a, b): (mean, max)} distance (mm) between the points mapped by each pair of transforms."""
+    names = list(matrices)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            d = point_distances_mm(matrices[a], matrices[b], points)
+            out[(a, b)] = (float(d.mean()), float(d.max()))
+    return out
+
+
+def ct_template_cases(subjects: dict, angles, seed: int) -> list[dict]:
+    """Each CT of ``subjects`` as it is (0 deg) and rotated about its centre by each other angle
+    about a random oblique axis (a header-only rotation, exact). ``start`` is that rotation (4x4
+    LPS); a method's result ``T`` (template -> rotated CT) maps back as ``inv(start) @ T``."""
+    from diffusionreg.image import Image
+
+    rng = np.random.default_rng(seed)
+    cases = []
+    for name, image in subjects.items():
+        for angle in angles:
+            axis = oblique_axis(rng)
+            start = centred_rotation(image, angle, axis)
+            cases.append(
+                {
+                    "name": f"{name} {angle:.0f} deg",
+                    "subject": name,
+                    "angle": float(angle),
+                    "axis": axis.tolist(),
+                    "start": start,
+                    "moving": Image(image.array, start @ image.affine),
+                }
+            )
+    return cases
+
+
+def run_ct_template_method(name, method, template, cases, tmp: Path, log, partial: Path) -> list[dict]:
+    """Register each case's CT onto the template; rows carry the result mapped back to the CT as
+    it is stored (``matrix``, template -> CT LPS) and the registration's own times."""
+    rows = []
+    for case in cases:
+        mat, sec, cpu = _timed(method, template, case["moving"], tmp)
+        rows.append(
+            {
+                "case": case["name"],
+                "subject": case["subject"],
+                "angle": case["angle"],
+                "axis": case["axis"],
+                "matrix": (np.linalg.inv(case["start"]) @ np.asarray(mat)).tolist(),
+                "seconds": sec,
+                "cpu_seconds": cpu,
+                **dict(getattr(method, "last_extra", {}) or {}),
+            }
+        )
+        log(f"{name:12s} ct-template {case['name']:20s} {sec:6.1f} s (cpu {cpu:.1f} s)")
+        partial.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def ct_template_report(all_rows: dict, labels: dict, template, mask, images: dict) -> dict:
+    """Scores of every row (one function for all methods), the pairwise agreement of the methods'
+    0 deg results per CT, and each rotated start's distance to the 0 deg results."""
+    points = mask_points(mask)
+    for rows in all_rows.values():
+        for r in rows:
+            r.update(template_similarity(template, mask, images[r["subject"]], r["matrix"]))
+    report = {"scores": all_rows, "agreement": {}, "poses": [], "mask_voxels": int(len(points))}
+    for subject in images:
+        at_zero = {m: r["matrix"] for m, rows in all_rows.items() for r in rows if r["subject"] == subject and r["angle"] == 0}
+        report["agreement"][subject] = [
+            {"a": labels[a], "b": labels[b], "mean_mm": d[0], "max_mm": d[1]}
+            for (a, b), d in agreement_mm(at_zero, points).items()
+        ]
+        best = max(
+            (m for m in at_zero if m != "none"),
+            key=lambda m: next(r["mattes_mi"] for r in all_rows[m] if r["subject"] == subject and r["angle"] == 0),
+            default=None,
+        )
+        for m, rows in all_rows.items():
+            for r in rows:
+                if r["subject"] != subject or r["angle"] == 0:
+                    continue
+                entry = {"method": labels[m], "case": r["case"], "mattes_mi": r["mattes_mi"], "ncc": r["ncc"]}
+                if m in at_zero:
+                    entry["to_own_0deg_mm"] = float(point_distances_mm(r["matrix"], at_zero[m], points).mean())
+                if best is not None:
+                    entry["to_best_0deg_mm"] = float(point_distances_mm(r["matrix"], at_zero[best], points).mean())
+                    entry["best_0deg"] = labels[best]
+                report["poses"].append(entry)
+    return report
+
+
+class MidlinePose:
+    """The MidlineShift pipeline's own head CT alignment (rigid + isotropic scale by mutual
+    information, :func:`diffusionreg.midline.pose.align_to_template`, default settings), on the
+    images in HU (the bench's CTs are HU + 1024 clipped at 0)."""
+
+    def __call__(self, fixed, moving, tmp: Path) -> np.ndarray:
+        from diffusionreg.midline.config import MidlineInference
+        from diffusionreg.midline.pose import HU_OFFSET, align_to_template
+
+        in_hu = lambda image: image.with_array(image.array - np.float32(HU_OFFSET))  # noqa: E731
+        start, cpu0 = time.perf_counter(), time.process_time()
+        pose = align_to_template(in_hu(moving), in_hu(fixed), MidlineInference())
+        self.last_seconds = time.perf_counter() - start
+        self.last_cpu = time.process_time() - cpu0
+        return pose.matrix
 
 
 def _timed(method, fixed, moving, tmp):
@@ -614,6 +821,70 @@ def write_pose_markdown(all_rows: dict, labels: dict, order, args, path: Path) -
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_ct_template_markdown(report: dict, labels: dict, order, args, path: Path) -> None:
+    """The CT-template tables: similarity per case and method, pairwise agreement at 0 deg, poses."""
+    scores = report["scores"]
+    methods = [m for m in order if m in scores]
+    cases = list(dict.fromkeys(r["case"] for m in methods for r in scores[m]))
+    lines = [
+        "## Head CT against the CT template (issue 16)",
+        "",
+        f"Command: `nice -n 10 .venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` ({args.threads} thread(s) for "
+        "every method; CPU). Fixed: the midline pipeline's pose template (2 mm SCCT head with skull); moving: each CT "
+        "as stored (0 deg) or rotated about its centre by the angle about a random oblique axis. Scores over the "
+        f"template's head mask ({int(report['mask_voxels'])} voxels) of the CT resampled onto the template grid: "
+        f"Mattes mutual information (nats, {MATTES_BINS} bins, every voxel) / normalised cross-correlation.",
+        "",
+        "| case | " + " | ".join(labels[m] for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for case in cases:
+        cells = []
+        for m in methods:
+            hit = [r for r in scores[m] if r["case"] == case]
+            cells.append(f"{hit[0]['mattes_mi']:.3f} / {hit[0]['ncc']:.3f}" if hit else "")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| mean wall / CPU s per case | "
+        + " | ".join(
+            f"{np.mean([r['seconds'] for r in scores[m]]):.1f} / {np.mean([r['cpu_seconds'] for r in scores[m]]):.1f}"
+            for m in methods
+        )
+        + " |"
+    )
+    for subject, pairs in report["agreement"].items():
+        names = list(dict.fromkeys([p["a"] for p in pairs] + [p["b"] for p in pairs]))
+        if not pairs:
+            continue
+        lines += [
+            "",
+            f"Agreement on {subject} (0 deg): mean / max distance (mm) between the template head-mask points "
+            "mapped by each pair of methods.",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        cell = {(p["a"], p["b"]): f"{p['mean_mm']:.2f} / {p['max_mm']:.2f}" for p in pairs}
+        cell.update({(b, a): v for (a, b), v in list(cell.items())})
+        for a in names:
+            lines.append(f"| {a} | " + " | ".join(cell.get((a, b), "-") for b in names) + " |")
+    if report["poses"]:
+        lines += [
+            "",
+            "Rotated starts, mapped back to the stored CT: mean distance (mm, template head mask) to the method's own "
+            "0 deg result and to the 0 deg result of highest mutual information.",
+            "",
+            "| case | method | MI / NCC | to own 0 deg (mm) | to best 0 deg (mm) |",
+            "|---|---|---|---|---|",
+        ]
+        for e in report["poses"]:
+            lines.append(
+                f"| {e['case']} | {e['method']} | {e['mattes_mi']:.3f} / {e['ncc']:.3f} | "
+                f"{e.get('to_own_0deg_mm', float('nan')):.2f} | {e.get('to_best_0deg_mm', float('nan')):.2f} ({e.get('best_0deg', '')}) |"
+            )
+    path.write_text("\n".join(lines) + "\n")
+
+
 def overlay(subj, case, results, path: Path):
     import matplotlib
 
@@ -645,6 +916,60 @@ def overlay(subj, case, results, path: Path):
     plt.close(fig)
 
 
+def method_factories(args):
+    """(factories, labels, order) of the methods ``--methods`` can name; ours with ``--model`` and ``--modality``."""
+    factories = {
+        "none": lambda: None,
+        "ours": lambda: Ours(False, args.model, modality=args.modality),
+        "ours-bidir": lambda: Ours(True, args.model, modality=args.modality),
+        "ours-refine": lambda: Ours(False, args.model, refine=True, modality=args.modality),
+        "ours-default": lambda: Ours(False, args.model, refine=True, pose_search=None, modality=args.modality),
+        "ants": Ants,
+        "sitk": Sitk,
+        "midline-pose": MidlinePose,
+    }
+    labels = {
+        "none": "identity (no registration)",
+        "ours": "spatial diffusion",
+        "ours-bidir": "spatial diffusion (bidir)",
+        "ours-refine": "spatial diffusion + refinement (no pose search)",
+        "ours-default": "pose search + spatial diffusion + refinement (default)",
+        "ants": "ANTs affine",
+        "sitk": "SimpleITK MI",
+        "midline-pose": "midline pose (rigid + scale, MI)",
+    }
+    order = ["none", "ours", "ours-bidir", "ours-refine", "ours-default", "ants", "sitk", "midline-pose"]
+    return factories, labels, order
+
+
+def run_ct_template_set(args) -> None:
+    """``--ct-template-set``: each CT of ``--ct-template-subjects`` onto the CT template by each method,
+    scored by :func:`ct_template_report`; per-method caches ``affine_ct-template_<method>.json``."""
+    factories, labels, order = method_factories(args)
+    template, mask = ct_template(args.data)
+    images = {name: CT_TEMPLATE_SUBJECTS[name](args.data) for name in args.ct_template_subjects.split(",")}
+    angles = [float(a) for a in args.ct_template_angles.split(",")]
+    cases = ct_template_cases(images, angles, args.seed)
+    all_rows = {}
+    with tempfile.TemporaryDirectory() as tmpd:
+        for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            partial = OUT / f"{CT_TEMPLATE_STEM}_{m}.partial.json"
+            rows = run_ct_template_method(labels[m], factories[m](), template, cases, Path(tmpd), print, partial)
+            (OUT / f"{CT_TEMPLATE_STEM}_{m}.json").write_text(json.dumps(rows, indent=1))
+            all_rows[m] = rows
+    if args.reuse:
+        for m in order:
+            if m not in all_rows and (OUT / f"{CT_TEMPLATE_STEM}_{m}.json").exists():
+                all_rows[m] = json.loads((OUT / f"{CT_TEMPLATE_STEM}_{m}.json").read_text())
+    # Only the cases of this run's subjects and angles (a cache may hold others).
+    names = {c["name"] for c in cases}
+    all_rows = {m: [r for r in rows if r["case"] in names] for m, rows in all_rows.items()}
+    report = ct_template_report(all_rows, labels, template, mask, images)
+    (OUT / f"{CT_TEMPLATE_STEM}.json").write_text(json.dumps(report, indent=1))
+    write_ct_template_markdown(report, labels, order, args, OUT / f"{CT_TEMPLATE_STEM}.md")
+    print((OUT / f"{CT_TEMPLATE_STEM}.md").read_text())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -669,6 +994,16 @@ def main():
         default="oasisB,oasisA",
         help=f"subjects of the pose sweep, of {', '.join(POSE_SUBJECTS)} (oasisB and ge-ct are held out; ge-ct: --modality ct)",
     )
+    p.add_argument("--variant", default="", help="name of this run's variant (e.g. head-ct-any): its own caches")
+    p.add_argument(
+        "--ct-template-set",
+        action="store_true",
+        help="register real head CTs onto the CT template (issue 16) and score by MI, NCC and agreement; nothing else",
+    )
+    p.add_argument(
+        "--ct-template-subjects", default="cadaver,ge-ct", help=f"CTs of the set, of {', '.join(CT_TEMPLATE_SUBJECTS)}"
+    )
+    p.add_argument("--ct-template-angles", default="0", help="start rotations of the CTs (deg, about oblique axes)")
     p.add_argument(
         "--import-log",
         nargs=2,
@@ -685,6 +1020,9 @@ def main():
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.ct_template_set:
+        run_ct_template_set(args)
+        return
 
     subj = load_subjects(args.data)
     real = real_cases(subj) if args.real == "all" else []
@@ -702,32 +1040,18 @@ def main():
         pose = pose_cases(pose_images, angles, args.seed)
         for case in pose:
             case["moving"] = synthetic_moving(pose_images[case["subject"]], case["truth"], case["seed"])
-    factories = {
-        "none": lambda: None,
-        "ours": lambda: Ours(False, args.model, modality=args.modality),
-        "ours-bidir": lambda: Ours(True, args.model, modality=args.modality),
-        "ours-refine": lambda: Ours(False, args.model, refine=True, modality=args.modality),
-        "ours-default": lambda: Ours(False, args.model, refine=True, pose_search=None, modality=args.modality),
-        "ants": Ants,
-        "sitk": Sitk,
-    }
-    labels = {
-        "none": "identity (no registration)",
-        "ours": "spatial diffusion",
-        "ours-bidir": "spatial diffusion (bidir)",
-        "ours-refine": "spatial diffusion + refinement (no pose search)",
-        "ours-default": "pose search + spatial diffusion + refinement (default)",
-        "ants": "ANTs affine",
-        "sitk": "SimpleITK MI",
-    }
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    order = ["none", "ours", "ours-bidir", "ours-refine", "ours-default", "ants", "sitk"]
+    factories, labels, order = method_factories(args)
+    # A variant (e.g. another model) caches its methods under their own names, beside the defaults' caches.
+    suffix = f"-{args.variant}" if args.variant else ""
+    for m in wanted:
+        labels[m + suffix] = labels[m] + (f" [{args.variant}]" if args.variant else "")
+    order += [m + suffix for m in wanted if suffix]
     all_rows = {}
     with tempfile.TemporaryDirectory() as tmpd:
         for m in wanted:
             method = factories[m]()
             rows = run_method(
-                labels[m],
+                labels[m + suffix],
                 method,
                 subj,
                 real,
@@ -735,12 +1059,12 @@ def main():
                 b_img,
                 Path(tmpd),
                 print,
-                OUT / f"{stem}_{m}.partial.json",
+                OUT / f"{stem}_{m}{suffix}.partial.json",
                 pose,
                 pose_images,
             )
-            (OUT / f"{stem}_{m}.json").write_text(json.dumps(rows, indent=1))
-            all_rows[m] = rows
+            (OUT / f"{stem}_{m}{suffix}.json").write_text(json.dumps(rows, indent=1))
+            all_rows[m + suffix] = rows
     for m, log in args.import_log or []:
         (OUT / f"{stem}_{m}.partial.json").write_text(json.dumps(parse_log(Path(log), labels[m]), indent=1))
     partial_methods = []
@@ -753,9 +1077,10 @@ def main():
             elif (OUT / f"{stem}_{m}.partial.json").exists():  # an interrupted run
                 all_rows[m] = json.loads((OUT / f"{stem}_{m}.partial.json").read_text())
                 partial_methods.append(labels[m])
+    stem += suffix  # the combined outputs of a variant run
     if args.pose_sweep:
-        write_pose_markdown(all_rows, labels, order, args, OUT / "affine_pose.md")
-        print((OUT / "affine_pose.md").read_text())
+        write_pose_markdown(all_rows, labels, order, args, OUT / f"affine_pose{suffix}.md")
+        print((OUT / f"affine_pose{suffix}.md").read_text())
         if not real and not synth:
             return
     summaries = [summarise(labels[m], all_rows[m]) for m in order if m in all_rows]
@@ -770,7 +1095,7 @@ def main():
             hit = [r for r in all_rows[m]["real"] if r["case"] == case["name"] and r.get("matrix")]
             if hit:
                 res.append((labels[m], hit[0]["matrix"]))
-        overlay(subj, case, res, OUT / "affine_overlay.png")
+        overlay(subj, case, res, OUT / f"affine_overlay{suffix}.png")
     print((OUT / f"{stem}.md").read_text())
 
 
