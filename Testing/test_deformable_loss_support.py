@@ -126,6 +126,30 @@ def test_a_support_kept_too_long_is_measured_as_a_leak(pair):
     assert stats["support_leak"] > 0.0
 
 
+def test_blurred_coarse_stages_keep_the_sparse_loss_exact(pair):
+    """The coarse stages' Gaussian is truncated, so a blurred zero-background map is still zero
+    beyond it: the sparse loss stays the dense one there too."""
+    moving, fixed, u, w = pair
+    cfg = dataclasses.replace(CFG, coarse_stages=2, coarse_sigma=1.0)
+    _, _, sparse = refine_pair(u, w, moving, fixed, cfg, "l1")
+    _, _, dense = refine_pair(u, w, moving, fixed, dataclasses.replace(cfg, support_margin=-1), "l1")
+    assert torch.allclose(torch.tensor(sparse), torch.tensor(dense), rtol=1e-9, atol=1e-12)
+
+
+def test_sampled_loss_repeats_and_estimates_the_full_one(pair):
+    """A drawn share of the supported voxels per iteration: the same seed repeats the registration
+    exactly, and over seeds the first (sampled) loss averages to the full one (an unbiased estimate)."""
+    moving, fixed, u, w = pair
+    cfg = dataclasses.replace(CFG, iterations=1, coarse_iterations=0, sample_fraction=0.3)
+    full = refine_pair(u, w, moving, fixed, dataclasses.replace(cfg, sample_fraction=1.0), "l1")[2][0]
+    draws = [refine_pair(u, w, moving, fixed, dataclasses.replace(cfg, sample_seed=seed), "l1")[2][0] for seed in range(40)]
+    assert len(set(draws)) > 30  # the seeds draw different voxels
+    assert sum(draws) / len(draws) == pytest.approx(full, rel=0.03)
+    repeat = dataclasses.replace(CFG, sample_fraction=0.3)
+    first, second = (refine_pair(u, w, moving, fixed, repeat, "l1") for _ in range(2))
+    assert first[2] == second[2] and torch.equal(first[0], second[0])
+
+
 def test_pointwise_similarity_refuses_a_windowed_one():
     with pytest.raises(ValueError, match="not pointwise"):
         pointwise_similarity(torch.zeros(1), torch.zeros(1), "ncc")

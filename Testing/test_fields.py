@@ -390,3 +390,10 @@ def test_contract_violations_raise_value_error_and_thin_fields_input_error():
         assert not isinstance(raised.value, InputError)
     with pytest.raises(InputError):
         fields.jacobian_determinant(torch.zeros(1, 3, 1, 4, 4))
+
+
+def test_vector_length_is_the_euclidean_norm_of_the_components():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, 7, generator=g, dtype=torch.float64)
+    assert torch.allclose(fields.vector_length(x), torch.linalg.vector_norm(x, dim=1), rtol=1e-14)
+    assert torch.allclose(fields.vector_length(x.movedim(1, -1), dim=-1), torch.linalg.vector_norm(x, dim=1), rtol=1e-14)

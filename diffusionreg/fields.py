@@ -155,9 +155,17 @@ def exp_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
 # ----------------------------------------------------------------------------- fixed points
 
 
+def vector_length(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Euclidean length of the vectors of ``x`` along ``dim`` (the components axis of a field).
+
+    ``torch.linalg.vector_norm`` over a non-innermost axis takes a slow path on CPUs (~30x
+    slower on a ``(2, 3, 64, 80, 64)`` field in torch 2.x); the sum of squares is one pass."""
+    return x.square().sum(dim).sqrt()
+
+
 def _voxel_norm_max(x: torch.Tensor) -> torch.Tensor:
     """Per batch element, the largest Euclidean norm of the 3-vectors of ``x`` ``(B, 3, ...)``: ``(B,)``."""
-    return torch.linalg.vector_norm(x, dim=1).flatten(1).amax(dim=1)
+    return vector_length(x).flatten(1).amax(dim=1)
 
 
 def _batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -463,7 +471,7 @@ def inverse_consistency_error(
     spacing_tensor = torch.as_tensor(spacing, dtype=residual.dtype, device=residual.device).reshape(-1)
     if spacing_tensor.numel() != SPATIAL_DIMS or bool((spacing_tensor <= 0).any()):
         raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing}")
-    return torch.linalg.vector_norm(residual * spacing_tensor.view(1, SPATIAL_DIMS, 1, 1, 1), dim=1)
+    return vector_length(residual * spacing_tensor.view(1, SPATIAL_DIMS, 1, 1, 1))
 
 
 def resize_field(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

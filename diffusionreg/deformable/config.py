@@ -124,6 +124,8 @@ class DeformableInference:
                 raise InputError("inference.refine needs 0 <= coarse_iterations <= iterations and 0 < coarse_scale <= 1")
             if refine.support_margin < -1 or refine.support_every < 1:
                 raise InputError("inference.refine needs support_margin >= -1 (-1: dense loss) and support_every >= 1")
+            if refine.coarse_stages < 1 or refine.coarse_sigma < 0 or not 0 < refine.sample_fraction <= 1:
+                raise InputError("inference.refine needs coarse_stages >= 1, coarse_sigma >= 0 and 0 < sample_fraction <= 1")
             if settings.io_steps < 0 or settings.io_lr <= 0 or settings.io_frozen_steps < 0:
                 raise InputError("inference needs io_steps >= 0, io_lr > 0 and io_frozen_steps >= 0")
         names = [q.name for q in self.qualities]
@@ -230,26 +232,30 @@ def _presets() -> dict[str, DeformableConfig]:
         batch_size=1,
         augment_elastic_mm=3.0,
         augment_intensity=False,
-        # the shipped lung-vessels defaults (issue 18: 20 IO steps of the fine step's network, multi-resolution
-        # sparse refinement; presets)
+        # the shipped lung-vessels defaults (issue 18: no instance optimisation; a blurred two-stage coarse
+        # start widens the refinement's capture range instead; sparse, sampled refinement loss; presets)
         inference=DeformableInference(
-            io_steps=20,
+            io_steps=0,
             io_lr=5e-3,
             io_frozen_steps=1,
             refine=FieldRefineConfig(
-                iterations=60,
-                coarse_iterations=40,
+                iterations=90,
+                coarse_iterations=70,
                 coarse_scale=0.667,
+                coarse_stages=2,
+                coarse_sigma=1.0,
                 upsample=1.5,
                 control_factor=8,
                 coarse_levels=2,
                 learning_rate=0.15,
                 smoothness_weight=0.1,
-                squaring_upsample=2,
+                squaring_upsample=1,
+                support_every=20,
+                sample_fraction=0.25,
             ),
             qualities=(
-                QualityPreset("fast", io_steps=10, refine_iterations=60, refine_coarse_iterations=40, refine_upsample=1.5),
-                QualityPreset("best", io_steps=50, refine_iterations=150, refine_coarse_iterations=0, refine_upsample=1.5),
+                QualityPreset("fast", io_steps=0, refine_iterations=50, refine_coarse_iterations=40, refine_upsample=1.5),
+                QualityPreset("best", io_steps=20, refine_iterations=150, refine_coarse_iterations=70, refine_upsample=1.5),
             ),
         ),
     )

@@ -21,10 +21,12 @@ The loss is evaluated at the loss grid's voxels as points: each voxel ``x`` is c
 (:func:`refined_positions`), and the image is read where it lands. For pointwise similarities
 (L1, MSE) of zero-background maps (vessel maps) only the voxels where the loss can be non-zero
 are carried (:mod:`.loss_support`): same value and gradient, a fraction of the work.
-The first ``coarse_iterations`` evaluate that loss on a coarser grid over the same box (images
-resized to it); the velocity parameters do not depend on the grid the loss is
-evaluated on, so the fine iterations continue from there: large residual motion is found
-cheaply, the fine grid only polishes.
+The first ``coarse_iterations`` evaluate that loss on coarser grids over the same box (images
+resized to them and blurred, coarsest first); the velocity parameters do not depend on the grid
+the loss is evaluated on, so each stage continues from the last: large residual motion is found
+cheaply on blurred maps (a wide capture range), the fine grid only polishes. With
+``sample_fraction`` < 1 each iteration of the sparse loss draws that share of the supported
+voxels at random (a stochastic gradient).
 Fields are voxel displacements of the grid they live on (:mod:`diffusionreg.fields`).
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from monai.networks.layers import GaussianFilter
 
 from diffusionreg import fields, spaces
 
@@ -53,10 +56,17 @@ class FieldRefineConfig:
     smoothness_weight: float = 0.1  # x mean squared forward difference of v (dimensionless)
     squarings: int = 5  # scaling-and-squaring steps of exp(+-v/2)
     squaring_upsample: int = 2  # exp(+-v/2) is squared on the control grid x this (<= fine)
-    # Multi-resolution: the first ``coarse_iterations`` of ``iterations`` evaluate the loss on a
-    # grid ``coarse_scale`` times the fine shape (same velocity parameters, a fraction of the work).
+    # Multi-resolution: the first ``coarse_iterations`` of ``iterations`` evaluate the loss on
+    # coarser grids over the same box (same velocity parameters, a fraction of the work):
+    # ``coarse_stages`` grids, coarsest first, the finest ``coarse_scale`` times the fine shape and
+    # each further one half of the next; the coarse iterations are shared evenly (the remainder
+    # to the finest). The images of the finest coarse stage are blurred by a Gaussian of
+    # ``coarse_sigma`` of its voxels, each coarser stage's by twice as many of its own: zero-background
+    # maps (vessels) only pull where they overlap, so the blur is what widens the capture range.
     coarse_iterations: int = 0
     coarse_scale: float = 0.5
+    coarse_stages: int = 1
+    coarse_sigma: float = 0.0
     # The written inverse solved against the written forward field (.inverse_field; 0 = off).
     # Not part of the velocity refinement: it runs whether or not ``iterations`` is 0.
     # Pointwise similarities (l1, mse) of zero-background maps are evaluated only where they can be
@@ -64,11 +74,31 @@ class FieldRefineConfig:
     # grid, re-selected from the current pair every ``support_every`` iterations (-1: dense).
     support_margin: int = 2
     support_every: int = 10
+    # ... and of those voxels, each iteration draws ``sample_fraction`` at random (1 = all; a
+    # stochastic gradient, as elastix's random samplers; the generator is seeded with
+    # ``sample_seed``, so a registration repeats exactly).
+    sample_fraction: float = 1.0
+    sample_seed: int = 0
     inverse_iterations: int = 10  # Newton steps per moving voxel at most
     inverse_tolerance_mm: float = 1e-3
 
     def fine_shape(self, shape) -> tuple[int, int, int]:
         return tuple(max(4, int(round(s * self.upsample))) for s in shape)
+
+    def loss_stages(self, fine: tuple[int, ...]) -> list[tuple[int, tuple[int, ...], float]]:
+        """``(iterations, loss grid shape, blur sigma in its voxels)`` per stage, coarsest first;
+        the last is the fine grid (unblurred) with the iterations left."""
+        coarse_total = min(self.coarse_iterations, self.iterations)
+        stages = []
+        if coarse_total > 0:
+            count = self.coarse_stages
+            for level in reversed(range(count)):  # level 0 = the finest coarse stage
+                scale = self.coarse_scale / 2**level
+                steps = coarse_total // count + (coarse_total % count if level == 0 else 0)
+                shape = tuple(max(4, int(round(s * scale))) for s in fine)
+                stages.append((steps, shape, self.coarse_sigma * 2**level))
+        stages.append((self.iterations - coarse_total, tuple(fine), 0.0))
+        return [stage for stage in stages if stage[0] > 0]
 
 
 def _at(values: torch.Tensor, points: torch.Tensor, shape: tuple[int, ...], displacement: bool) -> torch.Tensor:
@@ -84,11 +114,18 @@ def _at(values: torch.Tensor, points: torch.Tensor, shape: tuple[int, ...], disp
     return sampled / scale if displacement else sampled
 
 
-def refined_positions(points: torch.Tensor, half: torch.Tensor, pair: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def refined_positions(
+    points: torch.Tensor | None, half: torch.Tensor, pair: torch.Tensor, shape: tuple[int, ...]
+) -> torch.Tensor:
     """``(e o Phi o e)(x)`` (batch 0) and ``(e^-1 o Phi^-1 o e^-1)(x)`` (batch 1) at ``points``
-    ``(2, 3, K)`` (voxels of ``shape``); ``half`` = ``(e, e^-1)``, ``pair`` = ``(Phi, Phi^-1)`` as
-    displacements on their own grids over the box, each read where the previous map lands."""
-    y = points + _at(half, points, shape, True)
+    ``(2, 3, K)`` (voxels of ``shape``; None = every voxel of that grid, ``K`` = its size);
+    ``half`` = ``(e, e^-1)``, ``pair`` = ``(Phi, Phi^-1)`` as displacements on their own grids
+    over the box, each read where the previous map lands."""
+    if points is None:  # at the grid's own voxels the first read is a resize (a fraction of the work)
+        points = fields.identity_grid(shape, device=half.device, dtype=half.dtype).flatten(2)
+        y = points + fields.resize_field(half, shape).flatten(2)
+    else:
+        y = points + _at(half, points, shape, True)
     y = y + _at(pair, y, shape, True)
     return y + _at(half, y, shape, True)
 
@@ -123,6 +160,7 @@ def refine_pair(
     pair = torch.cat([u.to(fixed), w.to(fixed)], 0).detach()  # read on its own grid
     sparse = similarity in SPARSE_SIMILARITIES and cfg.support_margin >= 0
     fractions: list[float] = []
+    draws = torch.Generator().manual_seed(cfg.sample_seed)
     leaks: list[float] = [0.0]
 
     def velocity_field() -> torch.Tensor:
@@ -139,11 +177,13 @@ def refine_pair(
         v = fields.resize_field(velocity_field(), tuple(min(q, s) for q, s in zip(squaring, shape)))
         return v, fields.exp_velocity(torch.cat([0.5 * v, -0.5 * v], 0), cfg.squarings)
 
-    def loss_on(shape: tuple[int, ...]):
+    def loss_on(shape: tuple[int, ...], sigma: float = 0.0):
         """The refinement loss with the images on a grid of ``shape`` over the box."""
         images = torch.cat([moving, fixed], 0)
         if shape != fine:  # images resampled over the same box (align_corners=False, as resized_grid)
             images = torch.nn.functional.interpolate(images, size=shape, mode="trilinear", align_corners=False)
+        if sigma > 0:  # truncated at 3 sigma, so zero background stays zero beyond it (sparse loss)
+            images = GaussianFilter(3, sigma, truncated=3.0)(images)
         targets = images.flip(0).flatten(2)  # (2, 1, N): fixed, moving
         points = fields.identity_grid(shape, device=fixed.device, dtype=fixed.dtype).flatten(2).expand(2, 3, -1)
         voxels = points.shape[-1]
@@ -154,7 +194,7 @@ def refine_pair(
             """Re-select the voxels from the current pair (dense, no gradient) and measure what the
             previous selection missed."""
             with torch.no_grad():
-                positions = refined_positions(points, half, pair, shape)
+                positions = refined_positions(None, half, pair, shape)
                 active = loss_support(images, dilated, positions)
                 if state["active"] is not None:
                     per_voxel = pointwise_similarity(spaces.sample(images, positions), targets, similarity).flatten(1).sum(0)
@@ -168,7 +208,7 @@ def refine_pair(
             # dimensionless: about the same on any grid over the box, so on the squaring grid
             regulariser = cfg.smoothness_weight * gradient_loss(v)
             if not sparse:
-                warped = spaces.sample(images, refined_positions(points, half, pair, shape)).view(2, 1, *shape)
+                warped = spaces.sample(images, refined_positions(None, half, pair, shape)).view(2, 1, *shape)
                 flat = targets.view(2, 1, *shape)
                 return (
                     similarity_loss(warped[:1], flat[:1], similarity, window)
@@ -179,21 +219,23 @@ def refine_pair(
                 update_support(half.detach())
             state["calls"] += 1
             index = state["index"]
+            if cfg.sample_fraction < 1.0:
+                keep = max(1, int(round(index.numel() * cfg.sample_fraction)))
+                index = index[torch.randperm(index.numel(), generator=draws)[:keep].sort().values]
             fractions.append(index.numel() / voxels)
             warped = spaces.sample(images, refined_positions(points[..., index], half, pair, shape))
-            return pointwise_similarity(warped, targets[..., index], similarity).sum() / voxels + regulariser
+            scale = voxels * index.numel() / state["index"].numel()
+            return pointwise_similarity(warped, targets[..., index], similarity).sum() / scale + regulariser
 
         return loss_fn
 
     losses: list[float] = []
-    coarse_steps = min(cfg.coarse_iterations, cfg.iterations)
-    if coarse_steps > 0:
-        coarse = tuple(max(4, int(round(s * cfg.coarse_scale))) for s in fine)
-        losses += adam_steps(opt, loss_on(coarse), coarse_steps, progress, "velocity refinement (coarse grid)")
-    losses += adam_steps(opt, loss_on(fine), cfg.iterations - coarse_steps, progress, "velocity refinement")
+    for steps, shape, sigma in cfg.loss_stages(fine):
+        label = "velocity refinement" if shape == fine else f"velocity refinement (coarse grid {'x'.join(map(str, shape))})"
+        losses += adam_steps(opt, loss_on(shape, sigma), steps, progress, label)
     with torch.no_grad():
-        points = fields.identity_grid(fine, device=fixed.device, dtype=fixed.dtype).flatten(2).expand(2, 3, -1)
-        both = (refined_positions(points, halves(fine)[1], pair, fine) - points).view(2, 3, *fine)
+        points = fields.identity_grid(fine, device=fixed.device, dtype=fixed.dtype).flatten(2)
+        both = (refined_positions(None, halves(fine)[1], pair, fine) - points).view(2, 3, *fine)
     if stats is not None:
         stats["support_fraction"] = sum(fractions) / len(fractions) if fractions else 1.0
         stats["support_leak"] = max(leaks)

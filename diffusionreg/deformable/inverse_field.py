@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffusionreg import spaces
+from diffusionreg import fields, spaces
 from diffusionreg.image import Grid, Image
 
 
@@ -107,7 +107,7 @@ def solve_inverse(
         start_forward, start_inside = _forward_at(field, to_index, p, fixed_shape)
         error = p + start_forward - q
         # A start beyond the field has no preimage to find there: those voxels are left as they are.
-        norm = torch.where(start_inside, torch.linalg.vector_norm(error, dim=1), torch.zeros_like(error[:, 0]))
+        norm = torch.where(start_inside, fields.vector_length(error), torch.zeros_like(error[:, 0]))
         step_size = torch.ones_like(norm)
         active = torch.nonzero(norm > tolerance_mm).flatten()
         for _ in range(iterations):
@@ -123,7 +123,7 @@ def solve_inverse(
             candidate = p_a - step_a[:, None] * direction
             candidate_forward, inside = _forward_at(field, to_index, candidate, fixed_shape)
             candidate_error = candidate + candidate_forward - q[active]
-            candidate_norm = torch.linalg.vector_norm(candidate_error, dim=1)
+            candidate_norm = fields.vector_length(candidate_error)
             # Beyond the field ITK reads zero: p = q would "solve" there, a jump to a false inverse.
             better = inside & (candidate_norm < norm[active])
             accepted = active[better]

@@ -163,7 +163,7 @@ def validate(net: nn.Module, cfg: DeformableConfig, pairs: list[LoadedPair]) -> 
             warped = fields.warp(pair.moving, u)
             sims.append(float((warped - pair.fixed).abs().mean()))
             fold.append(float((fields.jacobian_determinant(u) <= 0).float().mean()) * 100)
-            ice.append(float(fields.compose(u, w).norm(dim=1).mean()) * cfg.spacing_mm)
+            ice.append(float(fields.vector_length(fields.compose(u, w)).mean()) * cfg.spacing_mm)
             if pair.landmarks is not None:
                 tre.extend(landmark_tre(u, pair.grid, *pair.landmarks).tolist())
                 tre0.extend(np.linalg.norm(pair.landmarks[0] - pair.landmarks[1], axis=1).tolist())
