@@ -3,8 +3,9 @@ volumes and transforms with known answers, and the template and head mask the se
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,11 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_affine", REPO / "bench" / "affine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench() -> SimpleNamespace:
+    """bench/affine.py's functions (the script is not a package module)."""
+    return SimpleNamespace(**runpy.run_path(str(REPO / "bench" / "affine.py")))
 
 
 @pytest.fixture(scope="module")

@@ -765,21 +765,31 @@ def write_markdown(summaries, cases, args, path: Path, partial_methods=()):
     path.write_text("\n".join(lines) + "\n")
 
 
+def section_head(title: str, description: str, args, columns) -> list[str]:
+    """Markdown lines of a results section: title, the command that ran, ``description``, a table header."""
+    return [
+        f"## {title}",
+        "",
+        f"Command: `nice -n 10 .venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` ({args.threads} thread(s) for "
+        f"every method; CPU). {description}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+
+
 def write_pose_markdown(all_rows: dict, labels: dict, order, args, path: Path) -> None:
     """Pose sweep tables: per angle, each method's mean error and successes; then timings."""
     methods = [m for m in order if all_rows.get(m, {}).get("pose")]
     angles = sorted({r["angle"] for m in methods for r in all_rows[m]["pose"]})
-    lines = [
-        "## Pose sweep: any starting rotation (issue 16)",
-        "",
-        f"Command: `nice -n 10 .venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` ({args.threads} thread(s) for "
-        "every method; CPU). Each subject moved by a rotation of the given angle about a random oblique axis, "
+    lines = section_head(
+        "Pose sweep: any starting rotation (issue 16)",
+        "Each subject moved by a rotation of the given angle about a random oblique axis, "
         "a 10-30 mm translation and a per-axis scale of 0.9-1.1, with a bias field, noise and a field-of-view cut; "
         "error = mean displacement error over brain voxels, success = error < 2 mm.",
-        "",
-        "| start rotation | " + " | ".join(labels[m] for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
+        args,
+        ["start rotation"] + [labels[m] for m in methods],
+    )
     for angle in angles:
         cells = []
         for m in methods:
@@ -826,18 +836,15 @@ def write_ct_template_markdown(report: dict, labels: dict, order, args, path: Pa
     scores = report["scores"]
     methods = [m for m in order if m in scores]
     cases = list(dict.fromkeys(r["case"] for m in methods for r in scores[m]))
-    lines = [
-        "## Head CT against the CT template (issue 16)",
-        "",
-        f"Command: `nice -n 10 .venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` ({args.threads} thread(s) for "
-        "every method; CPU). Fixed: the midline pipeline's pose template (2 mm SCCT head with skull); moving: each CT "
+    lines = section_head(
+        "Head CT against the CT template (issue 16)",
+        "Fixed: the midline pipeline's pose template (2 mm SCCT head with skull); moving: each CT "
         "as stored (0 deg) or rotated about its centre by the angle about a random oblique axis. Scores over the "
         f"template's head mask ({int(report['mask_voxels'])} voxels) of the CT resampled onto the template grid: "
         f"Mattes mutual information (nats, {MATTES_BINS} bins, every voxel) / normalised cross-correlation.",
-        "",
-        "| case | " + " | ".join(labels[m] for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
+        args,
+        ["case"] + [labels[m] for m in methods],
+    )
     for case in cases:
         cells = []
         for m in methods:
@@ -961,9 +968,9 @@ def run_ct_template_set(args) -> None:
         for m in order:
             if m not in all_rows and (OUT / f"{CT_TEMPLATE_STEM}_{m}.json").exists():
                 all_rows[m] = json.loads((OUT / f"{CT_TEMPLATE_STEM}_{m}.json").read_text())
-    # Only the cases of this run's subjects and angles (a cache may hold others).
+    # Only the cases of this run's subjects and angles (a cache may hold others); methods in table order.
     names = {c["name"] for c in cases}
-    all_rows = {m: [r for r in rows if r["case"] in names] for m, rows in all_rows.items()}
+    all_rows = {m: [r for r in all_rows[m] if r["case"] in names] for m in order if m in all_rows}
     report = ct_template_report(all_rows, labels, template, mask, images)
     (OUT / f"{CT_TEMPLATE_STEM}.json").write_text(json.dumps(report, indent=1))
     write_ct_template_markdown(report, labels, order, args, OUT / f"{CT_TEMPLATE_STEM}.md")
