@@ -283,8 +283,21 @@ def _presets() -> dict[str, DeformableConfig]:
         inference=DeformableInference(
             io_steps=0,
             io_lr=1e-4,
+            # the shipped brain-mri defaults (issue 18: 16 of the 24 iterations on the half grid, squaring on the
+            # control grid: Dice 0.777 in under 10 s on one CPU thread)
             refine=FieldRefineConfig(
-                iterations=30, control_factor=4, coarse_levels=2, learning_rate=0.1, smoothness_weight=1.0, squaring_upsample=4
+                iterations=24,
+                coarse_iterations=16,
+                coarse_scale=0.5,
+                control_factor=4,
+                coarse_levels=2,
+                learning_rate=0.1,
+                smoothness_weight=1.0,
+                squaring_upsample=1,
+            ),
+            qualities=(
+                QualityPreset("fast", io_steps=0, refine_iterations=15, refine_coarse_iterations=10, refine_upsample=1.0),
+                QualityPreset("best", io_steps=0, refine_iterations=30, refine_coarse_iterations=0, refine_upsample=1.0),
             ),
         ),
     )
