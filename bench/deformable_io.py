@@ -13,6 +13,10 @@ config's), ``lrX`` learning rate, ``tolX`` stop once the loss fell by less than 
 step over the last 4 steps. ``base`` = the config's IO with every network optimised.
 
     .venv/bin/python bench/deformable_io.py --case 056 --variants base,frozen1,frozen1+sq6
+    .venv/bin/python bench/deformable_io.py --case 056 --variants frozen1+steps0 --refine '{"coarse_sigma": 0}'
+
+``--refine`` replaces settings of the model's refinement config (JSON, ``FieldRefineConfig`` field
+names) for every variant; ``steps0`` runs no instance optimisation.
 
 Prints one JSON line per variant (losses included) and appends it to bench/out/deformable_io.jsonl.
 """
@@ -45,7 +49,9 @@ def parse_variant(text: str, cfg) -> dict:
     return options
 
 
-def run_variant(model, variant: str, moving, fixed, fine_moving, fine_fixed, fine_grid, grid, landmarks) -> dict:
+def run_variant(
+    model, variant: str, moving, fixed, fine_moving, fine_fixed, fine_grid, grid, landmarks, refine_changes=None
+) -> dict:
     from diffusionreg.deformable.field_refine import refine_pair
     from diffusionreg.deformable.register import pair_loss
     from diffusionreg.deformable.training import landmark_tre
@@ -87,7 +93,7 @@ def run_variant(model, variant: str, moving, fixed, fine_moving, fine_fixed, fin
         u, w = net(moving, fixed)
     tre_network = float(landmark_tre(u, grid, *landmarks).mean())
     t1 = time.perf_counter()
-    refine = cfg.inference.refine
+    refine = replace(cfg.inference.refine, **(refine_changes or {}))
     u, w, _ = refine_pair(u, w, fine_moving, fine_fixed, refine, cfg.similarity, cfg.ncc_window)
     return {
         "variant": variant,
@@ -110,7 +116,9 @@ def main() -> int:
     ap.add_argument("--variants", default="base,frozen1")
     ap.add_argument("--model", default="lung-vessels")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--refine", default="{}", help="JSON: refinement settings replaced for every variant")
     args = ap.parse_args()
+    refine_changes = json.loads(args.refine)
     torch.set_num_threads(args.threads)
     fixed = read_image(LUNG / f"case_{args.case}_1.nii.gz")
     moving = read_image(LUNG / f"case_{args.case}_2.nii.gz")
@@ -123,8 +131,8 @@ def main() -> int:
     fine_inputs = (to_network(moving, fine, cfg), to_network(fixed, fine, cfg))
     OUT.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(","):
-        row = {"case": args.case, "threads": args.threads}
-        row.update(run_variant(model, variant, *inputs, *fine_inputs, fine, grid, (lm.fixed, lm.moving)))
+        row = {"case": args.case, "threads": args.threads, "refine": refine_changes}
+        row.update(run_variant(model, variant, *inputs, *fine_inputs, fine, grid, (lm.fixed, lm.moving), refine_changes))
         print(json.dumps(row), flush=True)
         with (OUT / "deformable_io.jsonl").open("a") as handle:
             handle.write(json.dumps(row) + "\n")
