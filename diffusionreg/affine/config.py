@@ -84,6 +84,12 @@ class PoseSearchConfig:
     runner_up_margin: float = 0.05
     histogram_bins: int = 24
     max_field_of_view_mm: float = 320.0  # cube side around the fixed centre: the fixed extent, capped
+    # Score only the fixed voxels above this fraction of its [0, 1] range, dilated by the margin
+    # (None: the whole cube). The far air says nothing about the pose, and a moving scan that covers
+    # more (face, neck, table: the cadaver CT onto the skull-cap CT template) outscores the right pose
+    # with a flipped one when it is counted (bench/results/affine.md).
+    foreground_fraction: float | None = None
+    foreground_margin_mm: float = 16.0
 
     def validate(self) -> None:
         if self.candidates not in ("cube", "cube-corners"):
@@ -92,6 +98,18 @@ class PoseSearchConfig:
             raise InputError("inference.pose_search needs keep >= 1 and polish >= keep")
         if min(self.spacing_mm, self.polish_spacing_mm, self.min_rotation_step_deg) <= 0 or self.histogram_bins < 2:
             raise InputError("inference.pose_search spacings and steps must be > 0 and histogram_bins >= 2")
+        fraction = self.foreground_fraction
+        if fraction is not None and not (0.0 <= fraction < 1.0 and self.foreground_margin_mm >= 0):
+            raise InputError("inference.pose_search needs 0 <= foreground_fraction < 1 (or null) and foreground_margin_mm >= 0")
+
+
+@dataclass(frozen=True)
+class ModalityDoubt:
+    """The doubt threshold of one modality (what a good alignment of that modality's images scores
+    differs: cross-subject head CTs reach less normalised mutual information than T1 brains)."""
+
+    modality: str
+    doubtful_below: float
 
 
 @dataclass(frozen=True)
@@ -99,13 +117,22 @@ class SimilarityCheck:
     """The final similarity of a registration and when to call it doubtful.
 
     Normalised mutual information (2 I / (H_f + H_m)) of the fixed image and the moving image
-    through the result on a ``spacing_mm`` grid; below ``doubtful_below`` the command warns and
-    the JSON report says ``"doubtful": true`` (None: never). Also ranks the pose-search starts."""
+    through the result on a ``spacing_mm`` grid; below the threshold of the registration's
+    modality (``per_modality``, else ``doubtful_below``) the command warns and the JSON report
+    says ``"doubtful": true`` (None: never). Also ranks the pose-search starts."""
 
     spacing_mm: float = 4.0
     histogram_bins: int = 24
-    doubtful_below: float | None = None
+    doubtful_below: float | None = None  # every modality not in ``per_modality``
     max_field_of_view_mm: float = 320.0
+    per_modality: tuple[ModalityDoubt, ...] = ()
+
+    def threshold(self, modality: str) -> float | None:
+        """The doubt threshold of ``modality`` (None: never doubtful)."""
+        for entry in self.per_modality:
+            if entry.modality == modality:
+                return entry.doubtful_below
+        return self.doubtful_below
 
 
 @dataclass(frozen=True)
@@ -214,6 +241,13 @@ class AffineConfig:
         cfg = from_dict(cls, data, "affine config")
         cfg.validate_grid()
         cfg.inference.validate()
+        named = [entry.modality for entry in cfg.inference.similarity.per_modality]
+        unknown = sorted(set(named) - set(cfg.modalities))
+        if unknown or len(set(named)) != len(named):
+            raise InputError(
+                f"affine config.inference.similarity.per_modality: {', '.join(unknown) or 'a repeated modality'}; "
+                f"name each of the model's modalities ({', '.join(cfg.modalities)}) at most once"
+            )
         return cfg
 
     @property

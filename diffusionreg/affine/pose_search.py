@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from diffusionreg.image import Grid, Image, centred_grid, resample
 from diffusionreg.spaces import rotation_about_axis, sample_affine, space_of_grid
@@ -101,22 +102,44 @@ class Scorer:
     """
 
     def __init__(
-        self, fixed: Image, moving: Image, centre_fixed: np.ndarray, spacing_mm: float, bins: int, max_field_of_view_mm: float
+        self,
+        fixed: Image,
+        moving: Image,
+        centre_fixed: np.ndarray,
+        spacing_mm: float,
+        bins: int,
+        max_field_of_view_mm: float,
+        foreground_fraction: float | None = None,
+        foreground_margin_mm: float = 0.0,
     ):
-        """``fixed`` and ``moving`` already in [0, 1] (:func:`~.refine.unit_intensities`)."""
+        """``fixed`` and ``moving`` already in [0, 1] (:func:`~.refine.unit_intensities`).
+
+        ``foreground_fraction``: score only the fixed voxels above it, dilated by
+        ``foreground_margin_mm`` (the head and the air just around it); None: every voxel of the cube."""
         self.bins = int(bins)
         fixed_n, moving_n = pooled(fixed, spacing_mm), pooled(moving, spacing_mm)
         extent = float(np.max(np.asarray(fixed.shape) * fixed.spacing))
         size = int(np.ceil(min(extent, max_field_of_view_mm) / spacing_mm))
         self.grid: Grid = centred_grid((size,) * 3, spacing_mm, centre_fixed)
-        fixed_t = torch.from_numpy(resample(fixed_n, self.grid, None, "linear", default=0.0).array)
-        self.fixed_bins = self._bin(fixed_t).reshape(-1)
+        fixed_a = resample(fixed_n, self.grid, None, "linear", default=0.0).array
+        self.inside: torch.Tensor | None = None  # flat indices of the scored fixed voxels (None: all)
+        if foreground_fraction is not None:
+            near = fixed_a > foreground_fraction
+            margin = int(round(foreground_margin_mm / spacing_mm))  # voxels (scipy reads 0 as "until nothing changes")
+            if margin > 0:
+                near = ndimage.binary_dilation(near, iterations=margin)
+            self.inside = torch.from_numpy(np.flatnonzero(near))
+        self.fixed_bins = self._scored(self._bin(torch.from_numpy(fixed_a)).reshape(1, -1))[0]
         self.moving = torch.from_numpy(np.ascontiguousarray(moving_n.array, dtype=np.float32))[None, None]
         self.moving_space = space_of_grid(moving_n.grid)
         self.fixed_space = space_of_grid(self.grid)
 
     def _bin(self, values: torch.Tensor) -> torch.Tensor:
         return (values.clamp(0.0, 1.0) * (self.bins - 1)).round().long()
+
+    def _scored(self, flat: torch.Tensor) -> torch.Tensor:
+        """The scored voxels of ``flat`` (N, voxels of the grid)."""
+        return flat if self.inside is None else flat[:, self.inside]
 
     @torch.no_grad()
     def __call__(self, matrices: np.ndarray, batch: int = 16) -> np.ndarray:
@@ -128,7 +151,7 @@ class Scorer:
             warped = sample_affine(
                 self.moving.expand(n, -1, -1, -1, -1), chunk, self.fixed_space, self.moving_space, padding_mode="zeros"
             )
-            joint_index = self.fixed_bins[None] * self.bins + self._bin(warped.reshape(n, -1))
+            joint_index = self.fixed_bins[None] * self.bins + self._bin(self._scored(warped.reshape(n, -1)))
             joint_index = joint_index + torch.arange(n)[:, None] * self.bins**2
             joint = torch.bincount(joint_index.reshape(-1), minlength=n * self.bins**2).reshape(n, self.bins, self.bins)
             joint = joint.to(torch.float64) / self.fixed_bins.numel()
@@ -174,7 +197,8 @@ def search_poses(
 
     ``fixed`` and ``moving`` already in [0, 1] (:func:`~.refine.unit_intensities`)."""
     c_fix, c_mov = np.asarray(centre_fixed, dtype=np.float64), np.asarray(centre_moving, dtype=np.float64)
-    coarse = Scorer(fixed, moving, c_fix, config.spacing_mm, config.histogram_bins, config.max_field_of_view_mm)
+    mask = dict(foreground_fraction=config.foreground_fraction, foreground_margin_mm=config.foreground_margin_mm)
+    coarse = Scorer(fixed, moving, c_fix, config.spacing_mm, config.histogram_bins, config.max_field_of_view_mm, **mask)
     rotations = candidate_rotations(config.candidates, config.corner_offset_deg)
     starts = [Pose(r, np.zeros(3), 0.0) for r in rotations]
     scores = coarse(np.stack([p.matrix(c_fix, c_mov) for p in starts]))
@@ -182,7 +206,7 @@ def search_poses(
         stage.update(message=f"{len(starts)} rotations scored")
     order = np.argsort(-scores, kind="stable")
     seeds = [Pose(starts[i].rotation, starts[i].translation, float(scores[i])) for i in order[: config.polish]]
-    fine = Scorer(fixed, moving, c_fix, config.polish_spacing_mm, config.histogram_bins, config.max_field_of_view_mm)
+    fine = Scorer(fixed, moving, c_fix, config.polish_spacing_mm, config.histogram_bins, config.max_field_of_view_mm, **mask)
     polished = []
     for seed in seeds:
         start = Pose(seed.rotation, seed.translation, float(fine(seed.matrix(c_fix, c_mov)[None])[0]))

@@ -150,7 +150,7 @@ def register_affine(
     ``refine_iterations`` sets the Adam steps per refinement level (0: no refinement),
     ``pose_search`` turns the any-pose start on or off (:mod:`diffusionreg.affine.pose_search`;
     off with no refinement is the published method). The result carries the final normalised
-    mutual information and, below the model's ``inference.similarity.doubtful_below``, a doubt.
+    mutual information and, below the model's threshold for ``modality`` (``inference.similarity``), a doubt.
     """
     start = time.perf_counter()
     cfg = model.cfg
@@ -194,11 +194,12 @@ def register_affine(
         result.similarity = float(similarity(result.transform.matrix[None])[0])
         searched = pose.score if np.isfinite(pose.score) else None  # None: no search (JSON has no NaN)
         tried.append({"search_score": searched, "similarity": result.similarity, "rotation": pose.rotation.tolist()})
-        if check.doubtful_below is not None and result.similarity < check.doubtful_below:
+        threshold = check.threshold(modality)
+        if threshold is not None and result.similarity < threshold:
             result.doubt = (
                 f"normalised mutual information after registration {result.similarity:.3f} is below "
-                f"{check.doubtful_below:.3f} (inference.similarity.doubtful_below); the images may not overlap in content "
-                "or the alignment failed"
+                f"{threshold:.3f} (the {modality} threshold of inference.similarity); the images may not overlap in "
+                "content or the alignment failed"
             )
         if best is None or result.similarity > best.similarity:
             best = result
