@@ -8,7 +8,9 @@ This stage finds such a start before them:
 2. every rotation of a fixed candidate set covering SO(3) (``cube``: the 24 rotations of the
    cube; ``cube-corners``: each of those composed with the identity and 8 rotations towards the
    cube's corners, 216 starts within 36 deg of any rotation) is scored by the normalised mutual
-   information of the fixed image and the moving image mapped through it, on a coarse grid;
+   information of the fixed image and the moving image mapped through it, on a coarse grid (over
+   the fixed foreground and a margin of air around it when ``foreground_fraction`` is set: a moving
+   scan that covers more, a face, neck or table, must not outweigh the anatomy);
 3. the best few are polished by a pattern search (rotation about each fixed axis, translation
    along it, the step halved when nothing improves), still at low resolution;
 4. the best ``keep`` distinct poses go on to the diffusion and refinement (``register.py``),
