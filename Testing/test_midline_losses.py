@@ -16,6 +16,13 @@ def test_hinge_is_per_sample_in_pixels() -> None:
     assert float(hinge_loss(u, mls_px)) == 0.5
 
 
+def test_hinge_gradient_is_finite_where_the_field_is_zero() -> None:
+    """A still pixel (u = 0, e.g. a zero-initialised flow head) must give the zero subgradient, not NaN."""
+    u = torch.zeros(1, 2, 4, 4, requires_grad=True)
+    hinge_loss(u, torch.tensor([1.0])).backward()
+    assert torch.isfinite(u.grad).all()
+
+
 def test_robust_penalty_is_continuous_huber() -> None:
     e = torch.tensor([0.0, 0.4, 0.8, 2.0, -2.0])
     got = robust_penalty(e, 0.8)

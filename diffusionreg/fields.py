@@ -159,7 +159,9 @@ def vector_length(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Euclidean length of the vectors of ``x`` along ``dim`` (the components axis of a field).
 
     ``torch.linalg.vector_norm`` over a non-innermost axis takes a slow path on CPUs (~30x
-    slower on a ``(2, 3, 64, 80, 64)`` field in torch 2.x); the sum of squares is one pass."""
+    slower on a ``(2, 3, 64, 80, 64)`` field in torch 2.x); the sum of squares is one pass.
+    For measurements and convergence checks only: its gradient at a zero vector is NaN (sqrt at
+    0), where ``vector_norm`` gives the zero subgradient a loss needs."""
     return x.square().sum(dim).sqrt()
 
 

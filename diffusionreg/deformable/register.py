@@ -296,8 +296,10 @@ def world_field(
     u: torch.Tensor, net_grid: Grid, target: Grid, outer=None, slab_points: int = 4_000_000, reference: np.ndarray | None = None
 ) -> np.ndarray:
     """``outer(G (x + u(x))) - r`` at every voxel of ``target`` (``x = G^-1 p``, ``p`` the voxel
-    centre): ``(*shape, 3)`` mm. ``r`` is ``p`` itself, or ``reference @ (i, j, k, 1)`` when a
-    4x4 ``reference`` is given. ``u`` is read trilinearly, border-extended outside ``G``;
+    centre, LPS): ``(*shape, 3)`` LPS mm, the displacement that carries ``r`` to the point the
+    maps send ``p`` to (for the forward field: fixed -> moving, ITK's resampling direction). ``r``
+    is ``p`` itself, or ``reference @ (i, j, k, 1)`` when a 4x4 ``reference`` is given. ``u``
+    (network-grid voxels) is read trilinearly, border-extended outside ``G``;
     ``outer`` is the initial transform or None.
 
     When ``outer`` is affine (``A``; None = identity) the field is ``(A T - R) p + A_lin G_lin

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from diffusionreg import fields
 from diffusionreg.spaces import sample
 
 from .network import as_volume, warp_slices
@@ -47,7 +46,8 @@ def landmark_loss(u: torch.Tensor, points: torch.Tensor, targets: torch.Tensor, 
 def hinge_loss(u: torch.Tensor, case_mls_px: torch.Tensor) -> torch.Tensor:
     """``mean max(0, |u| - MLS_case)`` in slice pixels (the spec's units), each sample against its
     own case MLS (the reference broadcast the first sample's magnitude against every label)."""
-    magnitude = fields.vector_length(u)  # (B, N, N)
+    # vector_norm, not fields.vector_length: a loss needs its zero subgradient where u = 0
+    magnitude = torch.linalg.vector_norm(u, dim=1)  # (B, N, N)
     return torch.relu(magnitude - case_mls_px.view(-1, 1, 1)).mean()
 
 
