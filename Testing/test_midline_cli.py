@@ -35,7 +35,8 @@ def tiny_midline_config() -> MidlineConfig:
             channels=(8, 8, 8), attention_levels=(False, False, False), norm_num_groups=4, num_head_channels=8
         ),
         deformation=DeformationConfig(channels=(4, 8, 8, 8), bank_slices=4, bank_chunk=2),
-        inference=MidlineInference(pose_iterations=30, pose_pitch_starts_deg=(0.0,)),
+        # A single pass: the mirrored pass would cancel the constant velocity the tests rely on.
+        inference=MidlineInference(pose_iterations=30, pose_pitch_starts_deg=(0.0,), mirror_average=False),
     )
 
 

@@ -195,7 +195,15 @@ def read_case(method: str, ct: Image, context: dict) -> dict:
     start = time.monotonic()
     if method == "ours":
         result = measure_midline(ct, context["model"], context["name"])
-        return {"ours": {"measured_mm": result.case_mls_mm, "measured_side": result.side, "seconds": time.monotonic() - start}}
+        slices = {f"{s.z_template_mm:g}": round(s.mls_mm, 3) for s in result.slices}  # template z (mm) -> slice MLS
+        return {
+            "ours": {
+                "measured_mm": result.case_mls_mm,
+                "measured_side": result.side,
+                "slice_mls_mm": slices,
+                "seconds": time.monotonic() - start,
+            }
+        }
     reading = registration_peer(ct, context["template"], context["cfg"], context["deformable"])
     seconds = time.monotonic() - start
     out = {}
@@ -327,7 +335,8 @@ def main() -> int:
     for path in args.controls:
         image = read_image(path, what="control", dtype=np.float32)
         by_column = {column: value for method in methods for column, value in read_case(method, image, context).items()}
-        controls.append({"control": path.name, **by_column})
+        hu, _ = to_hounsfield(image)
+        controls.append({"control": path.name, "brain_median_hu": brain_median_hu(hu.array), **by_column})
         print(json.dumps(controls[-1]), flush=True)
     summary = {
         "model": context["name"],
@@ -341,7 +350,7 @@ def main() -> int:
         "threads": args.threads,
         "brain_median_hu_held_out": brain_median_hu(head.volume.numpy()),
     }
-    (OUT / f"{args.output_name}.json").write_text(json.dumps({"summary": summary, "cases": cases}, indent=2))
+    (OUT / f"{args.output_name}.json").write_text(json.dumps({"summary": summary, "cases": cases, "controls": controls}, indent=2))
     metrics = list(summary[columns[0]])
     lines = [
         f"model {context['name']}; peer {summary['deformable_model']}; held-out head {args.held_out.name}; "

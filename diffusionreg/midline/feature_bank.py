@@ -29,6 +29,7 @@ from diffusionreg.progress import Progress
 from .config import MidlineConfig
 from .diffusion import ddpm_scheduler, pseudo_normal, representation
 from .headframe import head_mask
+from .network import mirror_field, mirror_slices
 from .synthetic import NormalHead, SliceBatch, synth_slices
 
 FOLDER = "feature_bank"
@@ -59,11 +60,8 @@ class DeformationSample:
         """Left-right flip (array axis i, about the slice centre) of the samples where ``which``."""
         out = {f.name: getattr(self, f.name).clone() for f in fields(self)}
         for name in ("x", "r", "x_tilde", "mask"):
-            out[name][which] = torch.flip(out[name][which], dims=[2])
-        field = out["field"][which]
-        field = torch.flip(field, dims=[2])
-        field[:, 0] = -field[:, 0]
-        out["field"][which] = field
+            out[name][which] = mirror_slices(out[name][which])
+        out["field"][which] = mirror_field(out["field"][which])
         for name in ("landmarks", "midline"):
             points = out[name][which]
             points[..., 0] = (size - 1) - points[..., 0]

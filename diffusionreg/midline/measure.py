@@ -3,8 +3,9 @@
 1. HU: HU + 1024 data is detected and converted (reported in the result); not-a-head-CT is refused.
 2. Pose: ``T`` (template LPS -> CT LPS), rigid + isotropic scale (:mod:`midline.pose`).
 3. Slices: the measured template levels, each the CT's mean over ``slice_mm`` at ``T(p)``.
-4. Networks: ``r = eps_normal - eps_all`` at ``representation_t`` (fixed noise seed, so a
-   measurement is repeatable), the deformation network, scaling and squaring.
+4. Networks: ``r = eps_normal - eps_all`` at ``representation_t`` (fixed noise seeds, so a
+   measurement is repeatable), the deformation network, scaling and squaring; the velocity
+   averaged over the config's noise draws and, optionally, the mirrored slices.
 5. Read-out (:mod:`midline.readout`) per slice; the landmarks are mapped through ``T`` into the
    CT's world and the MLS is their distance there, i.e. in the CT's own millimetres (the pose's
    scale and the CT's spacing included). Case MLS = the largest slice MLS.
@@ -27,7 +28,7 @@ from diffusionreg.spaces import apply_affine, sample
 from .config import MidlineConfig
 from .diffusion import ddpm_scheduler, representation
 from .headframe import intracranial_mask, midline_column, slab_hu, slice_affine, window
-from .network import MidlineModel, as_volume, integrate
+from .network import MidlineModel, as_volume, integrate, mirror_field, mirror_slices
 from .pose import Pose, align_to_template, check_head_ct, to_hounsfield
 from .readout import falx_rows, read_slice
 from .synthetic import measured_levels
@@ -91,15 +92,35 @@ class MidlineResult:
 
 @torch.no_grad()
 def slice_fields(model: MidlineModel, cfg: MidlineConfig, x: torch.Tensor, device=None) -> torch.Tensor:
-    """Displacements ``(S, 2, N, N)`` (slice pixels) of windowed slices ``x`` ``(S, 1, N, N)``."""
+    """Displacements ``(S, 2, N, N)`` (slice pixels) of windowed slices ``x`` ``(S, 1, N, N)``.
+
+    The velocity is averaged over ``inference.noise_draws`` draws of the representation's noise
+    and, with ``inference.mirror_average``, over the mirrored slices (their velocity mirrored back),
+    then integrated once. One draw without mirroring is the spec's
+    single pass."""
     device = torch.device(device or "cpu")
     model = model.to(device).eval()
     x = x.to(device)
     gen = torch.Generator().manual_seed(NOISE_SEED)
-    noise = torch.randn(x.shape, generator=gen).to(device)
     t = torch.full((len(x),), cfg.diffusion.representation_t, dtype=torch.long, device=device)
-    r = representation(model.eps_normal, model.eps_all, ddpm_scheduler(cfg.diffusion), x, t, noise)
-    return integrate(model.deform(torch.cat([x, r], 1)), cfg.deformation.squaring_steps).cpu()
+    scheduler = ddpm_scheduler(cfg.diffusion)
+
+    def velocity(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        r = representation(model.eps_normal, model.eps_all, scheduler, images, t, noise)
+        return model.deform(torch.cat([images, r], 1))
+
+    total = torch.zeros((len(x), 2, *x.shape[2:]), device=device)
+    passes = 0
+    for _ in range(cfg.inference.noise_draws):
+        noise = torch.randn(x.shape, generator=gen).to(device)
+        total += velocity(x, noise)
+        passes += 1
+        if cfg.inference.mirror_average:
+            # The same (not mirrored) noise: a mirrored input then sees the same pairs of
+            # (image, noise), so its field is exactly the mirrored field.
+            total += mirror_field(velocity(mirror_slices(x), noise))
+            passes += 1
+    return integrate(total / passes, cfg.deformation.squaring_steps).cpu()
 
 
 def template_image(model: MidlineModel) -> Image:

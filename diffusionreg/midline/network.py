@@ -39,6 +39,20 @@ def integrate(v: torch.Tensor, steps: int) -> torch.Tensor:
     return exp_velocity(as_volume(v), steps)[:, :2, ..., 0]
 
 
+def mirror_slices(x: torch.Tensor) -> torch.Tensor:
+    """Left-right mirror of slices ``(B, C, N, N)`` about the slice centre (array axis i; the
+    head frame's midline is that centre)."""
+    return torch.flip(x, dims=[2])
+
+
+def mirror_field(u: torch.Tensor) -> torch.Tensor:
+    """The mirrored image's field ``(B, 2, N, N)`` (pixels): positions mirrored and the i
+    component negated, so ``mirror_field`` of the field of ``x`` is the field of ``mirror_slices(x)``."""
+    out = mirror_slices(u).clone()
+    out[:, 0] = -out[:, 0]
+    return out
+
+
 def warp_slices(image: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``image(p + u(p))`` for slices ``(B, C, N, N)`` and fields ``(B, 2, N, N)`` (pixels)."""
     return warp(image[..., None], as_volume(u))[..., 0]
