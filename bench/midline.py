@@ -350,7 +350,9 @@ def main() -> int:
         "threads": args.threads,
         "brain_median_hu_held_out": brain_median_hu(head.volume.numpy()),
     }
-    (OUT / f"{args.output_name}.json").write_text(json.dumps({"summary": summary, "cases": cases, "controls": controls}, indent=2))
+    (OUT / f"{args.output_name}.json").write_text(
+        json.dumps({"summary": summary, "cases": cases, "controls": controls}, indent=2)
+    )
     metrics = list(summary[columns[0]])
     lines = [
         f"model {context['name']}; peer {summary['deformable_model']}; held-out head {args.held_out.name}; "
