@@ -146,7 +146,8 @@ def register_affine(
 
     Every option left at None takes the model's default (``model.cfg.inference``, from its
     config.json), exactly as ``diffusionreg affine`` does. ``refine`` replaces the refinement
-    settings (see :mod:`diffusionreg.affine.refine`; no levels runs the method as published),
+    settings (see :mod:`diffusionreg.affine.refine`; no levels runs the method as published;
+    either way as they apply to ``modality``: ``RefineConfig.for_modality``),
     ``refine_iterations`` sets the Adam steps per refinement level (0: no refinement),
     ``pose_search`` turns the any-pose start on or off (:mod:`diffusionreg.affine.pose_search`;
     off with no refinement is the published method). The result carries the final normalised
@@ -158,7 +159,7 @@ def register_affine(
     steps = defaults.steps if steps is None else steps
     bidirectional = defaults.bidirectional if bidirectional is None else bidirectional
     initialize = defaults.initialize if initialize is None else initialize
-    refine = defaults.refine if refine is None else refine
+    refine = (defaults.refine if refine is None else refine).for_modality(modality)
     search = defaults.pose_search.enabled if pose_search is None else bool(pose_search)
     if refine_iterations is not None:
         if refine_iterations < 0:
