@@ -41,6 +41,14 @@ class HeadFrame:
     window_hu: tuple[float, float] = (0.0, 80.0)  # HU window mapped to [-1, 1] (spec 2.2)
     midline_band_mm: float = 20.0  # read-out searches the displaced midline this far from the plane
     falx_margin_mm: float = 10.0  # rows this close to the falx attachments are not read
+    # The diffusion models see the slices average-pooled by this factor (slice_size / pool pixels
+    # of pool * pixel_mm): a finer deformation grid over diffusion models of a CPU's size.
+    diffusion_pool: int = 1
+
+    def diffusion_frame(self) -> HeadFrame:
+        """The frame of the diffusion models' slices (this frame when ``diffusion_pool`` is 1)."""
+        p = self.diffusion_pool
+        return dataclasses.replace(self, slice_size=self.slice_size // p, pixel_mm=self.pixel_mm * p, diffusion_pool=1)
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,8 @@ class MidlineConfig:
             raise InputError("midline config: need 0 < representation_t < timesteps and ddim_grid dividing timesteps")
         if self.deformation.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"midline config: deformation.lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        if self.frame.diffusion_pool < 1 or self.frame.slice_size % self.frame.diffusion_pool:
+            raise InputError("midline config: frame.diffusion_pool must be >= 1 and divide slice_size")
         if self.inference.noise_draws < 1:
             raise InputError("midline config: inference.noise_draws must be >= 1")
         if self.frame.slice_size % (2 ** (len(self.deformation.channels) - 1)):

@@ -27,7 +27,7 @@ from diffusionreg.errors import InputError
 from diffusionreg.progress import Progress
 
 from .config import MidlineConfig
-from .diffusion import ddpm_scheduler, pseudo_normal, representation
+from .diffusion import ddpm_scheduler, diffusion_noise, pseudo_normal, representation
 from .headframe import head_mask
 from .network import mirror_field, mirror_slices
 from .synthetic import NormalHead, SliceBatch, synth_slices
@@ -81,8 +81,9 @@ def with_features(model, cfg: MidlineConfig, batch: SliceBatch, gen: torch.Gener
     n = len(batch.x)
     steps = torch.randint(0, cfg.diffusion.timesteps, (n,), generator=gen) if t is None else torch.full((n,), t, dtype=torch.long)
     scheduler = ddpm_scheduler(cfg.diffusion)
-    r = representation(model.eps_normal, model.eps_all, scheduler, batch.x, steps, torch.randn(batch.x.shape, generator=gen))
-    x_tilde = pseudo_normal(model.eps_normal, model.eps_all, cfg.diffusion, batch.x, torch.randn(batch.x.shape, generator=gen))
+    pool = cfg.frame.diffusion_pool
+    r = representation(model.eps_normal, model.eps_all, scheduler, batch.x, steps, diffusion_noise(batch.x, pool, gen), pool)
+    x_tilde = pseudo_normal(model.eps_normal, model.eps_all, cfg.diffusion, batch.x, diffusion_noise(batch.x, pool, gen), pool)
     return DeformationSample(
         x=batch.x,
         r=r,

@@ -26,7 +26,7 @@ from diffusionreg.image import Image
 from diffusionreg.spaces import apply_affine, sample
 
 from .config import MidlineConfig
-from .diffusion import ddpm_scheduler, representation
+from .diffusion import ddpm_scheduler, diffusion_noise, representation
 from .headframe import intracranial_mask, midline_column, slab_hu, slice_affine, window
 from .network import MidlineModel, as_volume, integrate, mirror_field, mirror_slices
 from .pose import Pose, align_to_template, check_head_ct, to_hounsfield
@@ -105,14 +105,16 @@ def slice_fields(model: MidlineModel, cfg: MidlineConfig, x: torch.Tensor, devic
     t = torch.full((len(x),), cfg.diffusion.representation_t, dtype=torch.long, device=device)
     scheduler = ddpm_scheduler(cfg.diffusion)
 
+    pool = cfg.frame.diffusion_pool
+
     def velocity(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        r = representation(model.eps_normal, model.eps_all, scheduler, images, t, noise)
+        r = representation(model.eps_normal, model.eps_all, scheduler, images, t, noise, pool)
         return model.deform(torch.cat([images, r], 1))
 
     total = torch.zeros((len(x), 2, *x.shape[2:]), device=device)
     passes = 0
     for _ in range(cfg.inference.noise_draws):
-        noise = torch.randn(x.shape, generator=gen).to(device)
+        noise = diffusion_noise(x, pool, gen).to(device)
         total += velocity(x, noise)
         passes += 1
         if cfg.inference.mirror_average:

@@ -113,9 +113,10 @@ def _diffusion_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_he
     synth = dataclasses.replace(cfg.synth, rotation_deg=d.rotate_deg)
     net = build_unet(d)
     scheduler = ddpm_scheduler(d)
+    frame = cfg.frame.diffusion_frame()
 
     def draw(gen: torch.Generator) -> NoisedBatch:
-        batch = synth_slices(heads, cfg.frame, synth, gen, d.batch_size, shifted_fraction=shifted, truth=False)
+        batch = synth_slices(heads, frame, synth, gen, d.batch_size, shifted_fraction=shifted, truth=False)
         return draw_noise(_flip(batch, gen, d.flip_prob), scheduler, gen)
 
     def loss(model, batch: NoisedBatch):
@@ -128,7 +129,7 @@ def _diffusion_task(opts: MidlineTrainOptions, cfg: MidlineConfig, heads, val_he
         gen = torch.Generator().manual_seed(VALIDATION_SEED)
         losses = []
         for _ in range(VALIDATION_BATCHES):
-            batch = synth_slices(val_heads, cfg.frame, cfg.synth, gen, d.batch_size, shifted_fraction=shifted, truth=False)
+            batch = synth_slices(val_heads, frame, cfg.synth, gen, d.batch_size, shifted_fraction=shifted, truth=False)
             losses.append(float(denoising_loss(model, scheduler, to_device(draw_noise(batch.x, scheduler, gen), device))))
         return {"val_loss": float(np.mean(losses))}
 
