@@ -949,6 +949,16 @@ def method_factories(args):
     return factories, labels, order
 
 
+def variant_suffix(args, wanted: list[str], labels: dict, order: list[str]) -> str:
+    """A variant (e.g. another model) caches its methods under their own names, beside the defaults'
+    caches: the suffix of those names ('' without ``--variant``); ``labels`` and ``order`` gain them."""
+    suffix = f"-{args.variant}" if args.variant else ""
+    for m in wanted:
+        labels[m + suffix] = labels[m] + (f" [{args.variant}]" if args.variant else "")
+    order += [m + suffix for m in wanted if suffix]
+    return suffix
+
+
 def run_ct_template_set(args) -> None:
     """``--ct-template-set``: each CT of ``--ct-template-subjects`` onto the CT template by each method,
     scored by :func:`ct_template_report`; per-method caches ``affine_ct-template_<method>.json``."""
@@ -957,13 +967,15 @@ def run_ct_template_set(args) -> None:
     images = {name: CT_TEMPLATE_SUBJECTS[name](args.data) for name in args.ct_template_subjects.split(",")}
     angles = [float(a) for a in args.ct_template_angles.split(",")]
     cases = ct_template_cases(images, angles, args.seed)
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    suffix = variant_suffix(args, wanted, labels, order)
     all_rows = {}
     with tempfile.TemporaryDirectory() as tmpd:
-        for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            partial = OUT / f"{CT_TEMPLATE_STEM}_{m}.partial.json"
-            rows = run_ct_template_method(labels[m], factories[m](), template, cases, Path(tmpd), print, partial)
-            (OUT / f"{CT_TEMPLATE_STEM}_{m}.json").write_text(json.dumps(rows, indent=1))
-            all_rows[m] = rows
+        for m in wanted:
+            partial = OUT / f"{CT_TEMPLATE_STEM}_{m}{suffix}.partial.json"
+            rows = run_ct_template_method(labels[m + suffix], factories[m](), template, cases, Path(tmpd), print, partial)
+            (OUT / f"{CT_TEMPLATE_STEM}_{m}{suffix}.json").write_text(json.dumps(rows, indent=1))
+            all_rows[m + suffix] = rows
     if args.reuse:
         for m in order:
             if m not in all_rows and (OUT / f"{CT_TEMPLATE_STEM}_{m}.json").exists():
@@ -972,9 +984,10 @@ def run_ct_template_set(args) -> None:
     names = {c["name"] for c in cases}
     all_rows = {m: [r for r in all_rows[m] if r["case"] in names] for m in order if m in all_rows}
     report = ct_template_report(all_rows, labels, template, mask, images)
-    (OUT / f"{CT_TEMPLATE_STEM}.json").write_text(json.dumps(report, indent=1))
-    write_ct_template_markdown(report, labels, order, args, OUT / f"{CT_TEMPLATE_STEM}.md")
-    print((OUT / f"{CT_TEMPLATE_STEM}.md").read_text())
+    stem = CT_TEMPLATE_STEM + suffix  # the combined outputs of a variant run
+    (OUT / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    write_ct_template_markdown(report, labels, order, args, OUT / f"{stem}.md")
+    print((OUT / f"{stem}.md").read_text())
 
 
 def main():
@@ -1048,11 +1061,7 @@ def main():
         for case in pose:
             case["moving"] = synthetic_moving(pose_images[case["subject"]], case["truth"], case["seed"])
     factories, labels, order = method_factories(args)
-    # A variant (e.g. another model) caches its methods under their own names, beside the defaults' caches.
-    suffix = f"-{args.variant}" if args.variant else ""
-    for m in wanted:
-        labels[m + suffix] = labels[m] + (f" [{args.variant}]" if args.variant else "")
-    order += [m + suffix for m in wanted if suffix]
+    suffix = variant_suffix(args, wanted, labels, order)
     all_rows = {}
     with tempfile.TemporaryDirectory() as tmpd:
         for m in wanted:
