@@ -64,5 +64,9 @@ def test_stages_on_the_engine(tmp_path: Path, shared_data: Path, tiny_config) ->
     for key, value in trained.items():
         assert torch.equal(model.eps_normal.state_dict()[key], value)
     assert model.template_hu.shape == (91, 109, 91)
+    # measurements calibrate a CT's soft tissue as the training heads were (to the template head's)
+    from diffusionreg.midline.heads import brain_median_hu, template_head
+
+    assert model.cfg.inference.brain_median_hu == pytest.approx(brain_median_hu(template_head(template_dir).volume.numpy()))
     entry = json.loads((out / "Models.json").read_text())["models"][0]
     assert entry["task"] == "midline" and entry["modality"] == "ct"

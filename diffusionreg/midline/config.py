@@ -142,6 +142,9 @@ class MidlineInference:
     pose_pitch_starts_deg: tuple[float, ...] = (-15.0, 0.0, 15.0)  # coarse starts for pitched heads
     min_skull_ml: float = 20.0  # skull-density (>= 300 HU) volume a head CT must have
     min_extent_mm: float = 30.0  # head coverage along the slice axis
+    # Soft-tissue median (HU) the training heads were calibrated to; a measured CT is shifted to it
+    # first, as they were (None: measured as stored). Training writes it into the model's config.
+    brain_median_hu: float | None = None
     # The field is averaged (as velocities, so it stays one diffeomorphism) over this many draws of
     # the representation's noise (seeds NOISE_SEED, +1, ...): r at t = 300 is a noisy feature, and
     # the read-out's maximum over rows and slices turns its noise into a floor on normal heads.

@@ -75,6 +75,14 @@ def brain_median_hu(array: np.ndarray) -> float:
     return float(np.median(values[(values > BRAIN_RANGE_HU[0]) & (values < BRAIN_RANGE_HU[1])]))
 
 
+def calibrate_soft_tissue(image: Image, target_hu: float) -> tuple[Image, float]:
+    """``image`` (HU) shifted so that its soft-tissue median is ``target_hu``, and the shift (HU).
+    Scanners (and scans of unverified calibration) differ by tens of HU; the networks learnt
+    "normal" at one calibration."""
+    shift = float(target_hu) - brain_median_hu(image.array)
+    return image.with_array(image.array + np.float32(shift)), shift
+
+
 def load_normal_head(
     path: Path,
     template: Image,
@@ -91,8 +99,7 @@ def load_normal_head(
     if offset:
         log(f"{path}: stored as HU + 1024; subtracted 1024")
     if brain_hu is not None:
-        shift = brain_hu - brain_median_hu(image.array)
-        image = image.with_array(image.array + np.float32(shift))
+        image, shift = calibrate_soft_tissue(image, brain_hu)
         log(f"{path}: soft tissue calibrated to the template by {shift:+.1f} HU")
     check_head_ct(image, settings, what=str(path))
     key = str(Path(path).resolve())

@@ -28,6 +28,7 @@ from diffusionreg.spaces import apply_affine, sample
 from .config import MidlineConfig
 from .diffusion import ddpm_scheduler, diffusion_noise, representation
 from .headframe import intracranial_mask, midline_column, slab_hu, slice_affine, window
+from .heads import calibrate_soft_tissue
 from .network import MidlineModel, as_volume, integrate, mirror_field, mirror_slices
 from .pose import Pose, align_to_template, check_head_ct, to_hounsfield
 from .readout import falx_rows, read_slice
@@ -61,6 +62,7 @@ class MidlineResult:
     pose: Pose
     hu_offset_removed: bool
     model: str
+    soft_tissue_shift_hu: float = 0.0  # the calibration applied before measuring (HU)
     seconds: dict[str, float] = field(default_factory=dict)
     field_slices: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (z, u (2, N, N) px)
 
@@ -85,6 +87,7 @@ class MidlineResult:
             "pose_template_to_ct_lps": self.pose.matrix.tolist(),
             "pose_scale": self.pose.scale,
             "hu_offset_removed": self.hu_offset_removed,
+            "soft_tissue_shift_hu": self.soft_tissue_shift_hu,
             "model": self.model,
             "seconds": self.seconds,
         }
@@ -138,6 +141,9 @@ def measure_midline(ct: Image, model: MidlineModel, model_name: str = "", device
     start = time.monotonic()
     ct, offset = to_hounsfield(ct)
     check_head_ct(ct, cfg.inference)
+    calibration = 0.0
+    if cfg.inference.brain_median_hu is not None:
+        ct, calibration = calibrate_soft_tissue(ct, cfg.inference.brain_median_hu)
     pose = align_to_template(ct, template_image(model), cfg.inference, stage)
     seconds["pose"] = time.monotonic() - start
     start = time.monotonic()
@@ -172,6 +178,7 @@ def measure_midline(ct: Image, model: MidlineModel, model_name: str = "", device
         slices=slices,
         pose=pose,
         hu_offset_removed=offset,
+        soft_tissue_shift_hu=calibration,
         model=model_name,
         seconds=seconds,
         field_slices=list(zip(levels, u.numpy())),

@@ -38,7 +38,7 @@ from .diffusion import NoisedBatch, build_unet, ddpm_scheduler, denoising_loss, 
 from .feature_bank import FOLDER as FEATURE_BANK
 from .feature_bank import DeformationSample, FeatureBank, with_features
 from .headframe import intracranial_mask, midline_column
-from .heads import pose_template, training_heads
+from .heads import brain_median_hu, pose_template, training_heads
 from .losses import field_loss, hinge_loss, image_loss, landmark_loss, smoothness_loss
 from .network import MidlineModel, integrate
 from .readout import falx_rows, read_slice
@@ -96,6 +96,10 @@ def train(opts: MidlineTrainOptions, run: RunOptions, progress: Progress | None 
         training_heads(opts.template_dir, list(opts.val), cfg.inference, progress.log, opts.pose_cache)[1:]
         if opts.val
         else heads[:1]
+    )
+    # Measurements calibrate a CT as the training heads were (MidlineInference.brain_median_hu).
+    cfg = dataclasses.replace(
+        cfg, inference=dataclasses.replace(cfg.inference, brain_median_hu=brain_median_hu(heads[0].volume.numpy()))
     )
     torch.manual_seed(cfg.seed)
     if opts.stage == "deformation":
