@@ -95,3 +95,21 @@ def test_bank_batches_give_the_losses_of_fresh_features(setting, tmp_path: Path)
     grads = [p.grad for p in model.deform.parameters()]
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
     assert all(p.grad is None for p in model.eps_normal.parameters())
+
+
+def test_the_total_weighs_the_terms_as_configured(setting, tmp_path: Path) -> None:
+    """total = image_weight (1 + ramp * progress) image + smooth + landmark + hinge + field, each
+    with its configured weight (the image weight at 0 drops the spec's image term)."""
+    cfg, heads, model = setting
+    sample = FeatureBank.build(tmp_path, model, cfg, heads).batch(torch.Generator().manual_seed(3), 4, flip_prob=0.0)
+    d = dataclasses.replace(cfg.deformation, image_weight=0.5, hinge_weight=0.3, field_weight=2.0)
+    with torch.no_grad():
+        total, terms, _ = deformation_losses(model, dataclasses.replace(cfg, deformation=d), sample, 0.5)
+        dropped, _, _ = deformation_losses(
+            model, dataclasses.replace(cfg, deformation=dataclasses.replace(d, image_weight=0.0)), sample, 0.5
+        )
+    image = 0.5 * (1.0 + d.image_weight_ramp * 0.5) * terms["image"]
+    rest = d.smooth_weight * terms["smooth"] + d.landmark_weight * terms["landmark"] + 0.3 * terms["hinge"] + 2.0 * terms["field"]
+    assert float(terms["image"]) > 0
+    assert float(total) == pytest.approx(float(image + rest), rel=1e-6)
+    assert float(dropped) == pytest.approx(float(rest), rel=1e-6)

@@ -112,7 +112,8 @@ class DeformationConfig:
     coarse_factors: tuple[int, ...] = (8, 2)  # coarse flow heads (the spec's 16^2 and 64^2 of 256^2)
     flow_init_std: float = 1e-5
     squaring_steps: int = 7
-    image_weight_ramp: float = 5.0  # image-term weight grows 1 -> 1 + ramp over training
+    image_weight: float = 1.0  # the image term's weight at the start (the spec's 1)
+    image_weight_ramp: float = 5.0  # image-term weight grows by this factor over training (1 -> 1 + ramp)
     smooth_weight: float = 1.0
     landmark_weight: float = 1.0
     landmark_delta_px: float = 0.8  # Huber width; the spec's 3 px of 0.94 mm is ~0.8 px of 3.6 mm

@@ -99,15 +99,13 @@ def slice_fields(model: MidlineModel, cfg: MidlineConfig, x: torch.Tensor, devic
 
     The velocity is averaged over ``inference.noise_draws`` draws of the representation's noise
     and, with ``inference.mirror_average``, over the mirrored slices (their velocity mirrored back),
-    then integrated once. One draw without mirroring is the spec's
-    single pass."""
+    then integrated once. One draw without mirroring is the spec's single pass."""
     device = torch.device(device or "cpu")
     model = model.to(device).eval()
     x = x.to(device)
     gen = torch.Generator().manual_seed(NOISE_SEED)
     t = torch.full((len(x),), cfg.diffusion.representation_t, dtype=torch.long, device=device)
     scheduler = ddpm_scheduler(cfg.diffusion)
-
     pool = cfg.frame.diffusion_pool
 
     def velocity(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

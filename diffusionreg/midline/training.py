@@ -178,7 +178,7 @@ def deformation_losses(model: MidlineModel, cfg: MidlineConfig, sample: Deformat
     if d.field_weight:
         terms["field"] = field_loss(u, sample.field, d.landmark_delta_px)
     total = (
-        (1.0 + d.image_weight_ramp * ramp) * terms["image"]
+        d.image_weight * (1.0 + d.image_weight_ramp * ramp) * terms["image"]
         + d.smooth_weight * terms["smooth"]
         + d.landmark_weight * terms["landmark"]
         + d.hinge_weight * terms["hinge"]
