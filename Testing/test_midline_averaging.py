@@ -86,3 +86,14 @@ def test_noise_draws_average_the_velocity_of_consecutive_draws(model, slices) ->
     three = slice_fields(model, _config(3, False), slices)
     assert torch.allclose(three, averaged, atol=1e-5)
     assert (three - single).abs().max() > 1e-3
+
+
+def test_a_frame_whose_midline_is_not_the_slice_centre_is_refused() -> None:
+    """Mirroring flips a slice about its centre column; it is the midline only when they coincide."""
+    from diffusionreg.errors import InputError
+    from diffusionreg.midline.config import MidlineConfig
+
+    data = tiny_midline_config().to_dict()
+    data["frame"]["centre_mm"] = [5.0, 17.0]
+    with pytest.raises(InputError, match="midline_x_mm"):
+        MidlineConfig.from_dict(data)

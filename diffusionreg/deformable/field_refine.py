@@ -32,6 +32,7 @@ Fields are voxel displacements of the grid they live on (:mod:`diffusionreg.fiel
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -185,8 +186,11 @@ def refine_pair(
         if sigma > 0:  # truncated at 3 sigma, so zero background stays zero beyond it (sparse loss)
             images = GaussianFilter(3, sigma, truncated=3.0)(images)
         targets = images.flip(0).flatten(2)  # (2, 1, N): fixed, moving
-        points = fields.identity_grid(shape, device=fixed.device, dtype=fixed.dtype).flatten(2).expand(2, 3, -1)
-        voxels = points.shape[-1]
+        voxels = math.prod(shape)
+        # the sparse loss reads chosen voxels as points; the dense one reads every voxel (refined_positions(None, ...))
+        points = (
+            fields.identity_grid(shape, device=fixed.device, dtype=fixed.dtype).flatten(2).expand(2, 3, -1) if sparse else None
+        )
         state = {"calls": 0, "active": None}
         dilated = dilated_supports(images, cfg.support_margin) if sparse else None
 

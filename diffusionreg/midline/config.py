@@ -188,6 +188,9 @@ class MidlineConfig:
             raise InputError("midline config: need 0 < representation_t < timesteps and ddim_grid dividing timesteps")
         if self.deformation.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"midline config: deformation.lr_schedule must be one of {', '.join(LR_SCHEDULES)}")
+        if self.frame.centre_mm[0] != self.frame.midline_x_mm:
+            # left-right flips (the bank's, mirror_average) mirror a slice about its centre column
+            raise InputError("midline config: frame.centre_mm x must equal midline_x_mm (mirroring is about the slice centre)")
         if self.frame.diffusion_pool < 1 or self.frame.slice_size % self.frame.diffusion_pool:
             raise InputError("midline config: frame.diffusion_pool must be >= 1 and divide slice_size")
         if self.inference.noise_draws < 1:
