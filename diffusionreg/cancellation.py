@@ -6,7 +6,8 @@ raises :class:`~diffusionreg.errors.CancelledError` and SIGINT (Ctrl-C) raises
 bytecodes, so bookkeeping that must stay consistent (a rename and the record that it happened)
 runs under :func:`held`: a signal arriving there is kept and raised when the block ends. Once a
 command has committed its outputs, :func:`settle` makes later signals harmless, so exit 130
-always means "nothing written".
+always means "nothing written". A cohort re-arms with :func:`rearm` before its next case: a signal
+that came while the last case was settled is raised then, so no cancel is ever lost.
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ def _raise_for(signum: int) -> None:
 
 
 def _handler(signum, frame) -> None:
-    if _state["settled"]:
-        return
-    if _state["held"]:
+    if _state["settled"] or _state["held"]:
         _state["pending"] = signum
         return
     _raise_for(signum)
@@ -62,13 +61,25 @@ def held(discard: bool = False) -> Iterator[None]:
     finally:
         _state["held"] -= 1
         pending = _state["pending"]
-        if _state["held"] == 0 and pending is not None:
+        # once settled, a signal is kept for rearm() rather than raised or dropped
+        if _state["held"] == 0 and pending is not None and not _state["settled"]:
             _state["pending"] = None
-            if not discard and not _state["settled"]:
+            if not discard:
                 _raise_for(pending)
 
 
 def settle() -> None:
-    """The work is committed: from now on a signal no longer cancels anything."""
+    """The work is committed: from now on a signal no longer cancels it.
+
+    A signal kept by :func:`held` or arriving later is kept, not raised: a single command ignores
+    it (its outputs are whole), a cohort raises it at :func:`rearm`, before its next case starts.
+    """
     _state["settled"] = True
-    _state["pending"] = None
+
+
+def rearm() -> None:
+    """Cancellation applies again (a cohort's next case); a signal kept while settled is raised now."""
+    pending = _state["pending"]
+    _state.update(settled=False, pending=None)
+    if pending is not None and not _state["held"]:
+        _raise_for(pending)

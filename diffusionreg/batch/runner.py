@@ -17,7 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from diffusionreg import cancellation
-from diffusionreg.cancellation import install_cancel_handler
 from diffusionreg.errors import CancelledError, InputError, ParameterError
 from diffusionreg.progress import Progress
 
@@ -117,8 +116,8 @@ def _run_case(
         inputs = pending.result() if pending is not None else None
         model = models.get(case.task, args) if STEPS[case.task].load is not None else None
         metrics = STEPS[case.task].run(args, inputs, model, quiet)
-        # Committed: the command settled the cancellation state (a signal is ignored now), so the
-        # record of a committed case is written whole before a cancel can stop the run.
+        # Committed: the command settled the cancellation state (a signal is kept, not raised), so
+        # the record of a committed case is written whole before a cancel stops the run at rearm.
         written = [Path(getattr(args, a)) for a in vars(args) if a.startswith("output_") and getattr(args, a)]
         log.append(case, "ok", error=None, metrics=metrics, seconds=time.perf_counter() - start,
                    outputs=output_digests(written))  # fmt: skip
@@ -134,5 +133,6 @@ def _run_case(
             log.append(case, "failed", error=line, metrics={}, seconds=time.perf_counter() - start, outputs={})
         on_failure(case, line)
     finally:
-        # Arm cancellation again for the cases after this one (a committed case settled it).
-        install_cancel_handler()
+        # Arm cancellation again for the cases after this one (a committed case settled it); a
+        # cancel that came after the commit stops the run here.
+        cancellation.rearm()
