@@ -36,7 +36,8 @@ def tiny_midline_config() -> MidlineConfig:
         ),
         deformation=DeformationConfig(channels=(4, 8, 8, 8), bank_slices=4, bank_chunk=2),
         # A single pass: the mirrored pass would cancel the constant velocity the tests rely on.
-        inference=MidlineInference(pose_iterations=30, pose_pitch_starts_deg=(0.0,), mirror_average=False),
+        # Calibrated 12 HU above the phantom's soft tissue (33 HU), so a measurement is shifted and says so.
+        inference=MidlineInference(pose_iterations=30, pose_pitch_starts_deg=(0.0,), mirror_average=False, brain_median_hu=45.0),
     )
 
 
@@ -98,6 +99,8 @@ def test_report_in_ct_millimetres(run) -> None:
     assert "HU + 1024" in done.stderr
     report = json.loads(paths["json"].read_text())
     assert report["hu_offset_removed"] is True
+    assert report["soft_tissue_shift_hu"] == pytest.approx(12.0, abs=1.0)
+    assert "by +12 HU to the soft-tissue calibration" in done.stderr
     expected = SHIFT_PX * tiny_midline_config().frame.pixel_mm * report["pose_scale"]
     assert report["case_mls_mm"] == pytest.approx(expected, rel=1e-3)
     assert report["side"] == "right"  # u along +i: the structure sits on the -x (patient right) side

@@ -126,6 +126,7 @@ def test_result_is_the_backends_case_measurement(measured) -> None:
     assert result.sliceOfMaximum == report["slice_of_maximum"]
     assert result.summary().startswith(f"MLS {report['case_mls_mm']:.1f} mm (patient {report['side']})")
     assert any("HU + 1024" in note for note in result.notes)
+    assert any("by +12 HU to the soft-tissue calibration" in note for note in result.notes), result.notes
     table = result.tableNode
     assert table.GetAttribute("MidlineShift.caseMlsMm") == f"{report['case_mls_mm']:.3f}"
     assert table.GetAttribute("MidlineShift.side") == report["side"]
