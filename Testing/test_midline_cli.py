@@ -94,13 +94,14 @@ def cli():
     return run_cli
 
 
-def test_report_in_ct_millimetres(run) -> None:
+def test_report_in_ct_millimetres(run, ct_path) -> None:
     done, paths = run
     assert "HU + 1024" in done.stderr
     report = json.loads(paths["json"].read_text())
     assert report["hu_offset_removed"] is True
     assert report["soft_tissue_shift_hu"] == pytest.approx(12.0, abs=1.0)
-    assert "by +12 HU to the soft-tissue calibration" in done.stderr
+    assert len(report["notes"]) == 2 and all(f"note: {ct_path}: {n}" in done.stderr for n in report["notes"])
+    assert "shifted by +12 HU to the soft-tissue calibration" in report["notes"][1]
     expected = SHIFT_PX * tiny_midline_config().frame.pixel_mm * report["pose_scale"]
     assert report["case_mls_mm"] == pytest.approx(expected, rel=1e-3)
     assert report["side"] == "right"  # u along +i: the structure sits on the -x (patient right) side

@@ -507,14 +507,7 @@ def prepareMidlineJob(
         for node in result.markupsNodes:
             node.SetNodeReferenceID(TABLE_REFERENCE_ROLE, table.GetID())
         result.corrections = ManualCorrections(table, slices, flagMm)
-        if report.get("hu_offset_removed"):
-            result.notes.append(f"'{ct.GetName()}' is stored as HU + 1024: 1024 was subtracted before measuring")
-        shiftHu = float(report.get("soft_tissue_shift_hu", 0.0))
-        if round(shiftHu):
-            result.notes.append(
-                f"'{ct.GetName()}' was shifted by {shiftHu:+.0f} HU to the soft-tissue calibration the model "
-                "was trained at, before measuring"
-            )
+        result.notes.extend(f"'{ct.GetName()}': {note}" for note in report.get("notes", []))
         folder = results.createFolder(scene, f"{prefix} shift", ct)
         results.placeInFolder(scene, [table, transform, magnitude, *result.markupsNodes], folder)
         return result

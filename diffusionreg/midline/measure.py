@@ -39,6 +39,9 @@ LANDMARK_NAMES = ("anterior_falx", "posterior_falx", "shifted", "normal")
 NOISE_SEED = 0
 #: Below this shift (mm) no side is reported ('none').
 SIDE_MIN_MM = 0.5
+#: A calibration shift (HU) this large is reported as a note: scanners differ by tens of HU, a few
+#: HU is the normal spread of a soft-tissue median.
+CALIBRATION_NOTE_HU = 10.0
 
 
 @dataclass
@@ -66,6 +69,18 @@ class MidlineResult:
     seconds: dict[str, float] = field(default_factory=dict)
     field_slices: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (z, u (2, N, N) px)
 
+    def notes(self) -> list[str]:
+        """What was done to the CT before measuring that a reader should know (one line each)."""
+        notes = []
+        if self.hu_offset_removed:
+            notes.append("stored as HU + 1024: 1024 was subtracted before measuring")
+        if abs(self.soft_tissue_shift_hu) >= CALIBRATION_NOTE_HU:
+            notes.append(
+                f"shifted by {self.soft_tissue_shift_hu:+.0f} HU to the soft-tissue calibration the model was "
+                "trained at, before measuring"
+            )
+        return notes
+
     def to_dict(self) -> dict:
         return {
             "case_mls_mm": self.case_mls_mm,
@@ -88,6 +103,7 @@ class MidlineResult:
             "pose_scale": self.pose.scale,
             "hu_offset_removed": self.hu_offset_removed,
             "soft_tissue_shift_hu": self.soft_tissue_shift_hu,
+            "notes": self.notes(),
             "model": self.model,
             "seconds": self.seconds,
         }

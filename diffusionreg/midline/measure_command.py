@@ -55,14 +55,8 @@ def run_measure(args: argparse.Namespace, progress) -> int:
             model, name = load_measure_model(args, resolve_device(args.device))
             stage.update(message=f"model {name}")
         result = finish_measure(args, outputs, ct, (model, name), progress)
-    if result.hu_offset_removed:
-        print(f"note: {args.input} is stored as HU + 1024; subtracted 1024 before measuring", file=sys.stderr)
-    if round(result.soft_tissue_shift_hu):
-        print(
-            f"note: shifted {args.input} by {result.soft_tissue_shift_hu:+.0f} HU to the soft-tissue calibration "
-            "the model was trained at, before measuring",
-            file=sys.stderr,
-        )
+    for note in result.notes():
+        print(f"note: {args.input}: {note}", file=sys.stderr)
     flag = f"FLAG (>= {result.flag_mm:.0f} mm)" if result.flag else f"below {result.flag_mm:.0f} mm"
     progress.log(
         f"midline shift {result.case_mls_mm:.1f} mm ({result.side}), {flag}; slice {result.max_slice}; model {name}; "
