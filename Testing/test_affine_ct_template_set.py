@@ -107,3 +107,16 @@ def test_template_and_head_mask(bench, shared_data):
     assert np.median(head_values) > 900.0  # soft tissue is about 1024 + 40
     outside = template.array[mask.array == 0]
     assert np.mean(outside > 1024.0) < 1e-3  # outside: nothing above 0 HU (air, and the scalp's fat and skin)
+
+
+def test_refine_changes_are_applied_and_checked_strictly(bench):
+    """``--refine``: the bench's changed refinement reaches the registration, and a typo is refused."""
+    from diffusionreg.affine.config import RefineConfig
+    from diffusionreg.errors import InputError
+
+    base = RefineConfig()
+    changed = bench.changed_refinement(base, {"metric": "ncc", "levels": [{"spacing_mm": 4.0, "iterations": 7}]})
+    assert (changed.metric, [(lv.spacing_mm, lv.iterations) for lv in changed.levels]) == ("ncc", [(4.0, 7)])
+    assert changed.histogram_bins == base.histogram_bins
+    with pytest.raises(InputError, match="did you mean 'metric'"):
+        bench.changed_refinement(base, {"metrc": "ncc"})

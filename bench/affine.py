@@ -41,6 +41,7 @@ and writes affine-NAME.md / .json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -322,16 +323,27 @@ def mean_error_mm(est, truth, image) -> float:
 
 
 # --- methods ---------------------------------------------------------------------------------
+def changed_refinement(base, changes: dict):
+    """``base`` (a RefineConfig) with ``changes`` (its JSON keys, e.g. ``{"metric": "ncc"}``), checked
+    as strictly as a model's config."""
+    from diffusionreg.affine.config import RefineConfig
+    from diffusionreg.strict_config import from_dict
+
+    return from_dict(RefineConfig, {**dataclasses.asdict(base), **changes}, "--refine")
+
+
 class Ours:
-    def __init__(self, bidirectional=False, model=None, refine=False, pose_search=False, modality="mri"):
+    def __init__(self, bidirectional=False, model=None, refine=False, pose_search=False, modality="mri", refine_changes=None):
         from diffusionreg.affine.register import load_model
 
         self.model = load_model(model, modality)
         self.modality = modality
         self.bidirectional = bidirectional
-        # refine=True: the model's refinement (diffusion, then the test-time mutual-information refinement);
-        # False: the published method alone. pose_search: True/False, or None for the model's default.
+        # refine=True: the model's refinement (diffusion, then the test-time mutual-information refinement),
+        # with refine_changes (--refine) applied; False: the published method alone. pose_search:
+        # True/False, or None for the model's default.
         self.refine_iterations = None if refine else 0
+        self.refine = changed_refinement(self.model.cfg.inference.refine, refine_changes) if refine and refine_changes else None
         self.pose_search = pose_search
         self.last_extra = {}
 
@@ -345,6 +357,7 @@ class Ours:
             self.model,
             modality=self.modality,
             bidirectional=self.bidirectional,
+            refine=self.refine,
             refine_iterations=self.refine_iterations,
             pose_search=self.pose_search,
         )
@@ -929,8 +942,10 @@ def method_factories(args):
         "none": lambda: None,
         "ours": lambda: Ours(False, args.model, modality=args.modality),
         "ours-bidir": lambda: Ours(True, args.model, modality=args.modality),
-        "ours-refine": lambda: Ours(False, args.model, refine=True, modality=args.modality),
-        "ours-default": lambda: Ours(False, args.model, refine=True, pose_search=None, modality=args.modality),
+        "ours-refine": lambda: Ours(False, args.model, refine=True, modality=args.modality, refine_changes=args.refine),
+        "ours-default": lambda: Ours(
+            False, args.model, refine=True, pose_search=None, modality=args.modality, refine_changes=args.refine
+        ),
         "ants": Ants,
         "sitk": Sitk,
         "midline-pose": MidlinePose,
@@ -1031,7 +1046,16 @@ def main():
         metavar=("METHOD", "LOG"),
         help="recover the per-case lines of an interrupted run's log as partial results",
     )
+    p.add_argument(
+        "--refine",
+        type=json.loads,
+        default=None,
+        help='changes to the model\'s refinement for ours-refine and ours-default, as JSON (e.g. \'{"metric": "ncc"}\'; the keys '
+        "of the model's config.json inference.refine); needs --variant",
+    )
     args = p.parse_args()
+    if args.refine and not args.variant:
+        p.error("--refine needs --variant (the changed refinement caches under its own name)")
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import SimpleITK as sitk
