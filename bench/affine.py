@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -738,7 +739,7 @@ def write_markdown(summaries, cases, args, path: Path, partial_methods=()):
     lines = [
         "# Affine benchmark",
         "",
-        f"Command: `.venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` "
+        f"Command: `.venv/bin/python bench/affine.py {shlex.join(sys.argv[1:])}` "
         f"({args.threads} thread(s) for every method; CPU; the machine was shared, so CPU "
         "time is the comparable cost and wall time is inflated for every method).",
         "",
@@ -783,7 +784,7 @@ def section_head(title: str, description: str, args, columns) -> list[str]:
     return [
         f"## {title}",
         "",
-        f"Command: `nice -n 10 .venv/bin/python bench/affine.py {' '.join(sys.argv[1:])}` ({args.threads} thread(s) for "
+        f"Command: `nice -n 10 .venv/bin/python bench/affine.py {shlex.join(sys.argv[1:])}` ({args.threads} thread(s) for "
         f"every method; CPU). {description}",
         "",
         "| " + " | ".join(columns) + " |",

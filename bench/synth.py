@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,7 @@ def main() -> int:
     lines = [
         "# Paired-data generator benchmark",
         "",
-        f"Command: `.venv/bin/python bench/synth.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `.venv/bin/python bench/synth.py {shlex.join(sys.argv[1:])}`  ",
         f"Model `{gen.name}` (config {cfg.name}: frame {cfg.frame.shape} at {cfg.frame.spacing_mm} mm, tokens "
         f"{cfg.token_grid}, {cfg.vqae.num_embeddings} codes); pairs from `{manifest['model']}`, seed {manifest['seed']}, "
         f"{manifest['steps']} steps, temperature {manifest['temperature']}. 2 shared CPU cores, {args.threads} thread.",
