@@ -51,7 +51,7 @@ def _makeCoreImportable() -> None:
 _makeCoreImportable()
 
 from DiffusionRegCore import BackendTask, DiffusionRegCoreLogic, JobModuleLogic, JobModuleWidget, JobPanel, SamplePair
-from DiffusionRegCoreLib import model_choice
+from DiffusionRegCoreLib import model_choice, mrml_io
 from SpatialDiffusionRegLib.affine_job import (
     INITIALIZE_CHOICES,
     SOUND_STYLE,
@@ -284,6 +284,54 @@ class SpatialDiffusionRegLogic(JobModuleLogic):
             placeMoving=showResult,
         )
         return self.run(options, timeout, keepTemporaryFiles, onProgress, onLog)
+
+    def registerSequence(self, fixedVolume, movingSequence, onFrame=None, **options):
+        """Register every frame of ``movingSequence`` (a sequence node of scalar volumes, e.g. a 4D
+        acquisition's) to ``fixedVolume``; returns a new sequence node of linear transforms in the
+        scene, one per frame at the frame's index value, named after the input.
+
+        Frame i's transform is what :meth:`register` gives for that frame alone (same ``options``:
+        modality, model, steps, device, ...; one backend run per frame): put the frame under it and
+        it overlays the fixed volume. Frames are registered as stored (a parent transform of the
+        browser's proxy volume is not applied). Add the result to the frames' sequence browser
+        (Sequences module) to review it frame by frame. ``onFrame(index, count)`` is called before
+        each frame.
+        All frames or none: when a frame fails or is cancelled, the partial result is removed from
+        the scene and the error raised (ValueError for unusable inputs, RuntimeError otherwise).
+        """
+        reason = mrml_io.volumeSequenceReason(movingSequence)
+        if reason:
+            raise ValueError(reason)
+        perFrame = {"outputTransform", "outputVolume", "showResult"} & set(options)
+        if perFrame:
+            raise ValueError(f"registerSequence makes its own per-frame nodes; do not pass {', '.join(sorted(perFrame))}")
+        scene = slicer.mrmlScene
+        count = movingSequence.GetNumberOfDataNodes()
+        name = scene.GenerateUniqueName(f"{movingSequence.GetName()} to {fixedVolume.GetName()}")
+        transforms = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+        transforms.SetIndexName(movingSequence.GetIndexName())
+        transforms.SetIndexUnit(movingSequence.GetIndexUnit())
+        transforms.SetIndexType(movingSequence.GetIndexType())
+        try:
+            for index in range(count):
+                if onFrame is not None:
+                    onFrame(index, count)
+                frameData = movingSequence.GetNthDataNode(index)
+                frame = scene.AddNewNodeByClass(frameData.GetClassName(), f"{name} frame {index}")
+                frame.CopyContent(frameData)
+                made = [frame]
+                try:
+                    result = self.register(fixedVolume, frame, showResult=False, **options)
+                    made += [result.transformNode, result.volumeNode]
+                    transforms.SetDataNodeAtValue(result.transformNode, movingSequence.GetNthIndexValue(index))
+                finally:
+                    for node in made:  # the sequence holds its own copy; the scene keeps nothing per frame
+                        if node is not None and node.GetScene() is scene:
+                            scene.RemoveNode(node)
+        except BaseException:
+            scene.RemoveNode(transforms)
+            raise
+        return transforms
 
     def registerUsingParameterNode(self, parameterNode=None, **kwargs) -> AffineResult:
         """Run :meth:`register` with the values of a parameter node (the panel's by default)."""

@@ -185,6 +185,21 @@ def movingVolumeFrame(volumeNode, stopAt=None) -> tuple[bool, str]:
         )
 
 
+def volumeSequenceReason(sequence) -> str:
+    """Why ``sequence`` cannot be registered frame by frame, for the user; "" when it can: a
+    sequence node (not its browser or proxy) holding at least one scalar volume."""
+    if sequence is None:
+        return "Select the sequence of moving volumes"
+    if not sequence.IsA("vtkMRMLSequenceNode"):
+        return f"'{sequence.GetName()}' is not a sequence (pick the sequence node, not its browser or proxy)"
+    if sequence.GetNumberOfDataNodes() == 0:
+        return f"The sequence '{sequence.GetName()}' has no frames"
+    kind = sequence.GetDataNodeClassName()
+    if kind != "vtkMRMLScalarVolumeNode":
+        return f"The sequence '{sequence.GetName()}' holds {kind or 'mixed'} frames, not scalar volumes"
+    return ""
+
+
 def registrationInputsReason(fixed, moving, outputVolume=None, outputTransform=None) -> str:
     """Why a fixed/moving pair (and its outputs) cannot be registered, for the user; "" when it can.
 
