@@ -299,7 +299,9 @@ class SpatialDiffusionRegLogic(JobModuleLogic):
         All frames or none: when a frame fails or is cancelled, the partial result is removed from
         the scene and the error raised (ValueError for unusable inputs, RuntimeError otherwise).
         """
-        reason = mrml_io.volumeSequenceReason(movingSequence)
+        reason = mrml_io.volumeSequenceReason(movingSequence) or mrml_io.registrationInputsReason(
+            fixedVolume, movingSequence.GetNthDataNode(0)
+        )
         if reason:
             raise ValueError(reason)
         perFrame = {"outputTransform", "outputVolume", "showResult"} & set(options)

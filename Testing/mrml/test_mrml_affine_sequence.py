@@ -140,6 +140,8 @@ def test_what_is_not_a_sequence_of_volumes_is_refused_before_anything_runs(spati
         with pytest.raises(ValueError) as refused:
             logic.registerSequence(fixed, sequence, device="cpu")
         assert str(refused.value).startswith(reason), refused.value
+    with pytest.raises(ValueError, match="^Select the fixed volume$"):
+        logic.registerSequence(None, frames, device="cpu")
     with pytest.raises(ValueError, match="do not pass outputTransform"):
         logic.registerSequence(fixed, frames, outputTransform=None, device="cpu")
     assert _inventory(scene) == before
