@@ -145,23 +145,16 @@ def trained_generator(tmp_path_factory, lung_pair) -> Path:
     return write_tiny_generator(tmp_path_factory.mktemp("synth"), *lung_pair, tiny_config())
 
 
+def _synth(model: Path, count: int, seed: int, out: Path) -> None:
+    """``diffusionreg synth`` of ``count`` pairs with ``seed`` into ``out``, as a user runs it."""
+    run_cli("synth", "--model", str(model), "--count", str(count), "--seed", str(seed), "--output", str(out),
+            "--progress", "none", check=True)  # fmt: skip
+
+
 def test_generator_writes_pairs_with_the_canonical_geometry_and_a_manifest(tmp_path, trained_generator):
     out = tmp_path / "pairs"
     out.mkdir()
-    run_cli(
-        "synth",
-        "--model",
-        str(trained_generator),
-        "--count",
-        "2",
-        "--seed",
-        "5",
-        "--output",
-        str(out),
-        "--progress",
-        "none",
-        check=True,
-    )
+    _synth(trained_generator, 2, 5, out)
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "manifest.json",
@@ -187,51 +180,12 @@ def test_pair_i_of_a_seed_does_not_depend_on_the_count(tmp_path, trained_generat
     """Each pair has its own random stream: ranks can split indices and runs can be extended."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    run_cli(
-        "synth",
-        "--model",
-        str(trained_generator),
-        "--count",
-        "2",
-        "--seed",
-        "3",
-        "--output",
-        str(a),
-        "--progress",
-        "none",
-        check=True,
-    )
-    run_cli(
-        "synth",
-        "--model",
-        str(trained_generator),
-        "--count",
-        "3",
-        "--seed",
-        "3",
-        "--output",
-        str(b),
-        "--progress",
-        "none",
-        check=True,
-    )
+    _synth(trained_generator, 2, 3, a)
+    _synth(trained_generator, 3, 3, b)
     assert np.array_equal(read_image(a / "pair_001_fixed.nii.gz").array, read_image(b / "pair_001_fixed.nii.gz").array)
     c = tmp_path / "c"
     c.mkdir()
-    run_cli(
-        "synth",
-        "--model",
-        str(trained_generator),
-        "--count",
-        "2",
-        "--seed",
-        "4",
-        "--output",
-        str(c),
-        "--progress",
-        "none",
-        check=True,
-    )
+    _synth(trained_generator, 2, 4, c)
     manifests = [json.loads((d / "manifest.json").read_text())["pairs"][1]["novelty"] for d in (a, c)]
     assert not np.array_equal(read_image(a / "pair_001_fixed.nii.gz").array, read_image(c / "pair_001_fixed.nii.gz").array) or (
         manifests[0] != manifests[1]
@@ -345,20 +299,7 @@ def test_torchrun_ranks_split_the_pairs(tmp_path, trained_generator):
     assert done.returncode == 0, done.stderr
     manifest = json.loads((split / "manifest.json").read_text())
     assert [p["index"] for p in manifest["pairs"]] == [0, 1, 2] and manifest["summary"]["pairs"] == 3
-    run_cli(
-        "synth",
-        "--model",
-        str(trained_generator),
-        "--count",
-        "3",
-        "--seed",
-        "2",
-        "--output",
-        str(single),
-        "--progress",
-        "none",
-        check=True,
-    )
+    _synth(trained_generator, 3, 2, single)
     for i in range(3):
         for scan in ("fixed", "moving"):
             name = f"pair_{i:03d}_{scan}.nii.gz"
