@@ -291,9 +291,11 @@ class SpatialDiffusionRegLogic(JobModuleLogic):
         scene, one per frame at the frame's index value, named after the input.
 
         Frame i's transform is what :meth:`register` gives for that frame alone (same ``options``:
-        modality, model, steps, device, ...; one backend run per frame): put the frame under it and
-        it overlays the fixed volume. Frames are registered as stored (a parent transform of the
-        browser's proxy volume is not applied). Add the result to the frames' sequence browser
+        modality, model, steps, device, ...; one backend run per frame): "from parent" it maps fixed
+        world (RAS mm) -> the frame's own coordinates, so a frame put under it overlays the fixed
+        volume (``affine_job``'s convention with ``C`` = identity). Frames are registered as stored
+        (a parent transform of the browser's proxy volume is not applied). Add the result to the
+        frames' sequence browser
         (Sequences module) to review it frame by frame. ``onFrame(index, count)`` is called before
         each frame.
         All frames or none: when a frame fails or is cancelled, the partial result is removed from
@@ -321,15 +323,14 @@ class SpatialDiffusionRegLogic(JobModuleLogic):
                 frameData = movingSequence.GetNthDataNode(index)
                 frame = scene.AddNewNodeByClass(frameData.GetClassName(), f"{name} frame {index}")
                 frame.CopyContent(frameData)
-                made = [frame]
+                made = [frame]  # no output volume: the frame and its transform are all a frame adds
                 try:
-                    result = self.register(fixedVolume, frame, showResult=False, **options)
-                    made += [result.transformNode, result.volumeNode]
-                    transforms.SetDataNodeAtValue(result.transformNode, movingSequence.GetNthIndexValue(index))
+                    transformNode = self.register(fixedVolume, frame, showResult=False, **options).transformNode
+                    made.append(transformNode)
+                    transforms.SetDataNodeAtValue(transformNode, movingSequence.GetNthIndexValue(index))
                 finally:
                     for node in made:  # the sequence holds its own copy; the scene keeps nothing per frame
-                        if node is not None and node.GetScene() is scene:
-                            scene.RemoveNode(node)
+                        scene.RemoveNode(node)
         except BaseException:
             scene.RemoveNode(transforms)
             raise

@@ -111,12 +111,15 @@ def test_template_and_head_mask(bench, shared_data):
 
 def test_refine_changes_are_applied_and_checked_strictly(bench):
     """``--refine``: the bench's changed refinement reaches the registration, and a typo is refused."""
-    from diffusionreg.affine.config import RefineConfig
+    from diffusionreg.affine.config import AffineConfig
     from diffusionreg.errors import InputError
 
-    base = RefineConfig()
-    changed = bench.changed_refinement(base, {"metric": "ncc", "levels": [{"spacing_mm": 4.0, "iterations": 7}]})
+    cfg = AffineConfig()
+    base = cfg.inference.refine
+    changed = bench.changed_refinement(cfg, {"metric": "ncc", "levels": [{"spacing_mm": 4.0, "iterations": 7}]})
     assert (changed.metric, [(lv.spacing_mm, lv.iterations) for lv in changed.levels]) == ("ncc", [(4.0, 7)])
     assert changed.histogram_bins == base.histogram_bins
     with pytest.raises(InputError, match="did you mean 'metric'"):
-        bench.changed_refinement(base, {"metrc": "ncc"})
+        bench.changed_refinement(cfg, {"metrc": "ncc"})
+    with pytest.raises(InputError, match="use mi or ncc"):  # the model config's own validation
+        bench.changed_refinement(cfg, {"metric": "mse"})

@@ -41,7 +41,6 @@ and writes affine-NAME.md / .json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -324,13 +323,14 @@ def mean_error_mm(est, truth, image) -> float:
 
 
 # --- methods ---------------------------------------------------------------------------------
-def changed_refinement(base, changes: dict):
-    """``base`` (a RefineConfig) with ``changes`` (its JSON keys, e.g. ``{"metric": "ncc"}``), checked
-    as strictly as a model's config."""
-    from diffusionreg.affine.config import RefineConfig
-    from diffusionreg.strict_config import from_dict
+def changed_refinement(cfg, changes: dict):
+    """The refinement of the model config ``cfg`` with ``changes`` (keys of config.json's
+    ``inference.refine``, e.g. ``{"metric": "ncc"}``), validated as the model's config.json is."""
+    from diffusionreg.affine.config import AffineConfig
 
-    return from_dict(RefineConfig, {**dataclasses.asdict(base), **changes}, "--refine")
+    data = cfg.to_dict()
+    data["inference"]["refine"].update(changes)
+    return AffineConfig.from_dict(data).inference.refine
 
 
 class Ours:
@@ -344,7 +344,7 @@ class Ours:
         # with refine_changes (--refine) applied; False: the published method alone. pose_search:
         # True/False, or None for the model's default.
         self.refine_iterations = None if refine else 0
-        self.refine = changed_refinement(self.model.cfg.inference.refine, refine_changes) if refine and refine_changes else None
+        self.refine = changed_refinement(self.model.cfg, refine_changes) if refine and refine_changes else None
         self.pose_search = pose_search
         self.last_extra = {}
 
